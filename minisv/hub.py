@@ -27,7 +27,7 @@ from urllib.parse import quote, urljoin, urlsplit
 from .errors import MinisvError
 
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # either may be split into {name}.index.json + shards
-_EXTRAS = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+_EXTRAS = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
            "generation_config.json")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")

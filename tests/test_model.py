@@ -122,3 +122,34 @@ def test_load_errors(tmp_path, tiny):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(MinisvError, match="corrupt"):
         minisv.load(str(tmp_path))
+
+
+def test_fuzzed_safetensors_load_or_fail_cleanly(tmp_path, tiny):
+    """Truncated and bit-flipped checkpoints: a clean MinisvError (or, for flips inside tensor data, a load)."""
+    _, path, _ = tiny
+    data = (path / "model.safetensors").read_bytes()
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    rng = torch.Generator().manual_seed(0)
+    header = 8 + int.from_bytes(data[:8], "little")
+    cuts = list(range(0, header + 16, 7)) + torch.randint(header, len(data), (10,), generator=rng).tolist()
+    flips = torch.randint(0, header, (60,), generator=rng).tolist()
+    for i, cut in enumerate(cuts + flips):
+        broken = bytearray(data[:cut]) if i < len(cuts) else bytearray(data)
+        if i >= len(cuts):
+            broken[cut] ^= 1 << (cut % 8)
+        (tmp_path / "model.safetensors").write_bytes(bytes(broken))
+        try:
+            minisv.load(str(tmp_path), device="cpu")
+        except MinisvError as e:
+            assert "\n" not in str(e)
+
+
+def test_half_precision_forward_is_close(tiny):
+    _, path, _ = tiny
+    x = tokens(1, 9)
+    full = minisv.load(str(path), device="cpu")
+    for dtype in (torch.bfloat16, torch.float16):
+        half = minisv.load(str(path), device="cpu", dtype=dtype)
+        with torch.no_grad():
+            assert half.embed.weight.dtype == dtype
+            assert (half(x).float() - full(x)).abs().max() < 0.05 * full(x).abs().max()
