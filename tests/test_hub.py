@@ -26,7 +26,7 @@ FILES = {
 }
 EXPECTED_TINY = ["config.json", "model.safetensors", "tokenizer.json"]
 ALL_NAMES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
-             "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+             "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json"]
 
 
 class FakeHub(BaseHTTPRequestHandler):
