@@ -225,3 +225,21 @@ def test_unreachable_hub_and_refused_access(server, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     with pytest.raises(MinisvError, match="HTTP 401: the model is gated.* set HF_TOKEN"):
         hub.snapshot("org/gated")
+
+
+def test_load_a_tiny_model_from_the_hub(server, monkeypatch, tiny):
+    """minisv.load("org/name@rev") end to end: download, cache, build, and the logits of the reference."""
+    import torch
+
+    import minisv
+    family, path, ref = tiny
+    commit = hashlib.sha1(family.encode()).hexdigest()
+    monkeypatch.setitem(REFS, "org/real", {"v1": commit, commit: commit})
+    monkeypatch.setitem(FILES, commit, {f.name: f.read_bytes() for f in path.iterdir()})
+    model = minisv.load("org/real@v1", device="cpu")
+    x = torch.arange(10)[None]
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x).logits, atol=1e-4)
+    count = len(server.handler.requests)
+    minisv.load("org/real@v1", device="cpu")
+    assert len(server.handler.requests) == count
