@@ -153,3 +153,20 @@ def test_half_precision_forward_is_close(tiny):
         with torch.no_grad():
             assert half.embed.weight.dtype == dtype
             assert (half(x).float() - full(x)).abs().max() < 0.05 * full(x).abs().max()
+
+
+def test_sampling_filters(pair):
+    """top_k=1 and a vanishing top_p leave only the argmax; plain sampling follows the softmax."""
+    _, model, _ = pair
+    prompt = tokens(1, 4, seed=5)[0]
+    greedy = model.generate(prompt, max_new_tokens=6, stop_at_eos=False)
+    g = torch.Generator().manual_seed(0)
+    assert model.generate(prompt, 6, temperature=1.0, top_k=1, stop_at_eos=False, generator=g) == greedy
+    assert model.generate(prompt, 6, temperature=1.0, top_p=1e-6, stop_at_eos=False, generator=g) == greedy
+    from minisv.model import _sample
+    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]])
+    draws = _sample(logits.expand(20000, 4), 1.0, None, None, torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=4) / 20000
+    assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.01)
+    top2 = _sample(logits.expand(2000, 4), 1.0, 2, None, torch.Generator().manual_seed(2))
+    assert set(top2.tolist()) == {1, 2}
