@@ -1,0 +1,452 @@
+"""Observable propagation (arXiv 2312.16291; METHODS.md §3): the feature vectors behind a task, from the weights.
+
+An *observable* is a linear functional on the logits, n·ℓ (e.g. ℓ[' she'] − ℓ[' he']). Along one computational
+path from an activation x to the logits, the model is linear or close to it, so the path's contribution to n·ℓ
+is ≈ y·x for one vector y, the path's *feature vector*. It is found by pulling n backwards along the path:
+
+    unembedding  y ← W_Uᵀ n                                 the final residual is read through ln_final
+    norm         x̂ = s·Px,  s = 1/√(mean((Px)²) + ε)        P removes the mean (LayerNorm) or is I (RMSNorm)
+                 the sublayer reads γ⊙x̂ + β, so x̂'s feature is u = P(γ⊙y) (x̂ has zero mean under LayerNorm:
+                 y's mean scores nothing and is dropped), and x's feature is
+                 s·u               with the scale frozen: the paper's √d/‖x‖·γ⊙y approximation
+                 s·(u − x̃(x̃·u))   the exact Jacobian, x̃ = x̂/√d the unit radial direction: the approximation
+                                   only keeps u's radial part (cosine ≥ 0.999 on SmolLM2, 0.998 in the paper)
+    head h       y ← W_Vᵀ W_Oᵀ y = W_OVᵀ y                   the attention pattern scales the score, not the
+                                                             direction; rotary does not touch V or O
+    MLP          y ← ∇_z y·MLP(z)                           linearized at a point between a positive and a
+                                                             negative example (see `mlp_feature`)
+
+A path is written from the logits backwards, "attn 13.11 <- mlp 12 <- attn 9.1": head 13.11 reads MLP 12, which
+reads head 9.1. Its feature vector lives where the path starts: in the normalized input x̂ (`hook_normalized`,
+before the gain) of its earliest component, ln1's for a head and ln2's for an MLP. There every input has norm
+√d whatever the layer, so feature norms of different components compare directly, with no data at all.
+
+Norm scales come from a `Reference` (the last token of a positive and a negative prompt); without one s = 1,
+which rescales every path through the same norms alike (the ranking of single heads by ‖y‖ is then data-free).
+
+Validation is built in, because the method makes predictions: `frozen_gradient` (the propagated vector equals
+autograd's with patterns and norm scales frozen), `patch_heads` (feature-norm ranking vs path patching),
+`feature_scores` + `fit_slope` (predicted coupling vs the empirical slope on a corpus), and `auc`.
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MinisvError
+
+# The paper's gendered-pronoun study: (observable, template); the positive class is female names.
+PRONOUN_STUDY = [("' she' - ' he'", "So, [NAME] really is a great friend, isn't"),
+                 ("' her' - ' him'", "What do I think about [NAME]? Well, to be honest, I love")]
+# Common US first names; `template_prompts` keeps those that are one token (with a leading space) for the model.
+FEMALE_NAMES = """Mary Patricia Jennifer Linda Elizabeth Barbara Susan Jessica Sarah Karen Lisa Nancy Betty Sandra
+Margaret Ashley Kimberly Emily Donna Michelle Carol Amanda Melissa Deborah Stephanie Dorothy Rebecca Sharon Laura
+Cynthia Amy Kathleen Angela Shirley Brenda Emma Anna Pamela Nicole Samantha Katherine Christine Helen Debra Rachel
+Carolyn Janet Maria Catherine Heather Diane Olivia Julie Joyce Victoria Ruth Virginia Lauren Kelly Christina Joan
+Evelyn Judith Andrea Hannah Megan Cheryl Jacqueline Martha Madison Teresa Gloria Sara Janice Ann Kathryn Abigail
+Sophia Frances Jean Alice Judy Isabella Julia Grace Amber Denise Danielle Marilyn Beverly Charlotte Natalie Theresa
+Diana Brittany Doris Kayla Alexis Lori Marie Jane Lucy Rose Claire Sophie Chloe Ella Mia Ava Lily Zoe Leah Molly
+Jenny Ellen Fiona Irene Eva Nora Susie Kate Sally Wendy Tina Paula Monica Vanessa Erica Tiffany Holly Kim""".split()
+MALE_NAMES = """James Robert John Michael David William Richard Joseph Thomas Christopher Charles Daniel Matthew
+Anthony Mark Donald Steven Andrew Paul Joshua Kenneth Kevin Brian George Timothy Ronald Jason Edward Jeffrey Ryan
+Jacob Gary Nicholas Eric Jonathan Stephen Larry Justin Scott Brandon Benjamin Samuel Gregory Alexander Patrick Frank
+Raymond Jack Dennis Jerry Tyler Aaron Jose Adam Nathan Henry Zachary Douglas Peter Kyle Noah Ethan Jeremy Walter
+Christian Keith Roger Terry Austin Sean Gerald Carl Harold Dylan Arthur Lawrence Jordan Jesse Bryan Billy Bruce
+Gabriel Joe Logan Alan Juan Albert Willie Elijah Wayne Randy Vincent Mason Roy Ralph Bobby Russell Bradley Philip
+Eugene Louis Harry Howard Fred Martin Luke Oliver Leo Max Tom Tim Jim Bob Bill Mike Dave Steve Tony Sam Ben Dan
+Chris Matt Nick Jake Alex Victor Ian Neil Simon Hugo Oscar Felix Owen Evan Connor Luis Carlos Marcus Craig""".split()
+
+
+# ------------------------------------------------------------------------- observables
+@dataclass
+class Observable:
+    """n·ℓ with n = Σ weights[i]·e[ids[i]]. ids: LongTensor [k]; weights: float [k]."""
+    name: str
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+    def value(self, logits):
+        """logits [..., V] -> n·ℓ [...]."""
+        return logits[..., self.ids].float() @ self.weights.to(logits.device)
+
+
+_TERM = re.compile(r"""\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?('[^']*'|"[^"]*")\s*""")
+
+
+def observable(model, spec) -> Observable:
+    """An observable from "' she' - ' he'" (quoted tokens joined by + and -, optional weights: "2*' she'"), or a
+    dict {token string or id: weight}. Every string must be exactly one token of this model."""
+    if isinstance(spec, str):
+        terms, pos = {}, 0
+        while pos < len(spec):
+            m = _TERM.match(spec, pos)
+            if not m or (pos > 0 and not m[1]):
+                raise MinisvError(f"cannot read observable {spec!r} at {spec[pos:]!r}: write quoted tokens joined "
+                                  f"by + and -, like \"' she' - ' he'\" or \"2*' nurse' - ' doctor'\"")
+            word = m[3][1:-1]
+            terms[word] = terms.get(word, 0.0) + (-1 if m[1] == "-" else 1) * float(m[2] or 1)
+            pos = m.end()
+        name = spec.strip()
+    elif isinstance(spec, dict):
+        terms, name = dict(spec), " ".join(f"{w:+g}*{t!r}" for t, w in spec.items())
+    else:
+        raise MinisvError(f"an observable is a string like \"' she' - ' he'\" or a dict {{token: weight}}, "
+                          f"not {type(spec).__name__}")
+    ids = [_single_token(model, t) for t in terms]
+    if not ids or all(w == 0 for w in terms.values()):
+        raise MinisvError(f"observable {name!r} is zero; give at least one token with a nonzero weight")
+    if len(set(ids)) < len(ids):
+        raise MinisvError(f"observable {name!r} names the same token twice; merge the terms into one weight")
+    return Observable(name, torch.tensor(ids), torch.tensor(list(terms.values()), dtype=torch.float32))
+
+
+def _single_token(model, token):
+    if isinstance(token, int):
+        if not 0 <= token < model.cfg.vocab_size:
+            raise MinisvError(f"token id {token} is outside the vocabulary [0, {model.cfg.vocab_size})")
+        return token
+    if model.tokenizer is None:
+        raise MinisvError(f"this model has no tokenizer, so {token!r} cannot be looked up; give token ids, "
+                          f"like {{5: 1, 7: -1}}")
+    ids = model.tokenizer.encode(token)
+    if len(ids) != 1:
+        pieces = [model.tokenizer.token_str(i) for i in ids]
+        raise MinisvError(f"{token!r} is not one token for this model (it tokenizes as {pieces}); use single-token "
+                          f"words, usually with a leading space like ' she'")
+    return ids[0]
+
+
+# ------------------------------------------------------------------------- paths and reference points
+def parse_path(model, path):
+    """"attn 13.11 <- mlp 12 <- attn 9.1" (or a list of ("attn", 13, 11) / ("mlp", 12, None)) -> a list of
+    (kind, layer, head), from the component next to the logits back to the path's start. Each component must
+    come before the one it feeds (heads and MLPs of one parallel-block layer cannot feed each other)."""
+    parts = re.split(r"<-|←", path) if isinstance(path, str) else list(path)
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            m = re.fullmatch(r"\s*(attn|mlp)\s+(\d+)(?:\.(\d+))?\s*", part)
+            if not m:
+                raise MinisvError(f"cannot read path component {part.strip()!r}: write 'attn LAYER.HEAD' or "
+                                  f"'mlp LAYER', joined by '<-' from the logits back, like 'attn 13.11 <- mlp 12'")
+            part = (m[1], int(m[2]), None if m[3] is None else int(m[3]))
+        kind, layer, head = part
+        L, H = model.cfg.n_layers, model.cfg.n_heads
+        if not 0 <= layer < L:
+            raise MinisvError(f"layer {layer} in path {path!r} is out of range: the model has layers 0..{L - 1}")
+        if kind not in ("attn", "mlp") or (kind == "mlp") != (head is None) or kind == "attn" and head not in range(H):
+            raise MinisvError(f"path component {part} needs 'attn LAYER.HEAD' with a head in 0..{H - 1}, "
+                              f"or 'mlp LAYER' without a head")
+        out.append((kind, layer, head))
+    if not out:
+        raise MinisvError("empty path; give at least one component, like 'attn 13.11'")
+    order = [(l, 1 if k == "mlp" and not model.cfg.parallel else 0) for k, l, _ in out]
+    if any(a <= b for a, b in zip(order, order[1:])):
+        raise MinisvError(f"path {path!r} is out of order: each component must come before the one it feeds "
+                          f"(write from the logits back, later layers first)")
+    return out
+
+
+def _norm_name(model, kind, layer):
+    """The norm a component reads through, and the hook holding that norm's input (the residual stream)."""
+    if kind == "attn":
+        return f"blocks.{layer}.ln1", f"blocks.{layer}.hook_resid_pre"
+    return f"blocks.{layer}.ln2", f"blocks.{layer}.hook_resid_{'pre' if model.cfg.parallel else 'mid'}"
+
+
+def _norm(model, name):
+    """"ln_final" or "blocks.L.ln1/ln2" -> the Norm module."""
+    if name == "ln_final":
+        return model.ln_final
+    _, layer, which = name.split(".")
+    return getattr(model.blocks[int(layer)], which)
+
+
+@dataclass
+class Reference:
+    """Activations at the last token of a positive and a negative prompt, {hook name: [D]}: the inputs of every
+    norm (where norm scales and Jacobians are evaluated) and every MLP's x̂ (where MLPs are linearized)."""
+    pos: dict
+    neg: dict
+
+    def mid(self, name):
+        return (self.pos[name] + self.neg[name]) / 2
+
+
+def reference(model, pos, neg=None) -> Reference:
+    """A Reference from token ids (lists or [T] tensors). With one prompt, every rule is evaluated exactly there."""
+    L, mid = model.cfg.n_layers, "pre" if model.cfg.parallel else "mid"     # ln2 reads resid_mid, or resid_pre
+    names = {f"blocks.{L - 1}.hook_resid_post"} | {f"blocks.{l}.{n}" for l in range(L) for n in
+                                                   ("hook_resid_pre", f"hook_resid_{mid}", "ln2.hook_normalized")}
+    acts = [last_token_acts(model, [p], names) for p in (pos, neg) if p is not None]
+    return Reference(*({n: a[0].float() for n, a in x.items()} for x in (acts[0], acts[-1])))
+
+
+@torch.no_grad()
+def last_token_acts(model, prompts, names, at=None):
+    """Run prompts (token-id lists, ragged ones are left-padded) in one batch and return {name: [B, ...]}, each
+    activation taken at the last token, or at position at[b] of prompt b (a list of ints, before padding)."""
+    rows = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
+    width, device = max(len(r) for r in rows), model.embed.weight.device
+    pad = torch.tensor([width - len(r) for r in rows], device=device)
+    tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    mask = (torch.arange(width, device=device) >= pad[:, None]).long() if pad.any() else None
+    where = pad + torch.tensor(at, device=device) if at is not None else torch.full_like(pad, width - 1)
+    out = {}
+
+    def keep(x, name):
+        out[name] = x[torch.arange(len(rows), device=device), where]
+    with model.hooks({n: keep for n in names}):
+        model(tokens, attention_mask=mask, stop_at_layer=_last_layer_needed(model, names))
+    return out
+
+
+def _last_layer_needed(model, names):
+    """stop_at_layer for a forward that only has to reach these hooks (None: it needs the final norm too)."""
+    blocks = all(n.startswith("blocks.") for n in names)
+    return max(int(n.split(".")[1]) for n in names) + 1 if blocks else None
+
+
+# ------------------------------------------------------------------------- propagation rules
+def _to_normalized(norm, y):
+    """Feature of the norm's output γ⊙x̂+β -> feature of x̂ (centred for LayerNorm, whose x̂ has zero mean). [..., D]"""
+    u = y * norm.weight.float()
+    return u - u.mean(-1, keepdim=True) if norm.bias is not None else u
+
+
+def _to_residual(model, norm_name, input_hook, u, ref, exact):
+    """Feature of x̂ -> feature of the norm's input x (the residual stream) at the reference point. u: [D]"""
+    if ref is None:
+        if exact:
+            raise MinisvError("the exact norm Jacobian needs a reference point: pass ref=reference(model, tokens)")
+        return u
+    h = ref.mid(input_hook)
+    if _norm(model, norm_name).bias is not None:
+        h = h - h.mean()
+    s = torch.rsqrt(h.pow(2).mean() + model.cfg.norm_eps)
+    if not exact:
+        return s * u
+    radial = h * s / h.shape[-1] ** 0.5          # x̂/√d, a unit vector (up to ε)
+    return s * (u - radial * (radial @ u))
+
+
+def logit_feature(model, obs, ref=None, exact=False):
+    """The observable pulled back to the final residual stream (the input of ln_final): [D]."""
+    W_U = model.unembed.weight
+    y = W_U[obs.ids.to(W_U.device)].float().T @ obs.weights.to(W_U.device)      # W_Uᵀ n, from the k rows n selects
+    u = _to_normalized(model.ln_final, y)
+    return _to_residual(model, "ln_final", f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", u, ref, exact)
+
+
+def head_features(model, layer, y):
+    """W_OVᵀ y for every head of `layer`, as features of ln1's x̂: [H, D]. y: [D], a feature of the attention
+    output. With grouped-query attention head h reads kv head h // (H/K), so W_OV^h = W_V^{h // (H/K)} W_O^h."""
+    cfg, attn = model.cfg, model.blocks[layer].attn
+    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    u = (y @ attn.o.weight.float()).view(H, E)                                   # W_O^hᵀ y: o.weight is [D, H*E]
+    W_V = attn.v.weight.float().view(K, E, -1).repeat_interleave(H // K, 0)     # [H, E, D]
+    return _to_normalized(model.blocks[layer].ln1, torch.einsum("he,hed->hd", u, W_V))
+
+
+def mlp_feature(model, layer, y, ref, return_t=False):
+    """∇ y·MLP as a feature of ln2's x̂: [D]. The MLP is linearized at x̂(t) = x̂_neg + t(x̂_pos − x̂_neg), the point
+    on the segment between the reference's two examples where y·MLP is halfway between its values at the ends
+    (the decision boundary between them; the reference code finds t for a level with an optimizer, we bisect)."""
+    if ref is None:
+        raise MinisvError(f"MLP {layer} is linearized at a point between two examples: pass "
+                          f"ref=reference(model, pos_tokens, neg_tokens)")
+    block, name = model.blocks[layer], f"blocks.{layer}.ln2.hook_normalized"
+    a, b = ref.pos[name], ref.neg[name]
+    dtype = block.mlp.proj.weight.dtype
+
+    def f(xhat):    # y·MLP(γ⊙x̂ + β)
+        z = xhat * block.ln2.weight.float() + (block.ln2.bias.float() if block.ln2.bias is not None else 0)
+        return model._mlp(layer, z.to(dtype)).float() @ y
+
+    with torch.no_grad():
+        fa, fb, lo, hi = f(a), f(b), 0.0, 1.0
+        level, rising = (fa + fb) / 2, fa >= fb
+        for _ in range(30):     # f(b + t(a−b)) is continuous, and the level lies between its values at t = 0, 1
+            t = (lo + hi) / 2
+            lo, hi = (t, hi) if (f(b + t * (a - b)) < level) == rising else (lo, t)
+    point = (b + (lo + hi) / 2 * (a - b)).requires_grad_(True)
+    with torch.enable_grad():
+        grad = torch.autograd.grad(f(point), point)[0]
+    u = grad - grad.mean() if block.ln2.bias is not None else grad
+    return (u, (lo + hi) / 2) if return_t else u
+
+
+def feature_vector(model, obs, path, ref=None, exact=False):
+    """The feature vector [D] of a path (see `parse_path`) for an observable, in the x̂ of the path's start.
+    ref: where norm scales are taken and MLPs linearized (needed for MLPs and for exact=True; without it s = 1).
+    exact: exact norm Jacobians instead of frozen scales."""
+    path = parse_path(model, path)
+    y = logit_feature(model, obs, ref, exact)
+    for i, (kind, layer, head) in enumerate(path):
+        u = head_features(model, layer, y)[head] if kind == "attn" else mlp_feature(model, layer, y, ref)
+        if i == len(path) - 1:
+            return u
+        y = _to_residual(model, *_norm_name(model, kind, layer), u, ref, exact)
+
+
+def single_features(model, obs, ref=None, exact=False):
+    """Features of every single-component path: {"attn": [L, H, D], "mlp": [L, D]} ("mlp" is None without ref)."""
+    y = logit_feature(model, obs, ref, exact)
+    L = model.cfg.n_layers
+    with torch.no_grad():
+        heads = torch.stack([head_features(model, l, y) for l in range(L)])
+    mlps = torch.stack([mlp_feature(model, l, y, ref) for l in range(L)]) if ref is not None else None
+    return {"attn": heads, "mlp": mlps}
+
+
+def coupling(y1, y2):
+    """C(y1, y2) = y1·y2 / ‖y1‖²: the expected y2-score of an input scoring 1 on y1 (inputs uniform on a sphere).
+    Asymmetric and scale-aware, unlike the cosine."""
+    return float(y1 @ y2 / (y1 @ y1))
+
+
+def cosine(y1, y2):
+    return float(y1 @ y2 / (y1.norm() * y2.norm()))
+
+
+# ------------------------------------------------------------------------- validation
+def frozen_gradient(model, tokens, obs, path):
+    """Autograd's answer to what `feature_vector` computes by hand, for one prompt ([T] token ids): the gradient
+    of the observable at the last token w.r.t. x̂ at the path's start, with (1) attention patterns detached,
+    (2) every norm's scale detached, and (3) the gradient confined to the path: each later component's norm
+    reads `resid.detach() + (out − out.detach())`, where out is the previous path component's output (one head's
+    share of it, for a head), so values are unchanged and only that output carries gradient. The gradient is
+    summed over positions: a head gives position j the share pattern[last, j] of its feature, and pattern rows
+    sum to 1. It equals feature_vector(model, obs, path, reference(model, tokens)) when the path's only head,
+    if any, is its start: every later component then acts at the last token, where ObProp takes its norm scales
+    and linearizes its MLPs (past a second head, autograd scales each position by its own norm). Returns [D]."""
+    path = parse_path(model, path)[::-1]          # computation order: the path's start first
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    acts, fns = {}, {f"blocks.{l}.attn.hook_pattern": lambda x, n: x.detach() for l in range(L)}
+
+    def keep(x, name):
+        acts[name] = x
+
+    def frozen_norm(norm_name, input_hook, out_hook):
+        def fn(x, name):
+            h = acts[input_hook].detach() + acts[out_hook] - acts[out_hook].detach()
+            h = h.float() - h.float().mean(-1, keepdim=True) if _norm(model, norm_name).bias is not None else h.float()
+            return (h * torch.rsqrt(h.detach().pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps)).to(x.dtype)
+        return fn
+
+    def leaf(x, name):
+        acts["leaf"] = x.detach().requires_grad_(True)
+        return acts["leaf"]
+
+    def one_head(head):
+        mask = torch.zeros(H, 1, device=model.embed.weight.device)
+        mask[head] = 1
+        return lambda z, name: z.detach() + (z - z.detach()) * mask.to(z.dtype)
+
+    reader = [(*_norm_name(model, kind, layer), kind, layer, head) for kind, layer, head in path]
+    reader.append(("ln_final", f"blocks.{L - 1}.hook_resid_post", None, None, None))
+    prev_out = None
+    for i, (norm_name, input_hook, kind, layer, head) in enumerate(reader):
+        if i == 0:
+            fns[norm_name + ".hook_normalized"] = leaf
+        else:
+            fns[input_hook], fns[norm_name + ".hook_normalized"] = keep, frozen_norm(norm_name, input_hook, prev_out)
+        if kind == "attn":
+            fns[f"blocks.{layer}.attn.hook_z"] = one_head(head)
+        if kind is not None:
+            prev_out = f"blocks.{layer}.hook_{kind}_out"
+            fns[prev_out] = keep
+    with torch.enable_grad(), model.hooks(fns):
+        value = obs.value(model(torch.as_tensor(tokens).view(1, -1).to(model.embed.weight.device))[0, -1])
+        grad = torch.autograd.grad(value, acts["leaf"])[0][0].float().sum(0)
+    return grad - grad.mean() if _norm(model, reader[0][0]).bias is not None else grad
+
+
+@torch.no_grad()
+def patch_heads(model, obs, pos_prompts, neg_prompts):
+    """Path patching of every head's direct path to the logits, mean over prompt pairs: [L, H]. For pair b, head
+    (l, h)'s output at the last token of the positive prompt is replaced by its output on the negative prompt,
+    and only ln_final and the unembedding see the change (the path whose feature norm ObProp predicts):
+        effect = n·ℓ(pos) − n·ℓ(resid_pos − out_pos^{l,h} + out_neg^{l,h}).
+    Two batched forwards in all; the prompts of a pair may differ in length."""
+    cfg, L = model.cfg, model.cfg.n_layers
+    if len(pos_prompts) != len(neg_prompts) or not pos_prompts:
+        raise MinisvError(f"patching needs pairs: got {len(pos_prompts)} positive and {len(neg_prompts)} negative "
+                          f"prompts")
+    names = [f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    runs = [last_token_acts(model, prompts, names) for prompts in (pos_prompts, neg_prompts)]
+    # each head's share of the attention output at the last token: out[b, l, h] = W_O^h z^h, [B, L, H, D]
+    W_O = torch.stack([model.blocks[l].attn.o.weight.view(-1, cfg.n_heads, cfg.d_head) for l in range(L)])
+    out_pos, out_neg = (torch.einsum("blhe,ldhe->blhd", torch.stack([r[n] for n in names[:-1]], 1), W_O) for r in runs)
+    resid = runs[0][names[-1]]
+    patched = resid[:, None, None] - out_pos + out_neg
+    w = model.unembed.weight[obs.ids.to(resid.device)].float().T @ obs.weights.to(resid.device)     # W_Uᵀ n
+
+    def value(x):    # n·ℓ = (W_Uᵀ n)·ln_final(x), without the full [.., V] logits
+        return model._norm("ln_final", model.ln_final, x).float() @ w
+    return (value(resid)[:, None, None] - value(patched)).mean(0)
+
+
+def ranking_agreement(predicted, measured, k):
+    """How well one importance ranking (e.g. feature norms) matches another (e.g. |patching effect|):
+    the overlap of the top k (a fraction) and Spearman's rank correlation over all entries."""
+    a, b = predicted.flatten().float(), measured.flatten().float()
+    k = min(k, len(a))
+    overlap = len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+    ra, rb = (x.argsort().argsort().float() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return {"top_k_overlap": overlap, "spearman": float(ra @ rb / (ra.norm() * rb.norm()))}
+
+
+@torch.no_grad()
+def feature_scores(model, features, rows, batch_size=16, skip_first=True):
+    """Scores y·x̂ of features on every token of rows [N, T]: features is {hook name: [F, D]}, each row scored on
+    the activation at that hook (e.g. 'blocks.13.ln1.hook_normalized'). Scores are taken inside the hooks, so
+    nothing large is kept, and the forward stops after the last layer needed. skip_first drops position 0 (BOS
+    in packed rows), whose activation is the same outlier in every row. Returns {hook name: [F, N·T']}."""
+    out = {name: [] for name in features}
+
+    def score(x, name):
+        y = features[name].to(x.device)
+        out[name].append((x[:, int(skip_first):].float() @ y.T).reshape(-1, len(y)))
+    stop = _last_layer_needed(model, features)
+    with model.hooks({name: score for name in features}):
+        for i in range(0, len(rows), batch_size):
+            model(rows[i:i + batch_size].to(model.embed.weight.device), stop_at_layer=stop)
+    return {name: torch.cat(s).T.cpu() for name, s in out.items()}
+
+
+def fit_slope(s1, s2):
+    """Least-squares slope (with intercept) of s2 on s1, and r²: the empirical counterpart of coupling(y1, y2)."""
+    s1, s2 = s1.double() - s1.double().mean(), s2.double() - s2.double().mean()
+    slope = float(s1 @ s2 / (s1 @ s1))
+    return slope, float((s1 @ s2) ** 2 / ((s1 @ s1) * (s2 @ s2)))
+
+
+def auc(pos_scores, neg_scores):
+    """Area under the ROC curve: P(a positive scores above a negative), ties counting half."""
+    p, n = torch.as_tensor(pos_scores).flatten()[:, None], torch.as_tensor(neg_scores).flatten()[None]
+    return float((p > n).double().mean() + 0.5 * (p == n).double().mean())
+
+
+def template_prompts(model, template, names):
+    """Fill "[NAME]" in a template with each name that is one token with its leading space (the space before
+    [NAME] in the template). Returns (kept names, token-id lists, the name's position); every prompt is
+    prefix + [name] + suffix with the same prefix and suffix tokens, so positions line up across names."""
+    if template.count("[NAME]") != 1 or not template.split("[NAME]")[0].endswith(" "):
+        raise MinisvError(f"template {template!r} must contain ' [NAME]' (with the space before it) exactly once, "
+                          f"e.g. \"So, [NAME] really is a great friend, isn't\"")
+    if model.tokenizer is None:
+        raise MinisvError("templates need the model's tokenizer; this model has none")
+    tok = model.tokenizer
+    before, after = template.split("[NAME]")
+    prefix, suffix = tok.encode(before[:-1], bos=tok.add_bos), tok.encode(after)
+    kept, prompts = [], []
+    for name in names:
+        ids, single = tok.encode(before + name + after, bos=tok.add_bos), tok.encode(" " + name)
+        if len(single) == 1 and ids == prefix + single + suffix:
+            kept.append(name)
+            prompts.append(ids)
+    if not prompts:
+        raise MinisvError(f"none of the names is a single token in template {template!r}; give common first names")
+    return kept, prompts, len(prefix)
