@@ -1,0 +1,371 @@
+"""Training transcoders: activation streaming, the two losses, and a resumable, data-parallel training loop.
+
+One step, for every trained layer L at once (METHODS.md §2.1-2.2):
+  1. activations: x = blocks.L.ln2.hook_normalized, y = blocks.L.hook_mlp_out, harvested by running the model
+     only up to the deepest layer trained (`stop_at_layer`); one forward serves every layer;
+  2. loss: TopK -> FVU + AuxK for dead latents; ReLU -> normalized MSE + L1 (+ ghost grads for dead latents);
+  3. Adam step with linear warm-up and a linear decay over the last 20% of steps.
+
+The data order is a pure function of (seed, position): the token rows are shuffled per epoch with a seeded
+permutation, consumed in chunks of `buffer_tokens`, and each chunk's tokens are shuffled with a seed derived
+from its index. A checkpoint therefore only needs (chunk, batch within chunk) to resume exactly where it stopped.
+
+Data parallel (`torchrun`, NCCL or gloo): every rank harvests its share of a chunk's rows and all-gathers the
+rest, so all ranks hold the same shuffled chunk and take their slice of each global batch. Each loss is written
+as (local sum) / (global count or variance), the denominators all-reduced, so summing gradients over ranks
+gives exactly the single-process gradient of the global batch.
+"""
+import copy
+import dataclasses
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .errors import MinisvError
+from .transcoder import Transcoder, TranscoderConfig, atomic_write, selected_preacts
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    layers: list
+    d_sae: int
+    architecture: str = "topk"
+    k: int = 32
+    skip: bool = False
+    l1: float = 1.4e-4             # ReLU only: L1 coefficient (the paper's GPT-2 value)
+    lr: float = 4e-4
+    tokens: int = 1_000_000
+    batch_tokens: int = 4096
+    buffer_tokens: int = 65536     # tokens harvested and shuffled together
+    warmup_steps: int = 100
+    dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens is dead (AuxK / ghost grads)
+    aux_coef: float = 1 / 32       # AuxK coefficient (OpenAI / sparsify)
+    seed: int = 0
+    bos_id: int | None = None      # when set, positions holding this token are not trained on
+    checkpoint_every: int = 50     # steps
+    model: str = ""
+    dataset: str = ""
+
+
+def hook_names(layer):
+    """The transcoder's input and target: the MLP input before the norm gain, and the MLP output."""
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+
+
+def _world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _all_reduce(t):
+    """Sum over ranks in place (identity in a single process)."""
+    if _world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# ------------------------------------------------------------------------- activation streaming
+class ActivationStream:
+    """Shuffled batches of (x, y) per layer, as a deterministic function of (seed, chunk, batch index)."""
+
+    def __init__(self, model, rows, layers, batch_tokens, buffer_tokens, seed, bos_id=None, harvest_rows=64):
+        self.model, self.rows, self.layers, self.seed, self.bos_id = model, rows, layers, seed, bos_id
+        self.rank, self.world = _world()
+        if batch_tokens % self.world:
+            raise MinisvError(f"batch of {batch_tokens} tokens does not split evenly over {self.world} processes")
+        self.batch, self.harvest_rows = batch_tokens, harvest_rows
+        ctx = rows.shape[1]
+        # rows per chunk: enough for the buffer, at least one batch, and a multiple of the number of processes
+        self.chunk_rows = -(-max(buffer_tokens, 2 * batch_tokens) // ctx // self.world) * self.world
+        self.device = model.embed.weight.device
+
+    def _row_ids(self, chunk):
+        """Row numbers of a chunk; each epoch walks the rows in a fresh seeded order."""
+        n = len(self.rows)
+        ids, orders = [], {}
+        for g in range(chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows):
+            epoch = g // n
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(n, generator=_generator(self.seed, 0, epoch))
+            ids.append(int(orders[epoch][g % n]))
+        return torch.tensor(ids)
+
+    @torch.no_grad()
+    def harvest(self, tokens):
+        """tokens [R, T] -> {layer: (x [R, T, d_in], y [R, T, d_out])}, running the model up to the deepest layer."""
+        out = {l: ([], []) for l in self.layers}
+        names = [n for l in self.layers for n in hook_names(l)]
+        for i in range(0, len(tokens), self.harvest_rows):
+            _, cache = self.model.run_with_cache(tokens[i:i + self.harvest_rows].to(self.device), names=names,
+                                                 stop_at_layer=max(self.layers) + 1)
+            for l in self.layers:
+                out[l][0].append(cache[hook_names(l)[0]])
+                out[l][1].append(cache[hook_names(l)[1]])
+        return {l: (torch.cat(xs), torch.cat(ys)) for l, (xs, ys) in out.items()}
+
+    def chunk(self, c):
+        """The shuffled activations of chunk c: {layer: (x [n, d_in], y [n, d_out])}, identical on every rank."""
+        tokens = self.rows[self._row_ids(c)]
+        share = len(tokens) // self.world
+        acts = self.harvest(tokens[self.rank * share:(self.rank + 1) * share])
+        if self.world > 1:      # everyone gets every rank's rows, in rank order = chunk order
+            acts = {l: tuple(torch.cat(_all_gather(t)) for t in xy) for l, xy in acts.items()}
+        keep = (tokens != self.bos_id).flatten().to(self.device) if self.bos_id is not None else \
+            torch.ones(tokens.numel(), dtype=torch.bool, device=self.device)
+        order = torch.randperm(int(keep.sum()), generator=_generator(self.seed, 1, c)).to(self.device)
+        return {l: (x.flatten(0, 1)[keep][order], y.flatten(0, 1)[keep][order]) for l, (x, y) in acts.items()}
+
+    def batches(self, chunk=0, offset=0):
+        """Yield (chunk, index, {layer: (x, y)}) forever from position (chunk, offset); each x, y is this rank's
+        slice [batch / world, d] of the global batch."""
+        part = self.batch // self.world
+        while True:
+            acts = self.chunk(chunk)
+            n = len(next(iter(acts.values()))[0]) // self.batch
+            for i in range(offset, n):
+                lo = i * self.batch + self.rank * part
+                yield chunk, i, {l: (x[lo:lo + part], y[lo:lo + part]) for l, (x, y) in acts.items()}
+            chunk, offset = chunk + 1, 0
+
+
+def _generator(*key):
+    """A CPU generator seeded by a tuple of ints (hash of an int tuple is the same in every process and run)."""
+    return torch.Generator().manual_seed(hash(key))
+
+
+def _all_gather(t):
+    parts = [torch.empty_like(t) for _ in range(_world()[1])]
+    dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+# ------------------------------------------------------------------------- losses
+def _total_variance(y):
+    """Σ_n ‖y_n − ȳ‖² over the global batch, from all-reduced Σy, Σ‖y‖² and n (a constant for autograd)."""
+    y = y.detach().float()
+    count = torch.tensor([len(y)], device=y.device, dtype=y.dtype)
+    stats = _all_reduce(torch.cat([y.sum(0), y.pow(2).sum()[None], count]))
+    total, sq, n = stats[:-2], stats[-2], stats[-1]
+    return sq - total.pow(2).sum() / n, n
+
+
+def topk_loss(tc: Transcoder, x, y, dead, k_aux, aux_coef):
+    """FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖², plus AuxK: the k_aux most active *dead* latents must reconstruct the error
+    e = y − ŷ (target minus reconstruction), scaled by min(n_dead / k_aux, 1). Returns (loss, stats)."""
+    with torch.no_grad():
+        pre = tc.preacts(x)
+    indices = pre.topk(tc.cfg.k, dim=-1, sorted=False).indices
+    values = selected_preacts(x, tc.W_enc, tc.b_enc, pre, indices).relu()
+    y_hat = tc.decode_sparse(values, indices)
+    if tc.W_skip is not None:
+        y_hat = y_hat + x @ tc.W_skip
+    err = y_hat.float() - y.float()
+    var, n = _total_variance(y)
+    fvu = err.pow(2).sum() / var
+    loss = fvu
+    n_dead = int(dead.sum())
+    if n_dead:
+        m = min(k_aux, n_dead)
+        aux_indices = pre.masked_fill(~dead, float("-inf")).topk(m, dim=-1, sorted=False).indices
+        aux_values = selected_preacts(x, tc.W_enc, tc.b_enc, pre, aux_indices).relu()
+        e_hat = F.embedding_bag(aux_indices, tc.W_dec, per_sample_weights=aux_values.to(tc.W_dec.dtype), mode="sum")
+        e = -err.detach()
+        aux = (e_hat.float() - e).pow(2).sum() / _total_variance(e)[0]
+        loss = loss + aux_coef * min(n_dead / k_aux, 1.0) * aux
+    fired = torch.zeros(tc.cfg.d_sae, device=x.device).index_add_(0, indices.flatten(), (values > 0).flatten().float())
+    return loss, {"fvu": fvu.detach(), "l0": (values > 0).sum() / n, "fired": fired}
+
+
+def relu_loss(tc: Transcoder, x, y, dead, l1):
+    """The paper's loss: mean over tokens and dims of (ŷ − y)² / ‖y‖ (per-token norm, not squared), plus
+    l1 · mean_tokens Σ_j f_j; ghost grads for dead latents, fitting the error target − reconstruction."""
+    pre = tc.preacts(x)
+    f = F.relu(pre)
+    y_hat = tc.decode(f)
+    if tc.W_skip is not None:
+        y_hat = y_hat + x @ tc.W_skip
+    y = y.float()
+    err = y_hat.float() - y
+    var, n = _total_variance(y)
+    norm = y.norm(dim=-1, keepdim=True)
+    mse = (err.pow(2) / norm).sum() / (n * y.shape[-1])
+    loss = mse + l1 * f.float().sum() / n
+    if dead.any():
+        # ghost grads: exp(pre) of the dead latents, decoded and scaled to half the error's norm, fits the error;
+        # the term is rescaled to the size of the MSE so it pulls as hard as reconstruction does
+        r = -err.detach()
+        ghost = torch.exp(pre[:, dead].float()) @ tc.W_dec[dead].float()
+        ghost = ghost * (r.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + 1e-6)).detach()
+        ghost_mse = ((ghost - r).pow(2) / r.norm(dim=-1, keepdim=True).clamp_min(1e-6)).sum() / (n * y.shape[-1])
+        ratio = _all_reduce(torch.stack([mse.detach(), ghost_mse.detach()]))
+        loss = loss + ghost_mse * (ratio[0] / (ratio[1] + 1e-9))
+    fired = (f > 0).float().sum(0).detach()
+    return loss, {"fvu": err.detach().pow(2).sum() / var, "l0": (f > 0).sum() / n, "fired": fired}
+
+
+def _fix_decoder_grad(tc):
+    """ReLU: the decoder rows live on the unit sphere (else L1 is cheated by shrinking f and growing W_dec);
+    remove each row's gradient component along the row, so Adam moves along the sphere."""
+    w, g = tc.W_dec, tc.W_dec.grad
+    g.sub_((g * w).sum(-1, keepdim=True) * w)
+
+
+@torch.no_grad()
+def _init_from_batch(tc, x, y):
+    """b_dec = mean target, b_enc = −mean(x) @ W_enc: pre-activations start centered, the output at the mean."""
+    stats = _all_reduce(torch.cat([x.float().sum(0), y.float().sum(0), torch.tensor([len(x)], device=x.device)]))
+    n = stats[-1]
+    tc.b_dec.copy_(stats[x.shape[1]:-1] / n)
+    tc.b_enc.copy_(-(stats[:x.shape[1]] / n) @ tc.W_enc)
+
+
+def lr_at(step, n_steps, lr, warmup):
+    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last 20% of steps."""
+    decay = max(1, n_steps // 5)
+    return lr * min(1.0, (step + 1) / max(1, warmup)) * min(1.0, (n_steps - step) / decay)
+
+
+# ------------------------------------------------------------------------- the loop
+def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, on_step=None):
+    """Train one transcoder per layer in cfg.layers on activations of `model` over token `rows` [N, ctx].
+    With out_dir, checkpoints go to out_dir/checkpoint.pt every cfg.checkpoint_every steps (atomically) and
+    `resume=True` continues from there. on_step(step, transcoders, stats) runs after every step (it may raise).
+    Returns ({layer: Transcoder}, summary dict)."""
+    rank, _ = _world()
+    device, d, n_steps = model.embed.weight.device, model.cfg.d_model, cfg.tokens // cfg.batch_tokens
+    if n_steps < 1:
+        raise MinisvError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_tokens}; train for more tokens")
+    bad = [l for l in cfg.layers if not 0 <= l < model.cfg.n_layers]
+    if bad:
+        raise MinisvError(f"layer {bad[0]} does not exist; this model has layers 0..{model.cfg.n_layers - 1}")
+    torch.manual_seed(cfg.seed)
+    tcs = {l: Transcoder(TranscoderConfig(d, d, cfg.d_sae, cfg.architecture, cfg.k, cfg.skip, cfg.model, l,
+                                          *hook_names(l), dataset=cfg.dataset)).to(device) for l in cfg.layers}
+    params = [p for tc in tcs.values() for p in tc.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)
+    # everything besides weights and optimizer that a resumed run needs: data position, dead-latent clocks, ...
+    run = {"step": 0, "chunk": 0, "offset": 0, "seconds": 0.0, "history": [], "scale": {},
+           "last_fired": {l: torch.zeros(cfg.d_sae, dtype=torch.long, device=device) for l in cfg.layers}}
+    ckpt = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if resume:
+        run = _restore(ckpt, cfg, tcs, opt, device)
+        log(f"resuming at step {run['step']}/{n_steps} from {ckpt}")
+    stream = ActivationStream(model, rows, cfg.layers, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id)
+    batches = stream.batches(run["chunk"], run["offset"])
+    log(f"harvesting activations ({stream.chunk_rows} rows of {rows.shape[1]} tokens per shuffled chunk) ...")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    t0, seconds_before, start_step = time.perf_counter(), run["seconds"], run["step"]
+    log_every = max(1, min(50, n_steps // 20))
+    while run["step"] < n_steps:
+        step, seen = run["step"], run["step"] * cfg.batch_tokens
+        run["chunk"], run["offset"], acts = next(batches)
+        if step == 0:   # targets are divided by their RMS, so one learning rate suits every model and layer
+            for l, tc in tcs.items():
+                run["scale"][l] = _rms(acts[l][1])
+                _init_from_batch(tc, acts[l][0], acts[l][1] / run["scale"][l])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, n_steps, cfg.lr, cfg.warmup_steps)
+        total, stats = 0.0, {}
+        with autocast:
+            for l, tc in tcs.items():
+                x, y = acts[l][0], acts[l][1] / run["scale"][l]
+                dead = seen - run["last_fired"][l] >= cfg.dead_tokens
+                loss, stats[l] = topk_loss(tc, x, y, dead, max(1, d // 2), cfg.aux_coef) \
+                    if cfg.architecture == "topk" else relu_loss(tc, x, y, dead, cfg.l1)
+                total = total + loss
+        loss_value = _all_reduce(total.detach().float().reshape(1))[0].item()
+        if not math.isfinite(loss_value):
+            where = f"; the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt else ""
+            raise MinisvError(f"training diverged: loss is {loss_value} at step {step}{where}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        for p in params:             # each rank's loss is (its share) / (global size): summed grads = global grad
+            _all_reduce(p.grad)
+        if cfg.architecture == "relu":
+            for tc in tcs.values():
+                _fix_decoder_grad(tc)
+        opt.step()
+        if cfg.architecture == "relu":
+            with torch.no_grad():
+                for tc in tcs.values():
+                    tc.W_dec.div_(tc.W_dec.norm(dim=1, keepdim=True))
+        for l in tcs:
+            run["last_fired"][l][_all_reduce(stats[l]["fired"]) > 0] = seen + cfg.batch_tokens
+        run["step"], run["offset"] = step + 1, run["offset"] + 1
+        run["seconds"] = seconds_before + time.perf_counter() - t0
+        if on_step is not None:
+            on_step(step + 1, tcs, stats)
+        if (step + 1) % log_every == 0 or step + 1 == n_steps:
+            record = _progress(step + 1, n_steps, cfg, loss_value, stats, run["last_fired"],
+                               (step + 1 - start_step) * cfg.batch_tokens / (time.perf_counter() - t0))
+            line = record.pop("line")
+            run["history"].append(record)
+            if rank == 0:
+                log(line)
+        if rank == 0 and ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == n_steps):
+            _save_checkpoint(ckpt, cfg, tcs, opt, run)
+    return {l: _unscaled(tc, run["scale"][l], n_steps * cfg.batch_tokens) for l, tc in tcs.items()}, \
+        {"steps": n_steps, "tokens": n_steps * cfg.batch_tokens, "seconds": round(run["seconds"], 1),
+         "tok_per_s": round((n_steps - start_step) * cfg.batch_tokens / (time.perf_counter() - t0)),
+         "history": run["history"]}
+
+
+def _rms(y):
+    """Root mean square of the targets over the (global) batch."""
+    stats = _all_reduce(torch.stack([y.float().pow(2).sum(), torch.tensor(float(y.numel()), device=y.device)]))
+    return float((stats[0] / stats[1]).sqrt())
+
+
+@torch.no_grad()
+def _unscaled(tc, scale, tokens):
+    """A copy that predicts the raw target: f → scale·f (W_enc, b_enc; ReLU and TopK commute with a positive
+    scale, and ReLU decoder rows keep unit norm), b_dec and W_skip → scale·(them)."""
+    out = copy.deepcopy(tc)
+    for p in (out.W_enc, out.b_enc, out.b_dec) + ((out.W_skip,) if out.W_skip is not None else ()):
+        p.mul_(scale)
+    out.cfg.training_tokens = tokens
+    return out
+
+
+def _save_checkpoint(path, cfg, tcs, opt, run):
+    state = {"train_cfg": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
+             "transcoders": {str(l): tc.state_dict() for l, tc in tcs.items()},
+             **{k: v for k, v in run.items() if k not in ("scale", "last_fired")},
+             "scale": {str(l): v for l, v in run["scale"].items()},
+             "last_fired": {str(l): v for l, v in run["last_fired"].items()}}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _restore(path, cfg, tcs, opt, device):
+    if not path or not os.path.isfile(path):
+        raise MinisvError(f"nothing to resume: no {CHECKPOINT} in {os.path.dirname(path or '') or 'the output dir'}; "
+                          f"start without --resume")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state["train_cfg"] != dataclasses.asdict(cfg):
+        diff = [k for k, v in dataclasses.asdict(cfg).items() if state["train_cfg"].get(k) != v]
+        raise MinisvError(f"cannot resume {path}: it was trained with different settings ({', '.join(diff)}); "
+                          f"rerun with the original flags or a new --out")
+    for l, tc in tcs.items():
+        tc.load_state_dict(state["transcoders"][str(l)])
+    opt.load_state_dict(state["optimizer"])
+    run = {k: state[k] for k in ("step", "chunk", "offset", "seconds", "history")}
+    run["scale"] = {int(l): v for l, v in state["scale"].items()}
+    run["last_fired"] = {int(l): v for l, v in state["last_fired"].items()}
+    return run
+
+
+def _progress(step, n_steps, cfg, loss, stats, last_fired, tok_s):
+    seen = step * cfg.batch_tokens
+    mean = lambda key: sum(float(_all_reduce(s[key].detach().float().reshape(1))) for s in stats.values()) / len(stats)
+    fvu, l0 = mean("fvu"), mean("l0")
+    dead = sum(float((seen - v >= cfg.dead_tokens).float().mean()) for v in last_fired.values()) / len(stats)
+    line = (f"step {step}/{n_steps} | {seen:,} tok | {tok_s:,.0f} tok/s | loss {loss:.4f} | L0 {l0:.1f} | "
+            f"FVU {fvu:.3f} | dead {dead:.1%}")
+    return {"step": step, "tokens": seen, "loss": loss, "fvu": fvu, "l0": l0, "dead": dead, "line": line}

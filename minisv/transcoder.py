@@ -1,0 +1,268 @@
+"""A transcoder: a wide, sparse MLP trained to imitate one MLP of a transformer (METHODS.md §2.1).
+
+It reads the MLP's input x (`blocks.L.ln2.hook_normalized`, the normalized residual before the norm's gain)
+and predicts the MLP's output y (`blocks.L.hook_mlp_out`) through d_sae latents of which only a few are active:
+
+    pre = x @ W_enc + b_enc                               [N, d_sae]
+    f   = ReLU(pre)                      (architecture "relu", kept sparse by an L1 penalty in training)
+        | ReLU(pre) on the k largest pre, 0 elsewhere   (architecture "topk")
+    ŷ   = f @ W_dec + b_dec (+ x @ W_skip, optional)      [N, d_out]
+
+Each latent j is a feature with an input direction W_enc[:, j] and an output direction W_dec[j]. A TopK
+transcoder never needs the dense f: `encode_sparse` returns (values, indices) [N, k] and `decode_sparse` sums
+k rows of W_dec per token with `F.embedding_bag`, O(N·k·d_out) instead of O(N·d_sae·d_out).
+
+Files: a directory with `cfg.json` and `transcoder.safetensors` (W_enc [d_in, d_sae], b_enc [d_sae],
+W_dec [d_sae, d_out], b_dec [d_out], optional W_skip [d_in, d_out]); names follow SAELens. `import_released`
+converts the released GPT-2 transcoders (pickles) without running any code from the file.
+"""
+import dataclasses
+import json
+import os
+import pickle
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .errors import MinisvError
+
+WEIGHTS, CONFIG = "transcoder.safetensors", "cfg.json"
+
+
+@dataclass
+class TranscoderConfig:
+    d_in: int
+    d_out: int
+    d_sae: int
+    architecture: str = "topk"            # "topk" | "relu"
+    k: int = 32                           # active latents per token (topk only)
+    skip: bool = False                    # add a dense linear path x @ W_skip
+    model: str = ""
+    layer: int = 0
+    hook_in: str = ""                     # e.g. "blocks.6.ln2.hook_normalized"
+    hook_out: str = ""                    # e.g. "blocks.6.hook_mlp_out"
+    input_convention: str = "normalized"  # x is the norm's output *before* its gain (and bias)
+    target_centered: bool = False         # y is mlp_out minus its mean over d_model (released GPT-2 transcoders)
+    dataset: str = ""
+    training_tokens: int = 0
+
+    def __post_init__(self):
+        if self.architecture not in ("topk", "relu"):
+            raise MinisvError(f"unknown transcoder architecture {self.architecture!r}; use 'topk' or 'relu'")
+        if min(self.d_in, self.d_out, self.d_sae) < 1 or (self.architecture == "topk" and not 0 < self.k <= self.d_sae):
+            raise MinisvError(f"bad transcoder sizes d_in={self.d_in} d_out={self.d_out} d_sae={self.d_sae} "
+                              f"k={self.k}; need positive sizes and 0 < k <= d_sae")
+
+
+class _SelectedPreacts(torch.autograd.Function):
+    """pre[n, idx[n, j]] for a few selected latents per token, with a backward that touches only those.
+
+    The selection needs every pre-activation, so the forward's dense x @ W_enc is unavoidable; but the
+    gradient is nonzero for just N·k of the N·d_sae entries. Dense autograd would spend another two
+    N·d_in·d_sae matmuls on zeros; here grad W_enc is a sparse [d_sae, N] × dense [N, d_in] product and
+    grad x an embedding_bag over the selected encoder rows, both O(N·k·d_in)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, pre, indices):   # pre: the dense pre-activations, computed without grad
+        ctx.save_for_backward(x, W_enc, indices)
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx, grad):                           # grad [N, m] w.r.t. the selected pre-activations
+        x, W_enc, indices = ctx.saved_tensors
+        N, m = indices.shape
+        grad = grad.to(W_enc.dtype)
+        tokens = torch.arange(N, device=x.device).repeat_interleave(m)
+        scatter = torch.sparse_coo_tensor(torch.stack([indices.flatten(), tokens]), grad.flatten(),
+                                          (W_enc.shape[1], N), check_invariants=False)
+        grad_W = torch.sparse.mm(scatter, x.to(W_enc.dtype)).t()      # [d_in, d_sae], feature-major like W_enc
+        grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(
+            0, indices.flatten(), grad.flatten())
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc.t(), per_sample_weights=grad, mode="sum").to(x.dtype)
+        return grad_x, grad_W, grad_b, None, None
+
+
+def selected_preacts(x, W_enc, b_enc, pre, indices):
+    """Differentiable pre-activations of the latents in `indices` [N, m]; `pre` [N, d_sae] = x @ W_enc + b_enc
+    computed under no_grad (the TopK forward needs it anyway to choose the indices)."""
+    return _SelectedPreacts.apply(x, W_enc, b_enc, pre, indices)
+
+
+class Transcoder(nn.Module):
+    def __init__(self, cfg: TranscoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_out, d_sae = cfg.d_in, cfg.d_out, cfg.d_sae
+        # W_enc is [d_in, d_sae] but stored feature-major (its transpose is contiguous), so each latent's
+        # encoder vector is one contiguous row for the sparse backward's gathers and scatters.
+        bound = d_in ** -0.5
+        self.W_enc = nn.Parameter(torch.empty(d_sae, d_in).uniform_(-bound, bound).t())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        # TopK: the decoder starts at zero, so the first steps learn the output map before a random decoder can
+        # push the encoder around (sparsify's choice for transcoders). ReLU: random unit rows (the L1 penalty
+        # is only meaningful with the decoder norms fixed).
+        W_dec = torch.zeros(d_sae, d_out) if cfg.architecture == "topk" else torch.randn(d_sae, d_out)
+        self.W_dec = nn.Parameter(W_dec if cfg.architecture == "topk" else W_dec / W_dec.norm(dim=1, keepdim=True))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_out)) if cfg.skip else None
+
+    # ---------------------------------------------------------------- the map
+    def preacts(self, x):
+        return F.linear(x, self.W_enc.t(), self.b_enc)     # x @ W_enc + b_enc, the bias fused into the matmul
+
+    def encode(self, x):
+        """Feature activations f [..., d_sae] (dense; mostly zeros)."""
+        if self.cfg.architecture == "relu":
+            return F.relu(self.preacts(x))
+        values, indices = self.encode_sparse(x)
+        return torch.zeros(*x.shape[:-1], self.cfg.d_sae, dtype=values.dtype, device=values.device) \
+            .scatter(-1, indices, values)
+
+    def encode_sparse(self, x):
+        """TopK only: (values, indices), each [..., k]; values = ReLU of the k largest pre-activations."""
+        x2 = x.reshape(-1, self.cfg.d_in)
+        with torch.no_grad():
+            pre = self.preacts(x2)
+        indices = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
+        values = selected_preacts(x2, self.W_enc, self.b_enc, pre, indices).relu()
+        return values.view(*x.shape[:-1], -1), indices.view(*x.shape[:-1], -1)
+
+    def decode(self, f):
+        """f [..., d_sae] -> f @ W_dec + b_dec (without the skip path, which needs x)."""
+        return f @ self.W_dec + self.b_dec
+
+    def decode_sparse(self, values, indices):
+        """Σ_j values[n, j] · W_dec[indices[n, j]] + b_dec: k rows per token, gathered by embedding_bag."""
+        shape = values.shape[:-1]
+        out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), self.W_dec, mode="sum",
+                              per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype))
+        return out.view(*shape, -1) + self.b_dec
+
+    def forward(self, x):
+        """x [..., d_in] -> ŷ [..., d_out]."""
+        if self.cfg.architecture == "topk":
+            y = self.decode_sparse(*self.encode_sparse(x))
+        else:
+            y = self.decode(self.encode(x))
+        return y + x @ self.W_skip if self.W_skip is not None else y
+
+    # ---------------------------------------------------------------- files
+    def save(self, path):
+        """Write cfg.json and transcoder.safetensors into the directory `path` (each file atomically)."""
+        os.makedirs(path, exist_ok=True)
+        tensors = {n: p.detach().float().contiguous().cpu() for n, p in self.named_parameters()}
+        atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, CONFIG),
+                     lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n"))
+
+    @classmethod
+    def load(cls, path, device=None):
+        """Load a transcoder directory written by `save` (or its cfg.json / .safetensors path)."""
+        path = os.path.dirname(path) if str(path).endswith((WEIGHTS, CONFIG)) else str(path)
+        if not os.path.isfile(os.path.join(path, CONFIG)) or not os.path.isfile(os.path.join(path, WEIGHTS)):
+            raise MinisvError(f"{path} is not a transcoder directory (needs {CONFIG} and {WEIGHTS}); train one "
+                              f"with train_transcoder.py or import released weights with import_released")
+        with open(os.path.join(path, CONFIG)) as f:
+            raw = json.load(f)
+        known = {f.name for f in dataclasses.fields(TranscoderConfig)}
+        try:
+            cfg = TranscoderConfig(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as e:
+            raise MinisvError(f"{path}/{CONFIG} is incomplete ({e}); it needs at least d_in, d_out, d_sae") from None
+        tc = cls(cfg)
+        tc.load_tensors(load_file(os.path.join(path, WEIGHTS)), path)
+        return tc.to(device) if device is not None else tc
+
+    def load_tensors(self, tensors, source):
+        """Copy tensors {name: tensor} into the parameters, checking names and shapes."""
+        params = dict(self.named_parameters())
+        if set(tensors) != set(params):
+            raise MinisvError(f"{source} holds tensors {sorted(tensors)} but a {self.cfg.architecture} transcoder "
+                              f"with skip={self.cfg.skip} needs {sorted(params)}")
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise MinisvError(f"{source}: {name} has shape {list(tensors[name].shape)}, cfg says {list(p.shape)}")
+            with torch.no_grad():
+                p.copy_(tensors[name])
+
+
+def atomic_write(path, write):
+    """Run write(tmp) for a temporary file next to `path`, then rename it into place: readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------- released GPT-2 transcoders
+# `pchlenski/gpt2-transcoders` files are torch.save pickles of {"cfg": LanguageModelSAERunnerConfig, "state_dict":
+# {W_enc, b_enc, W_dec, b_dec (an input pre-bias), b_dec_out}}. Unpickling runs whatever callables the file names,
+# so we only let through the few that rebuild tensors; any other class the file names becomes an inert record
+# that can hold attributes (the config object is rebuilt that way, by __new__ + state) but refuses to be called.
+_ALLOWED = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+            ("collections", "OrderedDict"), ("torch", "device")}
+
+
+class _Inert:
+    """Stand-in for a class named in a pickle: keeps the state the pickle gives it, executes nothing."""
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):   # reached only when the file *calls* the name (pickle's REDUCE)
+        raise MinisvError(f"refusing to load this pickle: it calls {self.qualname}, which is not a tensor-rebuild "
+                          f"function (a malicious or unexpected file); nothing from it was executed")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        return type(name, (_Inert,), {"qualname": f"{module}.{name}"})
+
+
+# torch.load reads the zip container and the tensor storages itself and takes the pickle machinery from this
+# module, so every global the file names goes through _RestrictedUnpickler.find_class.
+_restricted_pickle = types.ModuleType("minisv_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load()   # torch's legacy format
+
+
+def import_released(path, layer=None) -> Transcoder:
+    """Convert a released GPT-2 transcoder `.pt` (METHODS §2.4) to a minisv Transcoder, folding the input
+    pre-bias into the encoder bias: ReLU((x − b_dec) W_enc + b_enc) = ReLU(x W_enc + (b_enc − b_dec W_enc))."""
+    if not os.path.isfile(path):
+        raise MinisvError(f"no such file: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
+    except MinisvError:
+        raise
+    except Exception as e:
+        raise MinisvError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e})") from None
+    sd = obj.get("state_dict") if isinstance(obj, dict) else None
+    need = {"W_enc", "b_enc", "W_dec", "b_dec", "b_dec_out"}
+    if not isinstance(sd, dict) or not need <= set(sd) or not all(isinstance(sd[n], torch.Tensor) for n in need):
+        raise MinisvError(f"{path} is not a released transcoder: expected a 'state_dict' with tensors {sorted(need)}")
+    W_enc, W_dec = sd["W_enc"].float(), sd["W_dec"].float()
+    hook_in = getattr(obj.get("cfg"), "hook_point", None) or _hook_from_name(path, layer)
+    layer = int(hook_in.split(".")[1]) if layer is None else layer
+    cfg = TranscoderConfig(W_enc.shape[0], W_dec.shape[1], W_enc.shape[1], "relu", model="gpt2", layer=layer,
+                           hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out",
+                           input_convention="normalized", target_centered=True, dataset="openwebtext",
+                           training_tokens=0)
+    tc = Transcoder(cfg)
+    tc.load_tensors({"W_enc": W_enc, "b_enc": sd["b_enc"].float() - sd["b_dec"].float() @ W_enc, "W_dec": W_dec,
+                     "b_dec": sd["b_dec_out"].float()}, path)
+    return tc
+
+
+def _hook_from_name(path, layer):
+    name = os.path.basename(path)
+    if layer is None and "blocks." not in name:
+        raise MinisvError(f"cannot tell the layer of {path}; pass layer=")
+    return f"blocks.{layer if layer is not None else name.split('blocks.')[1].split('.')[0]}.ln2.hook_normalized"

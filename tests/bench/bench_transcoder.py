@@ -1,0 +1,173 @@
+"""Transcoder training speed, side by side on the same activation batches (a benchmark, not a test).
+
+    python tests/bench/bench_transcoder.py                       # SmolLM2 layer 6, d_sae 9216, k 32, batch 4096
+    python tests/bench/bench_transcoder.py --model random-gpt2 --device cuda --d-sae 24576   # on a GPU
+
+Rows: minisv TopK (sparse backward + embedding_bag decode), minisv ReLU (the paper's dense ReLU + L1), a
+straightforward dense PyTorch TopK (plain autograd), and eai-sparsify's SparseCoder if it is importable; all
+with Adam, each timed over the same --steps batches after one warm-up step. Then the end-to-end tokens/s of
+train() as the default run uses it (harvesting included). On CUDA it also prints the fraction of the GPU's
+bf16 peak reached by the encoder matmul FLOPs (the work every TopK implementation has to do).
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import types
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+import minisv  # noqa: E402
+from minisv.data import load_dataset  # noqa: E402
+from minisv.training import (TrainConfig, _fix_decoder_grad, hook_names, relu_loss, topk_loss,  # noqa: E402
+                             train)
+from minisv.transcoder import Transcoder, TranscoderConfig  # noqa: E402
+
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def random_gpt2(tmp):
+    """A GPT-2-small-sized model with random weights (speed only), written with transformers."""
+    import transformers as tf
+    torch.manual_seed(0)
+    tf.GPT2LMHeadModel(tf.GPT2Config()).save_pretrained(tmp)
+    return tmp
+
+
+def harvest(model, rows, layer, tokens):
+    """(x, y) activations of `tokens` tokens and the harvest's tokens/s."""
+    xs, ys, n = [], [], 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(rows), 64):
+            _, cache = model.run_with_cache(rows[i:i + 64].to(model.embed.weight.device), names=hook_names(layer),
+                                            stop_at_layer=layer + 1)
+            xs.append(cache[hook_names(layer)[0]].flatten(0, 1))
+            ys.append(cache[hook_names(layer)[1]].flatten(0, 1))
+            n += xs[-1].shape[0]
+            if n >= tokens:
+                break
+    _sync()
+    return torch.cat(xs)[:tokens], torch.cat(ys)[:tokens], n / (time.perf_counter() - start)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def dense_topk_step(params, x, y, k):
+    """The textbook implementation: dense pre-activations, topk, scatter, dense decode, plain autograd."""
+    W_enc, b_enc, W_dec, b_dec = params
+    pre = x @ W_enc + b_enc
+    top = pre.topk(k, dim=-1, sorted=False)
+    f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    err = f @ W_dec + b_dec - y
+    return err.float().pow(2).sum() / (y.float() - y.float().mean(0)).pow(2).sum()
+
+
+def load_sparsify():
+    """eai-sparsify's SparseCoder without running the package __init__ (which pulls in `datasets`)."""
+    spec = importlib.util.find_spec("sparsify")
+    if spec is None or not os.path.isfile(os.path.join(spec.submodule_search_locations[0], "sparse_coder.py")):
+        return None
+    package = types.ModuleType("sparsify")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["sparsify"] = package
+    try:
+        from sparsify.config import SparseCoderConfig
+        from sparsify.sparse_coder import SparseCoder
+    except ImportError as e:
+        print(f"(eai-sparsify present but not importable: {e})")
+        return None
+    return SparseCoder, SparseCoderConfig
+
+
+def time_steps(step_fn, params, batches, relu=None):
+    """Adam over `batches` (the first one is a warm-up); returns tokens/s."""
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+    start = None
+    for i, (x, y) in enumerate(batches):
+        if i == 1:
+            _sync()
+            start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            loss = step_fn(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if relu is not None:
+            _fix_decoder_grad(relu)
+        opt.step()
+    _sync()
+    tok_s = sum(len(x) for x, _ in batches[1:]) / (time.perf_counter() - start)
+    return tok_s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="model spec, or 'random-gpt2' for a GPT-2-small-sized random "
+                   "model (no download)")
+    p.add_argument("--layer", type=int, default=6, help="layer whose MLP the transcoders replace (default: 6)")
+    p.add_argument("--d-sae", type=int, default=9216, help="latents (default: 9216)")
+    p.add_argument("--k", type=int, default=32, help="TopK k (default: 32)")
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step (default: 4096)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per implementation (default: 6)")
+    p.add_argument("--e2e-tokens", type=int, default=65536, help="tokens for the end-to-end train() run, 0 to skip")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    tmp = tempfile.mkdtemp()
+    spec = random_gpt2(tmp) if args.model == "random-gpt2" else args.model
+    model = minisv.load(spec, device=device)
+    if model.tokenizer is not None:
+        rows = load_dataset(None, model.tokenizer, 128)[0]
+    else:
+        rows = torch.randint(0, model.cfg.vocab_size, (4096, 128), generator=torch.Generator().manual_seed(0))
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+    n = args.batch * (args.steps + 1)
+    x, y, harvest_tok_s = harvest(model, rows, args.layer, n)
+    d, S, k = model.cfg.d_model, args.d_sae, args.k
+    print(f"{model.cfg.name or spec}, layer {args.layer}, d_in {d}, d_sae {S}, k {k}, batch {args.batch}, "
+          f"{device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
+          f"{torch.get_num_threads()} threads, model in {model.embed.weight.dtype}; harvest {harvest_tok_s:,.0f} tok/s")
+    y = y / y.float().pow(2).mean().sqrt().to(y.dtype)
+    batches = [(x[i:i + args.batch], y[i:i + args.batch]) for i in range(0, n, args.batch)]
+    results = {}
+
+    torch.manual_seed(0)
+    tc = Transcoder(TranscoderConfig(d, d, S, "topk", k)).to(device)
+    none_dead = torch.zeros(S, dtype=torch.bool, device=device)
+    results["minisv TopK"] = time_steps(lambda x, y: topk_loss(tc, x, y, none_dead, d // 2, 1 / 32)[0],
+                                        list(tc.parameters()), batches)
+    relu = Transcoder(TranscoderConfig(d, d, S, "relu")).to(device)
+    results["minisv ReLU + L1"] = time_steps(lambda x, y: relu_loss(relu, x, y, none_dead, 1.4e-4)[0],
+                                             list(relu.parameters()), batches, relu=relu)
+    dense = [t.detach().clone().contiguous().requires_grad_() for t in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec)]
+    results["dense PyTorch TopK"] = time_steps(lambda x, y: dense_topk_step(dense, x, y, k), dense, batches)
+    sparsify = load_sparsify()
+    if sparsify is not None:
+        SparseCoder, SparseCoderConfig = sparsify
+        coder = SparseCoder(d, SparseCoderConfig(num_latents=S, k=k, transcode=True), device=device)
+        results["eai-sparsify SparseCoder"] = time_steps(lambda x, y: coder(x, y).fvu,
+                                                         list(coder.parameters()), batches)
+    else:
+        print("(eai-sparsify not installed: pip install --no-deps eai-sparsify simple-parsing einops natsort)")
+    flops = 2 * d * S          # encoder matmul per token, forward
+    peak = next((v for key, v in BF16_PEAK.items() if device.type == "cuda" and key in torch.cuda.get_device_name()),
+                None)
+    base = results["minisv TopK"]
+    for name, tok_s in results.items():
+        extra = f" | {tok_s * flops / peak:6.2%} of bf16 peak (encoder FLOPs)" if peak else ""
+        print(f"  {name:<26} {tok_s:>10,.0f} tok/s  ({tok_s / base:5.2f}× minisv TopK){extra}")
+    if args.e2e_tokens:
+        cfg = TrainConfig(layers=[args.layer], d_sae=S, k=k, lr=4e-3, tokens=args.e2e_tokens, batch_tokens=1024,
+                          bos_id=getattr(model.tokenizer, "bos_id", None), checkpoint_every=10 ** 9)
+        _, summary = train(model, rows, cfg, log=lambda line: None)
+        print(f"  end to end: train() as in the default run (harvest + batch 1024) {summary['tok_per_s']:,} tok/s")
+
+
+if __name__ == "__main__":
+    main()

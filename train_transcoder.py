@@ -1,0 +1,148 @@
+"""Train sparse MLP transcoders on a language model, evaluate them on held-out text, and save them.
+
+A transcoder reads an MLP's input (blocks.L.ln2.hook_normalized) and predicts its output (blocks.L.hook_mlp_out)
+through many sparse latents (TopK, or ReLU + L1 as in the paper). The default run needs no network and takes a
+few minutes on 2 CPU cores: a TopK transcoder (d_sae 9,216, k 32) for layer 6 of SmolLM2-135M-Instruct, trained
+on the built-in corpus (Python's own documentation text), evaluated on documents held out from training.
+Writes cfg.json + transcoder.safetensors (loadable with minisv.transcoder.Transcoder.load) and metrics.json to
+--out; a checkpoint.pt there lets --resume continue an interrupted run. Several --layer values train one
+transcoder per layer from the same forward passes (written to --out/layer_L/). Multi-GPU:
+torchrun --nproc_per_node N train_transcoder.py ... (the global batch is split across processes).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import minisv
+from minisv.data import load_dataset
+from minisv.errors import MinisvError
+from minisv.evals import evaluate
+from minisv.training import TrainConfig, train
+from minisv.transcoder import atomic_write
+
+DEFAULT_LAYER = 6
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python train_transcoder.py --layer 6 8 --arch topk --expansion 16 --k 32 --tokens 2000000 "
+               "--data my_texts/ --out runs/my-transcoders")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id such as 'gpt2', a "
+                   "local Hugging Face directory or a .gguf file (default: smollm2)")
+    p.add_argument("--layer", type=int, nargs="+", default=[DEFAULT_LAYER], help="layer(s) whose MLP to replace, "
+                   f"0-based; several share each forward pass (default: {DEFAULT_LAYER})")
+    p.add_argument("--arch", choices=["topk", "relu"], default="topk", help="topk: keep the k largest latents, "
+                   "FVU + AuxK loss; relu: the paper's ReLU + L1 with unit-norm decoder rows (default: topk)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--d-sae", type=int, help="number of latents (default: 16 × d_model)")
+    size.add_argument("--expansion", type=int, help="number of latents as a multiple of d_model")
+    p.add_argument("--k", type=int, default=32, help="active latents per token, topk only (default: 32)")
+    p.add_argument("--l1", type=float, default=1.4e-4, help="L1 coefficient, relu only (default: 1.4e-4, the "
+                   "paper's GPT-2 value)")
+    p.add_argument("--skip", action="store_true", help="add a dense skip connection x @ W_skip (skip transcoder)")
+    p.add_argument("--lr", type=float, help="peak Adam learning rate (default: 4e-3·sqrt(9216/d_sae) for topk, "
+                   "4e-4 for relu)")
+    p.add_argument("--tokens", type=int, default=327_680, help="training tokens (default: 327,680)")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimizer step (default: 1024; on "
+                   "short runs more, smaller steps win, see the README)")
+    p.add_argument("--ctx", type=int, default=128, help="tokens per sequence; documents are packed into rows of "
+                   "this length, each starting with BOS (default: 128)")
+    p.add_argument("--data", metavar="PATH", help="a .txt/.md file, a folder of them, a .jsonl with a 'text' field, "
+                   "or pre-tokenized .bin (uint16) / .npy token ids (default: the built-in corpus)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the final evaluation "
+                   "(default: 4096)")
+    p.add_argument("--out", help="output directory (default: runs/transcoder-MODEL-L<layers>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(same flags required)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun, the local GPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype for harvesting "
+                   "activations (default: bfloat16 on CUDA, float32 on CPU); transcoder weights stay float32")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and the held-out split "
+                   "(default: 0)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except MinisvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args):
+    started = time.time()
+    rank, device = _setup_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    model = minisv.load(args.model, device=device, dtype=args.dtype)
+    name = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
+    out = args.out or os.path.join("runs", f"transcoder-{name}-L{'-'.join(map(str, args.layer))}")
+    if args.ctx > model.cfg.n_ctx or args.ctx < 2:
+        raise MinisvError(f"--ctx {args.ctx} must be between 2 and the model's context of {model.cfg.n_ctx}")
+    d_sae = args.d_sae or (args.expansion or 16) * model.cfg.d_model
+    lr = args.lr or (4e-3 * (9216 / d_sae) ** 0.5 if args.arch == "topk" else 4e-4)
+    tokenizer = model.tokenizer
+    bos = tokenizer.bos_id if tokenizer is not None else None
+    train_rows, eval_rows = load_dataset(args.data, tokenizer, args.ctx, seed=args.seed, bos=bos is not None)
+    eval_rows = eval_rows[:max(1, args.eval_tokens // args.ctx)]
+    say(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; data: "
+        f"{len(train_rows):,} training rows ({train_rows.numel():,} tokens), {len(eval_rows)} held-out rows; "
+        f"{args.arch} transcoder(s) for layer(s) {args.layer}, d_sae {d_sae}, on {model.embed.weight.device}")
+    cfg = TrainConfig(layers=args.layer, d_sae=d_sae, architecture=args.arch, k=args.k, skip=args.skip, l1=args.l1,
+                      lr=lr, tokens=args.tokens, batch_tokens=args.batch_tokens, seed=args.seed, bos_id=bos,
+                      warmup_steps=max(1, min(1000, args.tokens // args.batch_tokens // 20)),
+                      dead_tokens=min(10_000_000, max(args.tokens // 10, args.batch_tokens)),
+                      checkpoint_every=args.checkpoint_every, model=args.model, dataset=args.data or "builtin")
+    os.makedirs(out, exist_ok=True)
+    transcoders, summary = train(model, train_rows, cfg, out_dir=out, resume=args.resume, log=say)
+    if rank != 0:
+        return
+    for layer, tc in transcoders.items():
+        tc.save(out if len(transcoders) == 1 else os.path.join(out, f"layer_{layer}"))
+    say(f"evaluating on {eval_rows.numel():,} held-out tokens ...")
+    metrics = evaluate(model, eval_rows, transcoders, bos_id=bos)
+    _print_table(metrics, args.layer)
+    report = {"model": args.model, "layers": args.layer, "train_config": dataclasses.asdict(cfg), "train": summary,
+              "eval": metrics, "seconds_total": round(time.time() - started, 1)}
+    atomic_write(os.path.join(out, "metrics.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    say(f"trained {summary['tokens']:,} tokens in {summary['seconds']:.0f} s ({summary['tok_per_s']:,} tok/s end to "
+        f"end, harvesting included); wrote {out}/ (cfg.json, transcoder.safetensors, metrics.json)")
+
+
+def _setup_distributed(device):
+    """(rank, device). Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, device
+    cuda = torch.cuda.is_available() and device in (None, "cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), device or "cpu"
+
+
+def _print_table(m, layers):
+    print(f"{'':>10} {'L0':>7} {'FVU':>7} {'CE clean':>9} {'spliced':>8} {'zero-abl':>9} {'CE score':>9} "
+          f"{'KL':>8} {'dead':>6}")
+    rows = [(f"layer {l}", m[f"layer_{l}"]) for l in layers] + ([("all", m["all"])] if "all" in m else [])
+    for label, r in rows:
+        print(f"{label:>10} {r.get('l0', float('nan')):7.1f} {r.get('fvu', float('nan')):7.3f} {m['ce_clean']:9.4f} "
+              f"{r['ce_spliced']:8.4f} {r['ce_zero_ablated']:9.4f} {r['ce_score']:9.3f} {r['kl']:8.4f} "
+              f"{r.get('dead', float('nan')):6.1%}")
+
+
+if __name__ == "__main__":
+    main()
