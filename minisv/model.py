@@ -168,7 +168,7 @@ class Model(nn.Module):
             kv_cache.length += T
         if stop_at_layer is not None:
             return resid
-        return self.unembed(self._norm("ln_final", self.ln_final, resid))
+        return self.unembed(self.apply_norm("ln_final", resid))
 
     def _check_tokens(self, tokens, kv_cache):
         if tokens.dtype not in (torch.long, torch.int, torch.int32):
@@ -196,21 +196,22 @@ class Model(nn.Module):
 
     def _block(self, l, resid, rope, mask, kv_cache):
         p = f"blocks.{l}."
-        block = self.blocks[l]
         resid = self._hook(p + "hook_resid_pre", resid)
-        attn_out = self._hook(p + "hook_attn_out", self._attention(l, self._norm(p + "ln1", block.ln1, resid),
-                                                                   rope, mask, kv_cache))
+        attn_out = self._attention(l, self.apply_norm(p + "ln1", resid), rope, mask, kv_cache)
+        attn_out = self._hook(p + "hook_attn_out", attn_out)
         if self.cfg.parallel:   # the MLP reads resid_pre too: it never sees this layer's attention output
-            mlp_out = self._hook(p + "hook_mlp_out", self._mlp(l, self._norm(p + "ln2", block.ln2, resid)))
+            mlp_out = self._hook(p + "hook_mlp_out", self.apply_mlp(l, self.apply_norm(p + "ln2", resid)))
             resid = resid + attn_out + mlp_out
         else:
             resid = self._hook(p + "hook_resid_mid", resid + attn_out)
-            resid = resid + self._hook(p + "hook_mlp_out", self._mlp(l, self._norm(p + "ln2", block.ln2, resid)))
+            resid = resid + self._hook(p + "hook_mlp_out", self.apply_mlp(l, self.apply_norm(p + "ln2", resid)))
         return self._hook(p + "hook_resid_post", resid)
 
-    def _norm(self, prefix, norm, x):
-        """LayerNorm (x - mean)/std, or RMSNorm x/rms, computed in fp32 like the reference; hook_normalized
-        sees the result before the learned scale (and bias), as in TransformerLens."""
+    def apply_norm(self, prefix, x):
+        """The norm named `prefix` ("ln_final", "blocks.3.ln2") applied to x: LayerNorm (x - mean)/std or
+        RMSNorm x/rms, computed in fp32 like the reference; hook_normalized sees the result before the learned
+        scale (and bias), as in TransformerLens."""
+        norm = self.get_submodule(prefix)
         h = x.float()
         if norm.bias is not None:
             h = h - h.mean(-1, keepdim=True)
@@ -242,7 +243,8 @@ class Model(nn.Module):
         z = self._hook(p + "hook_z", z.transpose(1, 2))                            # [B, T, H, E]
         return attn.o(z.reshape(B, T, cfg.n_heads * cfg.d_head))
 
-    def _mlp(self, l, x):
+    def apply_mlp(self, l, x):
+        """Block l's MLP on its (normed) input x [..., D] -> [..., D]; public so methods can linearize it."""
         mlp, p, act = self.blocks[l].mlp, f"blocks.{l}.mlp.", ACTIVATIONS[self.cfg.act]
         if mlp.gate is not None:   # SwiGLU: hook_pre is the gate's pre-activation, as in TransformerLens
             post = act(self._hook(p + "hook_pre", mlp.gate(x))) * mlp.fc(x)

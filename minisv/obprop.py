@@ -261,7 +261,7 @@ def mlp_feature(model, layer, y, ref, return_t=False):
 
     def f(xhat):    # y·MLP(γ⊙x̂ + β)
         z = xhat * block.ln2.weight.float() + (block.ln2.bias.float() if block.ln2.bias is not None else 0)
-        return model._mlp(layer, z.to(dtype)).float() @ y
+        return model.apply_mlp(layer, z.to(dtype)).float() @ y
 
     with torch.no_grad():
         fa, fb, lo, hi = f(a), f(b), 0.0, 1.0
@@ -383,7 +383,7 @@ def patch_heads(model, obs, pos_prompts, neg_prompts):
     w = model.unembed.weight[obs.ids.to(resid.device)].float().T @ obs.weights.to(resid.device)     # W_Uᵀ n
 
     def value(x):    # n·ℓ = (W_Uᵀ n)·ln_final(x), without the full [.., V] logits
-        return model._norm("ln_final", model.ln_final, x).float() @ w
+        return model.apply_norm("ln_final", x).float() @ w
     return (value(resid)[:, None, None] - value(patched)).mean(0)
 
 

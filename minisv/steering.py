@@ -205,7 +205,7 @@ def _losses(model, batch, prefix, layers, vector, coldness, one_minus, normalize
     with steer(model, batch.sign * vector, layers, clamp=clamp, positions=batch.positions, matrix=matrix):
         resid = model(prefix, start_at_layer=min(layers), stop_at_layer=model.cfg.n_layers)     # [C, T, D]
     h = resid[batch.rows, batch.cols]                                                            # [N, D]
-    logits = model.unembed(model._norm("ln_final", model.ln_final, h)).float()                  # [N, V]
+    logits = model.unembed(model.apply_norm("ln_final", h)).float()                  # [N, V]
     p = F.log_softmax(coldness * logits, -1).gather(-1, batch.next[:, None])[:, 0].exp()        # [N]
     suppress = -torch.log(1 - p + EPS) if one_minus else torch.log(p + EPS)
     per_token = torch.where(batch.promote, -torch.log(p + EPS), suppress)

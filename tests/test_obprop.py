@@ -71,7 +71,7 @@ def test_mlp_is_linearized_halfway_between_the_examples(family_model):
     y = ob.logit_feature(model, obs, ref)
     block, name = model.blocks[1], "blocks.1.ln2.hook_normalized"
     beta = block.ln2.bias if block.ln2.bias is not None else 0
-    f = lambda xhat: float(model._mlp(1, xhat * block.ln2.weight + beta) @ y)
+    f = lambda xhat: float(model.apply_mlp(1, xhat * block.ln2.weight + beta) @ y)
     _, t = ob.mlp_feature(model, 1, y, ref, return_t=True)
     a, b = ref.pos[name], ref.neg[name]
     assert 0 <= t <= 1 and f(b + t * (a - b)) == pytest.approx((f(a) + f(b)) / 2, rel=1e-4, abs=1e-7)
