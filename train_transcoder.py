@@ -8,9 +8,11 @@ Writes cfg.json + transcoder.safetensors (loadable with minisv.transcoder.Transc
 --out; a checkpoint.pt there lets --resume continue an interrupted run. Several --layer values train one
 transcoder per layer from the same forward passes (written to --out/layer_L/). Multi-GPU:
 torchrun --nproc_per_node N train_transcoder.py ... (the global batch is split across processes).
+The run ends by writing dashboards.html, what the features respond to; --prompt adds a circuit analysis.
 """
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import sys
@@ -21,11 +23,13 @@ import torch
 import torch.distributed as dist
 
 import minisv
+from minisv.circuits import Circuit, format_tree
 from minisv.data import load_dataset
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
+from minisv.report import circuit_html, collect_dashboards, dashboards_html, write_text
 from minisv.training import TrainConfig, train
-from minisv.transcoder import atomic_write
+from minisv.transcoder import Transcoder, atomic_write, import_released
 
 DEFAULT_LAYER = 6
 
@@ -33,8 +37,10 @@ DEFAULT_LAYER = 6
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: python train_transcoder.py --layer 6 8 --arch topk --expansion 16 --k 32 --tokens 2000000 "
-               "--data my_texts/ --out runs/my-transcoders")
+        epilog="examples:\n  python train_transcoder.py --layer 6 8 --arch topk --expansion 16 --k 32 "
+               "--tokens 2000000 --data my_texts/ --out runs/my-transcoders\n"
+               "  python train_transcoder.py --load runs/transcoder-smollm2-L6 --prompt 'The function returns' "
+               "--target '6:123@-1'")
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id such as 'gpt2', a "
                    "local Hugging Face directory or a .gguf file (default: smollm2)")
     p.add_argument("--layer", type=int, nargs="+", default=[DEFAULT_LAYER], help="layer(s) whose MLP to replace, "
@@ -68,7 +74,36 @@ def parse_args(argv):
                    "activations (default: bfloat16 on CUDA, float32 on CPU); transcoder weights stay float32")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and the held-out split "
                    "(default: 0)")
-    return p.parse_args(argv)
+    a = p.add_argument_group("dashboards and circuits", "run after training, or instead of it on --load / "
+                             "--import-released transcoders")
+    a.add_argument("--load", nargs="+", metavar="DIR", help="skip training; use transcoders saved by this script "
+                   "(directories with cfg.json, or holding layer_L/ subdirectories)")
+    a.add_argument("--import-released", nargs="+", metavar="FILE", help="skip training; use released GPT-2 "
+                   "transcoders (pchlenski/gpt2-transcoders .pt files, read without running any code from them), "
+                   "with --model gpt2")
+    a.add_argument("--dash-features", type=int, default=1000, metavar="N", help="features in the HTML dashboard "
+                   "written to --out, a seeded random sample of the live ones; 0 skips the dashboard (default: 1000)")
+    a.add_argument("--features", type=int, nargs="+", metavar="ID", help="show these features in the dashboard "
+                   "instead of a sample")
+    a.add_argument("--dash-tokens", type=int, default=16384, metavar="N", help="held-out tokens scanned for the "
+                   "dashboard (default: 16384)")
+    a.add_argument("--prompt", metavar="TEXT", help="explain a target on this text (BOS prepended when the model "
+                   "has one): print the top computational paths as a tree, write circuit.json and circuit.html "
+                   "to --out")
+    a.add_argument("--target", metavar="SPEC", help="what --prompt explains: 'L:F@T' is feature F of the layer-L "
+                   "transcoder at token T (T defaults to the last; negative counts from the end), \"logit: ' 40' - "
+                   "' 20'\" a logit difference at the last token (default: the most active feature of the deepest "
+                   "transcoder at the last token). MLPs without a transcoder are kept whole, as error terms")
+    a.add_argument("--rounds", type=int, default=3, metavar="N", help="rounds of the path search = path length "
+                   "(default: 3)")
+    a.add_argument("--branches", type=int, default=5, metavar="N", help="terms followed per path and paths kept per "
+                   "round (default: 5)")
+    args = p.parse_args(argv)
+    if args.target and not args.prompt:
+        p.error("--target needs --prompt, the text to explain it on")
+    if min(args.rounds, args.branches) < 1:
+        p.error("--rounds and --branches must be at least 1")
+    return args
 
 
 def main(argv=None):
@@ -96,8 +131,11 @@ def run(args):
     lr = args.lr or (4e-3 * (9216 / d_sae) ** 0.5 if args.arch == "topk" else 4e-4)
     tokenizer = model.tokenizer
     bos = tokenizer.bos_id if tokenizer is not None else None
-    train_rows, eval_rows = load_dataset(args.data, tokenizer, args.ctx, seed=args.seed, bos=bos is not None)
-    eval_rows = eval_rows[:max(1, args.eval_tokens // args.ctx)]
+    train_rows, held_out = load_dataset(args.data, tokenizer, args.ctx, seed=args.seed, bos=bos is not None)
+    eval_rows = held_out[:max(1, args.eval_tokens // args.ctx)]
+    if args.load or args.import_released:       # no training: dashboards and circuits of existing transcoders
+        return analyze(args, model, _load_transcoders(args, model.embed.weight.device), held_out,
+                       args.out or os.path.join("runs", f"circuits-{name}"), say)
     say(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; data: "
         f"{len(train_rows):,} training rows ({train_rows.numel():,} tokens), {len(eval_rows)} held-out rows; "
         f"{args.arch} transcoder(s) for layer(s) {args.layer}, d_sae {d_sae}, on {model.embed.weight.device}")
@@ -120,6 +158,51 @@ def run(args):
     atomic_write(os.path.join(out, "metrics.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     say(f"trained {summary['tokens']:,} tokens in {summary['seconds']:.0f} s ({summary['tok_per_s']:,} tok/s end to "
         f"end, harvesting included); wrote {out}/ (cfg.json, transcoder.safetensors, metrics.json)")
+    analyze(args, model, transcoders, held_out, out, say)
+
+
+def analyze(args, model, transcoders, held_out, out, say):
+    """The feature dashboards of each transcoder on held-out text, and the circuit behind --target on --prompt."""
+    tokenizer = model.tokenizer
+    bos = tokenizer.bos_id if tokenizer is not None else None
+    token_str = tokenizer.token_str if tokenizer is not None else str
+    os.makedirs(out, exist_ok=True)
+    if args.dash_features or args.features:
+        rows = held_out[:max(1, args.dash_tokens // held_out.shape[1])]
+        for layer, tc in sorted(transcoders.items()):
+            say(f"dashboards: layer {layer} transcoder on {rows.numel():,} held-out tokens ...")
+            data = collect_dashboards(model, tc, rows, features=args.features, max_features=args.dash_features,
+                                      bos_id=bos, seed=args.seed, log=say)
+            path = os.path.join(out, "dashboards.html" if len(transcoders) == 1 else f"dashboards-L{layer}.html")
+            write_text(path, dashboards_html(data, token_str, f"Layer {layer} transcoder features of {args.model}"))
+            say(f"wrote {path}: {len(data['features']):,} features ({data['live']:,} of {tc.cfg.d_sae:,} fired)")
+    if args.prompt is None:
+        return
+    if tokenizer is None:
+        raise MinisvError("--prompt needs a model with a tokenizer")
+    circuit = Circuit(model, transcoders, tokenizer.encode(args.prompt, bos=bos is not None))
+    root = circuit.target(args.target)
+    missing = [l for l in range(model.cfg.n_layers) if l not in transcoders]
+    say(f"circuit of {root.label} = {root.value:+.4f} on {len(circuit.tokens)} tokens" +
+        (f"; MLPs {missing} have no transcoder and stay whole, as error terms" if missing else ""))
+    paths = circuit.top_paths(root, rounds=args.rounds, branches=args.branches)
+    data, tree = circuit.to_json(root, paths), format_tree(paths)
+    say("direct terms by kind: " + ", ".join(f"{k} {v:+.3f}" for k, v in data["direct"].items()))
+    say(tree)
+    write_text(os.path.join(out, "circuit.json"), json.dumps(data, indent=1) + "\n")
+    write_text(os.path.join(out, "circuit.html"), circuit_html(data, tree, f"Circuit of {root.label}"))
+    say(f"wrote {out}/circuit.json and circuit.html")
+
+
+def _load_transcoders(args, device):
+    """{layer: Transcoder} from --load directories (or their layer_L/ subdirectories) and --import-released files."""
+    found = [Transcoder.load(d, device) for path in args.load or []
+             for d in sorted(glob.glob(os.path.join(path, "layer_*"))) or [path]]
+    found += [import_released(f).to(device) for f in args.import_released or []]
+    layers = [tc.cfg.layer for tc in found]
+    if len(set(layers)) < len(layers):
+        raise MinisvError(f"several transcoders for one layer (layers {layers}); give one per layer")
+    return dict(zip(layers, found))
 
 
 def _setup_distributed(device):
