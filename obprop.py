@@ -20,7 +20,7 @@ import torch
 import minisv
 from minisv import obprop as ob
 from minisv.errors import MinisvError
-from minisv.report import write_text
+from minisv.atomic import write_text
 
 EPILOG = """examples:
   python obprop.py                                   # the gendered-pronoun study on SmolLM2 (offline)

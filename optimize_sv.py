@@ -10,10 +10,10 @@ import html
 import os
 import re
 import sys
-import tempfile
 import time
 
 import minisv
+from minisv.atomic import write_text
 from minisv.errors import MinisvError
 from minisv.steering import (Datapoint, compare_generations, completion_logprob, optimize_vector, residual_norm,
                              save_vector, steer, success_rate)
@@ -181,10 +181,7 @@ th {{ background: #eee; }} code {{ background: #f4f4f4; }} .hit {{ background: #
 <table><tr><th>prompt</th>{''.join(f'<th>{e(name)}</th>' for name, _ in columns)}<th>log p(promote) unsteered → +v</th></tr>
 {chr(10).join(rows)}</table></body></html>
 """
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, path)
+    write_text(path, page)
 
 
 if __name__ == "__main__":

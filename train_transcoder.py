@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,9 +26,10 @@ from minisv.circuits import Circuit, format_tree
 from minisv.data import load_dataset
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
-from minisv.report import circuit_html, collect_dashboards, dashboards_html, write_text
+from minisv.atomic import write_text
+from minisv.report import circuit_html, collect_dashboards, dashboards_html
 from minisv.training import TrainConfig, train
-from minisv.transcoder import Transcoder, atomic_write, import_released
+from minisv.transcoder import Transcoder, import_released
 
 DEFAULT_LAYER = 6
 
@@ -155,7 +155,7 @@ def run(args):
     _print_table(metrics, args.layer)
     report = {"model": args.model, "layers": args.layer, "train_config": dataclasses.asdict(cfg), "train": summary,
               "eval": metrics, "seconds_total": round(time.time() - started, 1)}
-    atomic_write(os.path.join(out, "metrics.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     say(f"trained {summary['tokens']:,} tokens in {summary['seconds']:.0f} s ({summary['tok_per_s']:,} tok/s end to "
         f"end, harvesting included); wrote {out}/ (cfg.json, transcoder.safetensors, metrics.json)")
     analyze(args, model, transcoders, held_out, out, say)

@@ -15,7 +15,6 @@ so thousands of features load instantly. Every token string is HTML-escaped in P
 """
 import html
 import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -24,15 +23,6 @@ from . import circuits
 from .errors import MinisvError
 
 BINS = 32
-
-
-def write_text(path, text):
-    """Write a file atomically: a temporary file in the same directory, then a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------- collecting dashboard data

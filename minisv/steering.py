@@ -17,7 +17,6 @@ Only the positions that predict completion tokens go through the final norm and 
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
+from .atomic import atomic_write
 from .errors import MinisvError
 
 EPS = 1e-6
@@ -324,16 +324,7 @@ def save_vector(path, vector, layer, model="", clamp=None, **metadata):
                 kind="additive" if clamp is None else "clamp", clamp=clamp, norm=vector.norm().item(),
                 minisv_version=__version__, **metadata)
     meta = {k: v if k in _TEXT_FIELDS else json.dumps(v) for k, v in meta.items() if v is not None}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"vector": vector.detach().float().cpu().contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file({"vector": vector.detach().float().cpu().contiguous()}, tmp, metadata=meta))
 
 
 def load_vector(path, device=None):

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .errors import MinisvError
-from .transcoder import Transcoder, TranscoderConfig, atomic_write, selected_preacts
+from .atomic import atomic_write
+from .transcoder import Transcoder, TranscoderConfig, selected_preacts
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -22,13 +22,13 @@ import os
 import pickle
 import types
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write, write_text
 from .errors import MinisvError
 
 WEIGHTS, CONFIG = "transcoder.safetensors", "cfg.json"
@@ -159,8 +159,7 @@ class Transcoder(nn.Module):
         os.makedirs(path, exist_ok=True)
         tensors = {n: p.detach().float().contiguous().cpu() for n, p in self.named_parameters()}
         atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        atomic_write(os.path.join(path, CONFIG),
-                     lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n"))
+        write_text(os.path.join(path, CONFIG), json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
 
     @classmethod
     def load(cls, path, device=None):
@@ -191,13 +190,6 @@ class Transcoder(nn.Module):
                 raise MinisvError(f"{source}: {name} has shape {list(tensors[name].shape)}, cfg says {list(p.shape)}")
             with torch.no_grad():
                 p.copy_(tensors[name])
-
-
-def atomic_write(path, write):
-    """Run write(tmp) for a temporary file next to `path`, then rename it into place: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------- released GPT-2 transcoders

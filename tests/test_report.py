@@ -12,7 +12,8 @@ import torch
 from minisv import MinisvError
 from minisv.circuits import Circuit, de_embed, feature_direction, format_tree, logit_effects
 from minisv.model import Model, ModelConfig
-from minisv.report import BINS, circuit_html, collect_dashboards, dashboards_html, write_text
+from minisv.atomic import write_text
+from minisv.report import BINS, circuit_html, collect_dashboards, dashboards_html
 from minisv.transcoder import Transcoder, TranscoderConfig
 from test_circuits import planted, released_file
 
