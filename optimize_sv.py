@@ -59,7 +59,7 @@ def parse_args(argv):
                    "(default: a refusal pattern for the default run, else the first --promote text literally)")
     p.add_argument("--scale", type=float, default=1.0, help="generate with ±scale·v (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per held-out prompt (default: 24)")
-    p.add_argument("--out", default="refusal_sv.safetensors", help="where to write the vector; the HTML report goes "
+    p.add_argument("--out", default="runs/refusal_sv.safetensors", help="where to write the vector; the HTML report goes "
                    "next to it with .html (default: %(default)s)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     return p.parse_args(argv)
