@@ -226,8 +226,11 @@ def _assign(cfg, tensors, tokenizer, device, dtype):
         if tuple(t.shape) != tuple(expected[name].shape):
             raise MinisvError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)} "
                               f"from the config")
+        t = t.to(device, dtype)
+        if t.data_ptr() % 64:   # numpy's buffers may be only 16-byte aligned; CPU matmuls on them run ~10% slower
+            t = t.clone()
         module, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module), leaf, nn.Parameter(t.to(device, dtype), requires_grad=False))
+        setattr(model.get_submodule(module), leaf, nn.Parameter(t, requires_grad=False))
         expected.pop(name)
     if expected:
         raise MinisvError(f"checkpoint is missing tensor {next(iter(expected))!r} ({len(expected)} missing in all)")

@@ -34,14 +34,18 @@ def timed_load(code):
     return float(out[-2]), float(out[-1])
 
 
-def best_time(fn, repeats):
-    fn()   # warm-up
-    times = []
+def best_times(fns, repeats):
+    """Best-of-`repeats` seconds for each function, measured in interleaved rounds so that drift in the
+    machine's speed (other load, thermal) hits all of them alike."""
+    for fn in fns:
+        fn()   # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [min(ts) for ts in times]
 
 
 def main():
@@ -65,9 +69,8 @@ def main():
     x = torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq))
     names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
     with torch.no_grad():
-        t_ref = best_time(lambda: ref(x), args.repeats)
-        t_ours = best_time(lambda: model(x), args.repeats)
-        t_cache = best_time(lambda: model.run_with_cache(x, names=names), args.repeats)
+        t_ref, t_ours, t_cache = best_times([lambda: ref(x), lambda: model(x),
+                                             lambda: model.run_with_cache(x, names=names)], args.repeats)
     tokens = args.batch * args.seq
     print(f"forward {args.batch}x{args.seq}: transformers {tokens / t_ref:8.0f} tok/s   minisv {tokens / t_ours:8.0f} "
           f"tok/s   ratio {t_ref / t_ours:.2f}x")
