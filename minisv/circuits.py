@@ -1,4 +1,4 @@
-"""Transcoder circuits (METHODS.md §2.5): why does a feature fire, or the model prefer one token, on this prompt?
+"""Transcoder circuits (`docs/methods.md` §2.5): why does a feature fire, or the model prefer one token, on a prompt?
 
 Freeze the prompt's attention patterns A and norm scales s, and let transcoders stand in for the MLPs. Then
 everything written into the residual stream is linear in an *earlier* residual or in a sparse feature
@@ -126,10 +126,8 @@ class Circuit:
             raise MinisvError(f"feature {index} does not exist; the layer-{layer} transcoder has features "
                               f"0..{tc.cfg.d_sae - 1}")
         t = self._token(token)
-        w = tc.W_enc[:, index]
-        value = float(self.xhat2[layer][t] @ w.double() + tc.b_enc[index].double())
-        return Node("feature", layer, t, value, self._feature_label(layer, t, index), index, t, w, 1.0,
-                    ("ln2", layer), float(tc.b_enc[index]))
+        value = float(self.xhat2[layer][t] @ tc.W_enc[:, index].double() + tc.b_enc[index].double())
+        return self._feature_node(layer, t, index, value=value, coef=1.0)
 
     @torch.no_grad()
     def logit(self, a, b=None, token=-1) -> Node:
@@ -143,8 +141,9 @@ class Circuit:
         read = u * ln.weight.double()                                     # logits = (γ ⊙ x̂ + β) · W_U
         const = float(ln.bias.double() @ u) if ln.bias is not None else 0.0
         name = repr(self._str(a)) + (f" - {self._str(b)!r}" if b is not None else "")
-        return Node("logit", self.cfg.n_layers, t, float(self.xhat_final[t] @ read) + const, f"logit {name} @{t}",
-                    a, t, read, 1.0, ("ln_final", self.cfg.n_layers), const)
+        return Node("logit", self.cfg.n_layers, t, value=float(self.xhat_final[t] @ read) + const,
+                    label=f"logit {name} @{t}", index=a, at=t, read=read, site=("ln_final", self.cfg.n_layers),
+                    const=const)
 
     def target(self, spec=None) -> Node:
         """Parse a target: "L:F@T" (feature F of the layer-L transcoder at token T, default the last; negative T
@@ -197,8 +196,9 @@ class Circuit:
             return [Node("error", l, t, float(self.error[l][t] @ y), f"mlp{l} @{t} (no transcoder)", at=t)]
         ids, acts = self.active[l][t]
         weights = tc.W_dec[ids].double() @ y               # input-invariant: what one unit of feature j adds to y
-        kids = [Node("feature", l, t, a * c, self._feature_label(l, t, j), j, t, tc.W_enc[:, j], c, ("ln2", l), c * b)
-                for j, a, c, b in zip(ids.tolist(), acts.tolist(), weights.tolist(), tc.b_enc[ids].tolist())]
+        # feature j's term is activation × weight, and it reads x̂2 along weight·W_enc[:, j] (see _feature_node)
+        kids = [self._feature_node(l, t, j, value=act * weight, coef=weight)
+                for j, act, weight in zip(ids.tolist(), acts.tolist(), weights.tolist())]
         if tc.W_skip is not None:
             w = tc.W_skip.double() @ y
             kids.append(Node("skip", l, t, float(self.xhat2[l][t] @ w), f"mlp{l} skip @{t}", at=t, read=w,
@@ -226,15 +226,17 @@ class Circuit:
         if block.ln1.bias is not None:
             bias += float((u @ block.ln1.bias.double()).sum())
         A_list, v_list, g_rows = A.tolist(), values.tolist(), g.unbind(0)
-        kids = [Node("head", l, t, v_list[h][s], f"attn{l}.{h} {t}←{s} {self.token_strs[s]!r}", h, s, g_rows[h],
-                     A_list[h][s], ("ln1", l)) for h in range(H) for s in range(t + 1)]
+        # head h at destination t, source s: reads the source's x̂1 along g[h], weighted by the frozen A[h, s]
+        kids = [Node("head", l, t, value=v_list[h][s], label=f"attn{l}.{h} {t}←{s} {self.token_strs[s]!r}",
+                     index=h, at=s, read=g_rows[h], coef=A_list[h][s], site=("ln1", l))
+                for h in range(H) for s in range(t + 1)]
         return kids + [Node("bias", l, t, bias, f"attn{l} biases @{t}", at=t)]
 
     # ------------------------------------------------------------------------- paths and graphs
     @torch.no_grad()
     def top_paths(self, root, rounds=3, branches=5, beam=None, absolute=False, skip_first=True) -> list:
-        """Beam search (METHODS §2.5.5): each round extends every kept path by the `branches` largest terms of its
-        last node, then keeps the `beam` (default: `branches`) best new paths overall, ranked by the last term's
+        """Beam search (`docs/methods.md` §2.5): each round extends every kept path by the `branches` largest terms of
+        its last node, then keeps the `beam` (default: `branches`) best new paths overall, ranked by the last term's
         contribution, which is the product of the edge factors along the path. Ranked by signed value (what pushes
         the target up, as in the reference code) unless absolute=True. skip_first: terms of heads reading
         the first token (the attention sink, nearly the same residual on every prompt) are not followed.
@@ -328,8 +330,13 @@ class Circuit:
                               f"give a token id")
         return ids[0]
 
-    def _feature_label(self, layer, t, index):
-        return f"mlp{layer} #{index} @{t} {self.token_strs[t]!r}"
+    def _feature_node(self, layer, t, index, value, coef):
+        """Feature `index` of the layer-`layer` transcoder at token t, as a term worth `value` to its parent: it
+        reads x̂2 at t along coef·W_enc[:, index], plus the constant coef·b_enc[index]."""
+        tc = self.transcoders[layer]
+        return Node("feature", layer, t, value=value, label=f"mlp{layer} #{index} @{t} {self.token_strs[t]!r}",
+                    index=index, at=t, read=tc.W_enc[:, index], coef=coef, site=("ln2", layer),
+                    const=coef * float(tc.b_enc[index]))
 
 
 def _check(model, layer, tc):
@@ -391,7 +398,7 @@ def format_tree(paths, digits=3) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------- input-invariant analysis (§2.5.7)
+# ------------------------------------------------------------------------- input-invariant analysis
 # Directions y in the residual stream, ignoring the prompt-dependent norm scale (a positive factor per token,
 # which changes no ranking). Each accepts a batch [..., D].
 @torch.no_grad()
