@@ -1,5 +1,5 @@
 """Observable propagation: find the heads and feature vectors behind a task from the weights alone, then check the
-predictions against path patching, a corpus and a low-data baseline (METHODS.md §3; minisv/obprop.py).
+predictions against path patching, a corpus and a low-data baseline (`docs/methods.md` §3; minisv/obprop.py).
 
 The default run is the paper's gendered-pronoun study on the packaged SmolLM2-135M-Instruct, offline: subject
 (' she' - ' he') and object (' her' - ' him') observables, each with its template filled with built-in female

@@ -1,4 +1,4 @@
-"""How good is a transcoder? Sparsity, reconstruction, and what splicing it into the model costs (METHODS §2.3).
+"""How good is a transcoder? Sparsity, reconstruction, and what splicing it in costs (`docs/methods.md` §2.3).
 
     L0          mean number of active latents per token
     FVU         Σ‖y − ŷ‖² / Σ‖y − ȳ‖²: the fraction of the *target's* variance left unexplained (the reference

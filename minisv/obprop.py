@@ -1,4 +1,4 @@
-"""Observable propagation (arXiv 2312.16291; METHODS.md §3): the feature vectors behind a task, from the weights.
+"""Observable propagation (arXiv 2312.16291; docs/methods.md §3): the feature vectors behind a task, from the weights.
 
 An *observable* is a linear functional on the logits, n·ℓ (e.g. ℓ[' she'] − ℓ[' he']). Along one computational
 path from an activation x to the logits, the model is linear or close to it, so the path's contribution to n·ℓ

@@ -1,4 +1,4 @@
-"""Self-contained HTML reports: transcoder feature dashboards and circuit graphs (METHODS.md §2.5).
+"""Self-contained HTML reports: transcoder feature dashboards and circuit graphs (`docs/methods.md` §2.6).
 
 A dashboard shows, per feature, what it reads and writes: its top-activating contexts with per-token
 highlighting, contexts sampled from quantile bands of its activation distribution (what it does at typical

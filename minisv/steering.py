@@ -1,4 +1,4 @@
-"""One-shot optimized steering vectors (arXiv 2502.18862; METHODS.md §1).
+"""One-shot optimized steering vectors (arXiv 2502.18862; `docs/methods.md` §1).
 
 A steering vector v [D] is added to the residual stream entering block `layer` (`blocks.{layer}.hook_resid_pre`)
 at every position, and found by gradient descent so that on ONE prompt the model says (promotion) or stops

@@ -1,6 +1,6 @@
 """Training transcoders: activation streaming, the two losses, and a resumable, data-parallel training loop.
 
-One step, for every trained layer L at once (METHODS.md §2.1-2.2):
+One step, for every trained layer L at once (`docs/methods.md` §2.1-2.2):
   1. activations: x = blocks.L.ln2.hook_normalized, y = blocks.L.hook_mlp_out, harvested by running the model
      only up to the deepest layer trained (`stop_at_layer`); one forward serves every layer;
   2. loss: TopK -> FVU + AuxK for dead latents; ReLU -> normalized MSE + L1 (+ ghost grads for dead latents);

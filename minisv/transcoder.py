@@ -1,4 +1,4 @@
-"""A transcoder: a wide, sparse MLP trained to imitate one MLP of a transformer (METHODS.md §2.1).
+"""A transcoder: a wide, sparse MLP trained to imitate one MLP of a transformer (`docs/methods.md` §2.1).
 
 It reads the MLP's input x (`blocks.L.ln2.hook_normalized`, the normalized residual before the norm's gain)
 and predicts the MLP's output y (`blocks.L.hook_mlp_out`) through d_sae latents of which only a few are active:
@@ -226,7 +226,7 @@ _restricted_pickle.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).
 
 
 def import_released(path, layer=None) -> Transcoder:
-    """Convert a released GPT-2 transcoder `.pt` (METHODS §2.4) to a minisv Transcoder, folding the input
+    """Convert a released GPT-2 transcoder `.pt` (`docs/methods.md` §2.4) to a minisv Transcoder, folding the input
     pre-bias into the encoder bias: ReLU((x − b_dec) W_enc + b_enc) = ReLU(x W_enc + (b_enc − b_dec W_enc))."""
     if not os.path.isfile(path):
         raise MinisvError(f"no such file: {path}")

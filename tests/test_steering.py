@@ -26,7 +26,7 @@ def _hf_decoder_layers(ref):
 
 def _reference_losses(ref, dp, layers, vector, clamp=None, coldness=0.7):
     """The straightforward way: for each completion a full transformers forward with v added by a forward
-    pre-hook at each layer's input, then the METHODS §1.2 losses token by token."""
+    pre-hook at each layer's input, then the `docs/methods.md` §1.2 losses token by token."""
     def add(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         if clamp is None:
