@@ -183,10 +183,10 @@ h1{font-size:1.4em}h2{font-size:1.1em;margin:1.2em 0 .4em}.meta{color:#666}
 .t{white-space:pre;font-family:ui-monospace,monospace;font-size:12.5px;padding:1px 0;border-radius:2px}
 .t.c{outline:1.5px solid #c60}.ctx{margin:2px 0;overflow-x:auto;white-space:nowrap}
 .chip{display:inline-block;margin:1px 3px;padding:0 4px;border-radius:3px;background:#eef;white-space:pre;
-  font:12px ui-monospace,monospace}
+  font:12px ui-monospace,monospace;max-width:20em;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom}
 .chip i{color:#777;font-style:normal;margin-left:4px}.neg{background:#fee}
 details.feat{border-top:1px solid #ddd;padding:4px 0}details.feat>summary{cursor:pointer}
-.card{display:grid;grid-template-columns:260px 1fr;gap:14px;margin:8px 0 8px 18px}
+.card{display:grid;grid-template-columns:260px minmax(0,1fr);gap:14px;margin:8px 0 8px 18px}
 .num{font-variant-numeric:tabular-nums}table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12.5px}
 """
@@ -202,7 +202,7 @@ function ctx(ex, max) {   // one context: tokens shaded by activation, the examp
   ).join('') + '</div>';
 }
 const chips = (pairs, cls) =>
-  pairs.map(([id, v]) => `<span class="chip ${cls}">${S[id]}<i>${fmt(v)}</i></span>`).join('');
+  pairs.map(([id, v]) => `<span class="chip ${cls}" title="${S[id]}">${S[id]}<i>${fmt(v)}</i></span>`).join('');
 function hist(f) {        // an inline SVG bar chart of the activation histogram over [0, hist_top)
   const top = Math.max(...f.hist, 1), w = 240, h = 70, bw = w / f.hist.length;
   const bars = f.hist.map((c, i) => `<rect x="${i * bw}" y="${h - h * c / top}" width="${bw - 1}" ` +
@@ -309,7 +309,7 @@ def _graph_svg(graph, tokens):
     x0, acc = {}, 20
     for c in columns:
         x0[c], acc = acc, acc + width[c]
-    top = len(level) * LEVEL_GAP + 20
+    top = (len(level) - 1) * LEVEL_GAP + 20                          # y of the top row (logits)
     pos = {}
     for (lv, col), ns in cells.items():
         for i, n in enumerate(ns):
@@ -344,9 +344,11 @@ def _graph_svg(graph, tokens):
                      ("" if small else f'<text x="{x + w / 2}" y="{y + 25}" font-size="10" text-anchor="middle" '
                                        f'fill="#555">{n["value"]:+.3f}</text>') +
                      f'<title>{html.escape(n["id"])}: {n["value"]:+.4f}</title></g>')
-    for c in columns:
+    for c in columns:      # token labels under their columns, cut to fit (the full token in a tooltip)
+        token = tokens[c] if 0 <= c < len(tokens) else ""
+        short = token if len(token) <= 16 else token[:15] + "…"
         parts.append(f'<text x="{x0[c] + width[c] / 2}" y="{top + NODE_H + 50}" font-size="11" text-anchor="middle">'
-                     f'{c}: {html.escape(tokens[c]) if 0 <= c < len(tokens) else ""}</text>')
+                     f'{c}: {html.escape(short)}<title>{c}: {html.escape(token)}</title></text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{acc + 20}" height="{top + NODE_H + 64}" '
             f'font-family="system-ui,sans-serif">{"".join(parts)}</svg>')
 
