@@ -49,7 +49,7 @@ def _default_corpus():
 
 
 def default_corpus() -> list[str]:
-    """Real English prose that every Python install carries, ~2.1 MB (~510K tokens), in a fixed order: the 79
+    """Real English prose that every Python install carries, ~2.1 MB (~500K tokens), in a fixed order: the 79
     language-reference topics behind `help()` (pydoc_data) and, per standard-library module, its docstrings
     (module, classes, functions) joined into one document; no paragraph occurs twice. Same Python version ->
     same corpus."""
