@@ -200,12 +200,14 @@ class Transcoder(nn.Module):
                               f"{raw.get('apply_b_dec_to_input')}, normalize_activations="
                               f"{raw.get('normalize_activations')!r} is not a transcoder minisv can run; it reads "
                               f"'transcoder', 'skip_transcoder' and 'topk' without input bias or normalization")
+        if arch == "topk" and not meta.get("hook_name_out"):
+            raise MinisvError(f"{path} is a SAELens TopK SAE (no metadata.hook_name_out), not a transcoder")
         if "W_skip" in tensors:
             tensors["W_skip"] = tensors["W_skip"].t()
         hook_in = meta.get("hook_name") or ""
         known = dict(model=meta.get("model_name") or "", hook_in=hook_in, hook_out=meta.get("hook_name_out") or "",
                      dataset=meta.get("dataset_path") or "", layer=_layer_of(hook_in))
-        return cls._from_layout(path, raw, tensors, "topk" if arch == "topk" else "relu", raw.get("k", 32),
+        return cls._from_layout(path, tensors, "topk" if arch == "topk" else "relu", raw.get("k", 32),
                                 known | (raw.get("minisv") or {}), device)
 
     @classmethod
@@ -217,12 +219,12 @@ class Transcoder(nn.Module):
             raise MinisvError(f"{path}: a sparsify coder with transcode={raw.get('transcode')}, activation="
                               f"{raw.get('activation')!r} is not a TopK transcoder (an SAE subtracts b_dec from its "
                               f"input); minisv reads transcode=true with activation 'topk'")
-        renamed = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_skip": "W_skip"}
+        renamed = {"encoder.weight": "W_enc", "encoder.bias": "b_enc"}
         tensors = {renamed.get(n, n): t.t() if n in ("encoder.weight", "W_skip") else t for n, t in tensors.items()}
-        return cls._from_layout(path, raw, tensors, "topk", raw.get("k", 32), raw.get("minisv") or {}, device)
+        return cls._from_layout(path, tensors, "topk", raw.get("k", 32), raw.get("minisv") or {}, device)
 
     @classmethod
-    def _from_layout(cls, path, raw, tensors, architecture, k, fields, device):
+    def _from_layout(cls, path, tensors, architecture, k, fields, device):
         """Build the transcoder whose sizes the tensors give, and load them (names and shapes checked)."""
         if not {"W_enc", "W_dec"} <= set(tensors):
             raise MinisvError(f"{path} holds tensors {sorted(tensors)}; a transcoder needs W_enc and W_dec")

@@ -124,3 +124,9 @@ def test_layouts_that_cannot_hold_a_transcoder_are_clear_errors(tmp_path):
     (tmp_path / "b" / "cfg.json").write_text(json.dumps(cfg | {"architecture": "jumprelu_transcoder"}))
     with pytest.raises(MinisvError, match="'jumprelu_transcoder'.* is not a transcoder minisv can run"):
         Transcoder.from_saelens(tmp_path / "b")
+    random_transcoder("topk", False).save(tmp_path / "c", format="saelens")
+    cfg = json.loads((tmp_path / "c" / "cfg.json").read_text())
+    del cfg["metadata"]["hook_name_out"]
+    (tmp_path / "c" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(MinisvError, match="a SAELens TopK SAE .*not a transcoder"):
+        Transcoder.from_saelens(tmp_path / "c")
