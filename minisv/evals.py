@@ -2,7 +2,9 @@
 
     L0          mean number of active latents per token
     FVU         Σ‖y − ŷ‖² / Σ‖y − ȳ‖²: the fraction of the *target's* variance left unexplained (the reference
-                code measured it against the input, which is meaningless for a transcoder)
+                code measured it against the input, which is meaningless for a transcoder). The target y is what
+                the transcoder was trained to predict: mlp_out, or for a target-centered transcoder (the released
+                GPT-2 ones) mlp_out minus its mean over d_model
     dead/dense  fractions of latents that never fire / fire on more than 10% of the evaluated tokens
     CE          next-token cross-entropy of the clean model, with the transcoder spliced in place of the MLP,
                 and with the MLP zero-ablated; CE score = (CE_zero − CE_spliced) / (CE_zero − CE_clean):
@@ -12,6 +14,9 @@
 Positions holding `bos_id` (if given) are left alone: transcoders are trained without them (the BOS residual is
 an outlier, an attention sink every later token reads), so they are neither spliced nor ablated there, and the
 reconstruction metrics skip them too.
+
+A target-centered transcoder is spliced in as it is: its output lacks mlp_out's mean over d_model, a multiple of
+the all-ones vector, which every later LayerNorm subtracts anyway (such transcoders are made for LayerNorm models).
 """
 import torch
 
@@ -96,6 +101,8 @@ class _Stats:
         if tc.W_skip is not None:
             y_hat = y_hat + x @ tc.W_skip
         y = y.double()
+        if tc.cfg.target_centered:
+            y = y - y.mean(-1, keepdim=True)
         self.n += len(y)
         self.fired += fired.double().cpu()
         self.err += float((y - y_hat.double()).pow(2).sum())

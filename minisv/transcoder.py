@@ -13,8 +13,9 @@ transcoder never needs the dense f: `encode_sparse` returns (values, indices) [N
 k rows of W_dec per token with `F.embedding_bag`, O(N·k·d_out) instead of O(N·d_sae·d_out).
 
 Files: a directory with `cfg.json` and `transcoder.safetensors` (W_enc [d_in, d_sae], b_enc [d_sae],
-W_dec [d_sae, d_out], b_dec [d_out], optional W_skip [d_in, d_out]); names follow SAELens. `import_released`
-converts the released GPT-2 transcoders (pickles) without running any code from the file.
+W_dec [d_sae, d_out], b_dec [d_out], optional W_skip [d_in, d_out]); names follow SAELens. `save(dir, format=...)`
+also writes the layouts SAELens and EleutherAI's sparsify load, and `from_saelens` / `from_sparsify` read them
+back. `import_released` converts the released GPT-2 transcoders (pickles) without running any code from the file.
 """
 import dataclasses
 import json
@@ -26,12 +27,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, write_text
 from .errors import MinisvError
 
 WEIGHTS, CONFIG = "transcoder.safetensors", "cfg.json"
+SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "sae_weights.safetensors", "sae.safetensors"
+EXPORT_FORMATS = ("minisv", "saelens", "sparsify")
+# what the other layouts have no field for, kept under a "minisv" key they ignore, so a round trip loses nothing
+_EXTRA_FIELDS = ("model", "layer", "hook_in", "hook_out", "input_convention", "target_centered", "dataset",
+                 "training_tokens")
 
 
 @dataclass
@@ -154,12 +161,79 @@ class Transcoder(nn.Module):
         return y + x @ self.W_skip if self.W_skip is not None else y
 
     # ---------------------------------------------------------------- files
-    def save(self, path):
-        """Write cfg.json and transcoder.safetensors into the directory `path` (each file atomically)."""
-        os.makedirs(path, exist_ok=True)
+    def save(self, path, format="minisv"):
+        """Write cfg.json and the weights into the directory `path` (each file atomically), in one of three layouts:
+
+            "minisv"    transcoder.safetensors as described at the top of this file; `Transcoder.load` reads it
+            "saelens"   SAELens ≥ 6 (`SAE.load_from_disk`): sae_weights.safetensors with W_enc, b_enc, W_dec, b_dec
+                        as here; ReLU -> architecture "transcoder", with a skip path "skip_transcoder" (W_skip stored
+                        [d_out, d_in]). SAELens has no TopK transcoder: TopK is written as its "topk" SAE with
+                        apply_b_dec_to_input false, whose forward is exactly this map (needs d_in = d_out, no skip)
+            "sparsify"  EleutherAI sparsify (`SparseCoder.load_from_disk`): sae.safetensors with encoder.weight
+                        [d_sae, d_in] (= W_encᵀ), encoder.bias, W_dec, b_dec, W_skip [d_out, d_in]; transcode=true.
+                        TopK only (sparsify has no ReLU coder), d_in = d_out
+
+        Every layout keeps this transcoder's input convention: x is the MLP input *before the norm's gain*
+        (hook_in; TransformerLens's hook_normalized with fold_ln, which the SAELens metadata asks for), not the
+        gained input sparsify's own transcoders read at `layers.L.mlp`."""
+        if format not in EXPORT_FORMATS:
+            raise MinisvError(f"unknown transcoder format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
         tensors = {n: p.detach().float().contiguous().cpu() for n, p in self.named_parameters()}
-        atomic_write(os.path.join(path, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        write_text(os.path.join(path, CONFIG), json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+        if format == "minisv":
+            weights, config = WEIGHTS, dataclasses.asdict(self.cfg)
+        else:
+            weights, tensors, config = (_saelens_layout if format == "saelens" else _sparsify_layout)(self.cfg, tensors)
+            config["minisv"] = {f: getattr(self.cfg, f) for f in _EXTRA_FIELDS}
+        os.makedirs(path, exist_ok=True)
+        atomic_write(os.path.join(path, weights), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        write_text(os.path.join(path, CONFIG), json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_saelens(cls, path, device=None):
+        """A transcoder from a SAELens directory (cfg.json + sae_weights.safetensors): architecture "transcoder",
+        "skip_transcoder" or, written by `save(format="saelens")`, "topk"."""
+        raw, tensors = _read_layout(path, SAELENS_WEIGHTS)
+        arch, meta = raw.get("architecture"), raw.get("metadata") or {}
+        if arch not in ("transcoder", "skip_transcoder", "topk") or raw.get("apply_b_dec_to_input") \
+                or raw.get("normalize_activations", "none") != "none" or raw.get("rescale_acts_by_decoder_norm"):
+            raise MinisvError(f"{path}: SAELens architecture {arch!r} with apply_b_dec_to_input="
+                              f"{raw.get('apply_b_dec_to_input')}, normalize_activations="
+                              f"{raw.get('normalize_activations')!r} is not a transcoder minisv can run; it reads "
+                              f"'transcoder', 'skip_transcoder' and 'topk' without input bias or normalization")
+        if arch == "topk" and not meta.get("hook_name_out"):
+            raise MinisvError(f"{path} is a SAELens TopK SAE (no metadata.hook_name_out), not a transcoder")
+        if "W_skip" in tensors:
+            tensors["W_skip"] = tensors["W_skip"].t()
+        hook_in = meta.get("hook_name") or ""
+        known = dict(model=meta.get("model_name") or "", hook_in=hook_in, hook_out=meta.get("hook_name_out") or "",
+                     dataset=meta.get("dataset_path") or "", layer=_layer_of(hook_in))
+        return cls._from_layout(path, tensors, "topk" if arch == "topk" else "relu", raw.get("k", 32),
+                                known | (raw.get("minisv") or {}), device)
+
+    @classmethod
+    def from_sparsify(cls, path, device=None):
+        """A transcoder from an EleutherAI sparsify directory (cfg.json + sae.safetensors) with transcode=true and
+        the topk activation."""
+        raw, tensors = _read_layout(path, SPARSIFY_WEIGHTS)
+        if not raw.get("transcode") or raw.get("activation", "topk") != "topk":
+            raise MinisvError(f"{path}: a sparsify coder with transcode={raw.get('transcode')}, activation="
+                              f"{raw.get('activation')!r} is not a TopK transcoder (an SAE subtracts b_dec from its "
+                              f"input); minisv reads transcode=true with activation 'topk'")
+        renamed = {"encoder.weight": "W_enc", "encoder.bias": "b_enc"}
+        tensors = {renamed.get(n, n): t.t() if n in ("encoder.weight", "W_skip") else t for n, t in tensors.items()}
+        return cls._from_layout(path, tensors, "topk", raw.get("k", 32), raw.get("minisv") or {}, device)
+
+    @classmethod
+    def _from_layout(cls, path, tensors, architecture, k, fields, device):
+        """Build the transcoder whose sizes the tensors give, and load them (names and shapes checked)."""
+        if not {"W_enc", "W_dec"} <= set(tensors):
+            raise MinisvError(f"{path} holds tensors {sorted(tensors)}; a transcoder needs W_enc and W_dec")
+        (d_in, d_sae), d_out = tensors["W_enc"].shape, tensors["W_dec"].shape[-1]
+        cfg = TranscoderConfig(d_in, d_out, d_sae, architecture, k, "W_skip" in tensors,
+                               **{f: v for f, v in fields.items() if f in _EXTRA_FIELDS})
+        tc = cls(cfg)
+        tc.load_tensors(tensors, path)
+        return tc.to(device) if device is not None else tc
 
     @classmethod
     def load(cls, path, device=None):
@@ -190,6 +264,68 @@ class Transcoder(nn.Module):
                 raise MinisvError(f"{source}: {name} has shape {list(tensors[name].shape)}, cfg says {list(p.shape)}")
             with torch.no_grad():
                 p.copy_(tensors[name])
+
+
+# ------------------------------------------------------------------------- other tools' layouts
+def _saelens_layout(cfg, tensors):
+    """(weights file, tensors, cfg.json dict) as SAELens 6 writes them."""
+    if cfg.architecture == "topk" and (cfg.skip or cfg.d_in != cfg.d_out):
+        raise MinisvError("SAELens has no TopK transcoder class; a TopK transcoder exports as its 'topk' SAE, which "
+                          f"needs d_in = d_out and no skip path (this one: d_in {cfg.d_in}, d_out {cfg.d_out}, "
+                          f"skip {cfg.skip}); use format='sparsify' or 'minisv'")
+    if cfg.skip:
+        tensors["W_skip"] = tensors["W_skip"].t().contiguous()          # SAELens: x @ W_skipᵀ, W_skip [d_out, d_in]
+    config = {"architecture": "topk" if cfg.architecture == "topk" else "skip_transcoder" if cfg.skip else "transcoder",
+              "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
+              "normalize_activations": "none", "reshape_activations": "none",
+              "metadata": {"sae_lens_version": "6.0.0", "model_name": cfg.model, "hook_name": cfg.hook_in,
+                           "hook_name_out": cfg.hook_out, "dataset_path": cfg.dataset, "prepend_bos": True,
+                           # TransformerLens: fold_ln makes hook_normalized the pre-gain input; centred writing
+                           # weights make hook_mlp_out mean-free, the target of a target-centered transcoder
+                           "model_from_pretrained_kwargs": {"fold_ln": True,
+                                                            "center_writing_weights": cfg.target_centered}}}
+    if cfg.architecture == "topk":
+        config |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+    else:
+        config["d_out"] = cfg.d_out
+    return SAELENS_WEIGHTS, tensors, config
+
+
+def _sparsify_layout(cfg, tensors):
+    """(weights file, tensors, cfg.json dict) as sparsify's SparseCoder.save_to_disk writes them."""
+    if cfg.architecture != "topk" or cfg.d_in != cfg.d_out:
+        raise MinisvError(f"sparsify runs only TopK coders with equal input and output sizes (this one: "
+                          f"{cfg.architecture}, d_in {cfg.d_in}, d_out {cfg.d_out}); use format='saelens' or 'minisv'")
+    out = {"encoder.weight": tensors["W_enc"].t().contiguous(), "encoder.bias": tensors["b_enc"],
+           "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+    if cfg.skip:
+        out["W_skip"] = tensors["W_skip"].t().contiguous()              # sparsify: x @ W_skipᵀ
+    config = {"activation": "topk", "expansion_factor": max(1, cfg.d_sae // cfg.d_in), "normalize_decoder": False,
+              "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": cfg.skip,
+              "transcode": True, "d_in": cfg.d_in}
+    return SPARSIFY_WEIGHTS, out, config
+
+
+def _read_layout(path, weights):
+    """(cfg.json as a dict, {name: tensor}) of an exported transcoder directory."""
+    path = str(path)
+    if not os.path.isfile(os.path.join(path, CONFIG)) or not os.path.isfile(os.path.join(path, weights)):
+        raise MinisvError(f"{path} is not a transcoder directory of this layout (needs {CONFIG} and {weights})")
+    try:
+        with open(os.path.join(path, CONFIG)) as f:
+            raw = json.load(f)
+        tensors = load_file(os.path.join(path, weights))
+    except (ValueError, OSError, SafetensorError) as e:                 # (JSONDecodeError is a ValueError)
+        raise MinisvError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise MinisvError(f"{path}/{CONFIG} is not a JSON object")
+    return raw, {n: t.float() for n, t in tensors.items()}
+
+
+def _layer_of(hook):
+    """5 for "blocks.5.ln2.hook_normalized"; 0 when the name says nothing."""
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else 0
 
 
 # ------------------------------------------------------------------------- released GPT-2 transcoders

@@ -201,6 +201,37 @@ def test_beam_search_finds_the_planted_path():
     assert int(effects.argmax()) == 7 and int(effects.argmin()) == 8
 
 
+def test_de_embed_through_each_head_of_a_grouped_query_model(tmp_path):
+    """Llama with 4 query heads sharing 2 key-value heads: head h reads values of group h // 2. Oracle: transformers
+    itself, on one-token sequences (each head attends only to that token), head h's share of the attention output
+    (its slice of o_proj), times the RMS the norm divided by, along y."""
+    import transformers as tf
+    from conftest import tiny_config
+    torch.manual_seed(0)
+    ref = tf.AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(1.0, 0.1) if p.dim() == 1 else p.normal_(0, 0.2)
+    ref.save_pretrained(tmp_path)
+    model = minisv.load(str(tmp_path), device="cpu")
+    H, K, E = ref.config.num_attention_heads, ref.config.num_key_value_heads, ref.config.head_dim
+    assert (H, K) == (4, 2)
+    seen = {}
+    attn = ref.model.layers[0].self_attn
+    hooks = [ref.model.layers[0].input_layernorm.register_forward_pre_hook(lambda m, a: seen.update(e=a[0][:, 0])),
+             attn.o_proj.register_forward_pre_hook(lambda m, a: seen.update(z=a[0][:, 0]))]
+    with torch.no_grad():
+        ref(torch.arange(ref.config.vocab_size)[:, None])
+    for h in hooks:
+        h.remove()
+    rms = (seen["e"].pow(2).mean(-1, keepdim=True) + ref.config.rms_norm_eps).sqrt()         # [vocab, 1]
+    y = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    for head in range(H):
+        out = seen["z"][:, head * E:(head + 1) * E] @ attn.o_proj.weight[:, head * E:(head + 1) * E].t()
+        torch.testing.assert_close(de_embed(model, y, head=head), (out * rms).detach() @ y, rtol=1e-4, atol=1e-5,
+                                   msg=f"head {head}")
+
+
 # ------------------------------------------------------------------------- bad input
 def test_bad_targets_and_transcoders_are_clear_errors(setup):
     family, model, tcs, tokens = setup

@@ -1,11 +1,13 @@
 """minisv.data: text sources, packing into BOS-led rows, token files, the held-out split, the default corpus."""
+import collections
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from minisv.data import (default_corpus, load_dataset, load_tokens, read_texts, split_documents, token_rows)
+from minisv.data import (default_corpus, eval_sample, load_dataset, load_tokens, paragraphs, read_texts, split_documents,
+                         token_rows)
 from minisv.errors import MinisvError
 
 
@@ -25,6 +27,23 @@ def test_read_texts_file_folder_jsonl(tmp_path):
     (tmp_path / "ignored.csv").write_text("x")
     assert read_texts(tmp_path / "a.txt") == ["first"]
     assert read_texts(tmp_path) == ["first", "second", "third", "fourth"]   # sorted by path, recursive
+    (tmp_path / "b" / "c.md").write_text("one\nstill one\n\n  \ntwo\r\n\r\nthree\n")
+    assert read_texts(tmp_path / "b" / "c.md") == ["one\nstill one", "two", "three"]   # one file: its paragraphs
+    assert read_texts(tmp_path)[1] == "one\nstill one\n\n  \ntwo\n\nthree\n"              # in a folder: one document
+
+
+def test_one_text_file_is_a_dataset_of_its_paragraphs(tmp_path):
+    """A single .txt gives documents split at blank lines (it used to be one document, which nothing could be held
+    out of); whole paragraphs are held out."""
+    text = "\n\n".join(f"paragraph {i}: " + "word " * 20 for i in range(40))
+    (tmp_path / "book.txt").write_text(text)
+    train, held = load_dataset(tmp_path / "book.txt", ByteTokenizer(), ctx=16, held_out=0.1)
+    decode = lambda rows: bytes(t - 2 for t in rows[:, 1:].flatten().tolist() if t >= 2).decode()
+    held_names = {f"paragraph {i}:" for i in range(40) if f"paragraph {i}:" in decode(held)}
+    assert len(held_names) >= 3 and not any(name in decode(train) for name in held_names)
+    (tmp_path / "one.txt").write_text("just one paragraph\nof two lines")
+    with pytest.raises(MinisvError, match="blank lines between paragraphs"):
+        load_dataset(tmp_path / "one.txt", ByteTokenizer(), ctx=4)
 
 
 @pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"), ('{"body": "x"}', "no string field 'text'")])
@@ -82,8 +101,16 @@ def test_split_documents_is_deterministic_and_disjoint():
     assert train == [d for d in docs if d in set(train)]                  # original order kept
     assert split_documents(docs, held_out=0.1, seed=4)[1] != held
     assert len(split_documents(docs[:3], held_out=0.01)[1]) == 1          # at least one held out
-    with pytest.raises(MinisvError, match="at least 2 documents"):
+    with pytest.raises(MinisvError, match="at least 2 distinct documents"):
         split_documents(docs[:1])
+
+
+def test_split_drops_exact_duplicates_before_choosing():
+    """A document that occurs twice must not end up held out *and* in training."""
+    docs = [f"document {i % 30}" + " " * (i % 2) for i in range(60)]           # each twice (once with a space)
+    for seed in range(5):
+        train, held = split_documents(docs, held_out=0.3, seed=seed)
+        assert len(train) + len(held) == 30 and not set(train) & set(held)
 
 
 def test_default_corpus_is_real_english_and_stable():
@@ -91,6 +118,41 @@ def test_default_corpus_is_real_english_and_stable():
     assert docs == default_corpus() and len(docs) > 300
     text = " ".join(docs)
     assert len(text) > 1_000_000 and text.count(" the ") > 10_000
+
+
+def test_no_held_out_paragraph_of_the_default_corpus_is_in_training():
+    """The standard library repeats docstrings (whole documents and ~1,600 paragraphs); each paragraph is kept only
+    where it first occurs, so no held-out paragraph appears verbatim in training."""
+    docs = default_corpus()
+    count = collections.Counter(p for d in docs for p in paragraphs(d))
+    assert max(count.values()) == 1
+    train, held = split_documents(docs)
+    assert len(held) > 20 and not {p for d in held for p in paragraphs(d)} & {p for d in train for p in paragraphs(d)}
+
+
+def test_eval_sample_spreads_over_all_held_out_documents():
+    """Evaluation rows are drawn at random from all held-out rows (the first rows are the first few documents),
+    and the sample says on how many documents and tokens it rests, counted here by decoding."""
+    tok = ByteTokenizer()
+    docs = [" ".join(f"d{i}w{j}" for j in range(2 + i // 3)) for i in range(30)]      # every row is different
+    rows = token_rows(tok, docs, ctx=16)
+    sample, info = eval_sample(rows, n_tokens=16 * 10, bos_id=tok.bos_id, seed=0)
+    assert sample.shape == (10, 16) and len(rows) > 50
+    # the document of every text byte, from the documents themselves (each is followed by one BOS)
+    owner = torch.cat([torch.full((len(tok.encode(d)) + 1,), i) for i, d in enumerate(docs)])
+    owner = owner[:rows[:, 1:].numel()].view(len(rows), 15)
+    text = rows[:, 1:] != tok.bos_id
+    chosen = [i for i in range(len(rows)) if any(torch.equal(rows[i], s) for s in sample)]
+    assert len(chosen) == 10 and torch.equal(rows[chosen], sample)                  # whole rows, in order
+    assert info["documents"] == len(set(owner[chosen][text[chosen]].tolist()))
+    assert info["held_out_documents"] == len(set(owner[text].tolist())) and info["held_out_rows"] == len(rows)
+    assert info["tokens"] == 160 and info["held_out_tokens"] == rows.numel()
+    first = set(owner[:10][text[:10]].tolist())
+    assert info["documents"] > len(first) and max(chosen) > 20                      # not just the first rows
+    assert eval_sample(rows, 16 * 10, tok.bos_id, seed=0)[0].equal(sample)           # seeded
+    assert not eval_sample(rows, 16 * 10, tok.bos_id, seed=1)[0].equal(sample)
+    everything, info = eval_sample(rows, 10 ** 6, bos_id=None)
+    assert everything.equal(rows) and info["documents"] is None
 
 
 def test_load_dataset_holds_out_whole_documents(tmp_path):

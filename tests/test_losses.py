@@ -1,0 +1,77 @@
+"""The training losses against their hand-written formulas, on targets with a large mean (where mean-centring,
+norms and signs all show): TopK FVU + AuxK, and the paper's ReLU loss."""
+import pytest
+import torch
+
+from minisv.training import relu_loss, topk_loss
+from minisv.transcoder import Transcoder, TranscoderConfig
+
+
+def setup(arch, n=64, d_in=16, d_out=12, d_sae=48, k=5, seed=0):
+    """A random transcoder and a batch whose targets have mean 4 per dimension and std ≈ 1."""
+    torch.manual_seed(seed)
+    tc = Transcoder(TranscoderConfig(d_in, d_out, d_sae, arch, k))
+    with torch.no_grad():
+        tc.W_dec.normal_(0, 0.3)
+        tc.b_dec.fill_(3.0)
+    x, y = torch.randn(n, d_in), 4.0 + torch.randn(n, d_out)
+    return tc, x, y
+
+
+@torch.no_grad()
+def dense(tc, x, k):
+    """Pre-activations, the TopK code f and ŷ = f W_dec + b_dec, with plain dense torch."""
+    pre = x @ tc.W_enc + tc.b_enc
+    top = pre.topk(k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    return pre, f, f @ tc.W_dec + tc.b_dec
+
+
+def fvu(target, prediction):
+    return (target - prediction).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+
+
+def test_topk_loss_is_the_fvu_of_the_batch():
+    tc, x, y = setup("topk")
+    loss, stats = topk_loss(tc, x, y, torch.zeros(48, dtype=torch.bool), k_aux=6, aux_coef=0.5)
+    _, f, y_hat = dense(tc, x, 5)
+    expected = fvu(y, y_hat)
+    assert 0.1 < float(expected) < 10                        # against Σ‖y‖² it would be ~17× smaller
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats["fvu"], expected, rtol=1e-5, atol=0)
+    assert float(stats["l0"]) == pytest.approx(float((f > 0).sum(-1).float().mean()))
+
+
+@pytest.mark.parametrize("n_dead", [3, 30])
+def test_auxk_fits_the_error_with_the_most_active_dead_latents(n_dead):
+    """AuxK = min(n_dead / k_aux, 1) · Σ‖ê − e‖² / Σ‖e − ē‖², with e = y − ŷ (the error the live latents leave) and
+    ê the decoder rows (no b_dec) of the k_aux largest dead pre-activations, ReLU'd."""
+    tc, x, y = setup("topk")
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[torch.randperm(48, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    with torch.no_grad():
+        tc.W_dec[dead] *= 10                                 # an ê as large as e: AuxK weighs in the loss
+    k_aux, coef = 6, 0.5
+    loss, _ = topk_loss(tc, x, y, dead, k_aux=k_aux, aux_coef=coef)
+    pre, _, y_hat = dense(tc, x, 5)
+    e = (y - y_hat).detach()
+    top = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+    e_hat = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()) @ tc.W_dec.detach()
+    expected = fvu(y, y_hat) + coef * min(n_dead / k_aux, 1.0) * fvu(e, e_hat)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    flipped = fvu(y, y_hat) + coef * min(n_dead / k_aux, 1.0) * fvu(-e, e_hat)
+    assert abs(float(flipped - expected)) > 0.05 * float(expected)      # the sign of e matters on this batch
+
+
+def test_relu_loss_is_the_papers_normalized_mse_plus_l1():
+    """mean over tokens and dimensions of (ŷ − y)² / ‖y‖ (the norm, not its square) + l1 · mean_tokens Σ_j f_j."""
+    tc, x, y = setup("relu")
+    l1 = 3e-3
+    loss, stats = relu_loss(tc, x, y, torch.zeros(48, dtype=torch.bool), l1)
+    with torch.no_grad():
+        f = (x @ tc.W_enc + tc.b_enc).relu()
+        y_hat = f @ tc.W_dec + tc.b_dec
+    mse = ((y_hat - y).pow(2) / y.norm(dim=-1, keepdim=True)).mean()
+    torch.testing.assert_close(loss.detach(), mse + l1 * f.sum(-1).mean(), rtol=1e-5, atol=0)
+    assert y.norm(dim=-1).min() > 10                         # ‖y‖ and ‖y‖² differ by more than 10×
+    torch.testing.assert_close(stats["fvu"], fvu(y, y_hat), rtol=1e-5, atol=0)
