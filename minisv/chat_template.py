@@ -136,11 +136,11 @@ def render_chat(template: str, user: str, system: str | None, bos: str, name: st
             default = (re.fullmatch(rf"<\|im_start\|>system{re.escape(sep)}(.*)<\|im_end\|>{end}", t, re.S)
                        for t in literals)
             system = next((m[1] for m in default if m), None)
-        # the assistant opener: the template's last one (QwQ's opens the thinking: "...assistant\n<think>\n")
+        # The assistant opener as the template writes it (QwQ's opens the thinking: "...assistant\n<think>\n").
         # A template without one gets the standard opener, as chat() promises (transformers would write none).
-        opener = [t for t in literals if t.startswith(f"<|im_start|>assistant{sep}")][-1:] or [f"<|im_start|>assistant{sep}"]
+        opener = next((t for t in literals if t.startswith(f"<|im_start|>assistant{sep}")), f"<|im_start|>assistant{sep}")
         turns = ([("system", system)] if system is not None else []) + [("user", user)]
-        return prefix + "".join(f"<|im_start|>{role}{sep}{text}<|im_end|>{end}" for role, text in turns) + opener[0]
+        return prefix + "".join(f"<|im_start|>{role}{sep}{text}<|im_end|>{end}" for role, text in turns) + opener
 
     generic = re.search(r"""['"]<\|['"]\s*\+\s*message""", template)             # Phi-3: '<|' + message['role']
     if "<|end|>" in template and ("<|user|>" in template or generic):
