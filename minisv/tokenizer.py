@@ -17,7 +17,8 @@ Files write each token as text through GPT-2's `bytes_to_unicode` table, which g
 character (the space 0x20 is 'Ġ', newline 0x0A is 'Ċ'); we undo it so every token is a byte string.
 
 Added tokens: `lstrip`, `rstrip`, `single_word` flags are ignored (none of the supported families set them),
-and all are matched on the raw text, before normalization.
+and all are matched on the raw text, before normalization. Chat prompts (`chat`) are rendered from the model's
+own chat template by minisv.chat_template.
 """
 import json
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import tiktoken
 
+from .chat_template import render_chat
 from .errors import MinisvError
 
 # GPT-2's pre-tokenizer: contractions, then letters / numbers / other symbols each with one optional leading
@@ -64,11 +66,6 @@ def _unbyte(token: str) -> bytes:
     return token.encode("utf-8")
 
 
-# ChatML: the chat format minisv renders itself (runtime code has no Jinja). A template that writes a default
-# system turn when none is given (SmolLM2, Qwen2) holds it as a string literal; the newline may be escaped.
-_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
-
-
 class Tokenizer:
     """Text <-> token ids for one model. Build it with `from_dir` or `from_gguf`.
 
@@ -79,7 +76,8 @@ class Tokenizer:
 
     def __init__(self, vocab: dict[bytes, int], merges: list[tuple[bytes, bytes]], added: dict[str, int],
                  pattern: str, nfc: bool = False, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None, add_bos: bool = False, chat_template: str | None = None):
+                 pad_id: int | None = None, add_bos: bool = False, chat_template: str | None = None,
+                 name: str = "this model"):
         # Ranks: bytes 0..255 first (every byte needs one, even one the vocabulary lacks, like 0xFF), then each
         # merge's product in merge order. Two merges spelling the same token share the first one's rank.
         ranks = {bytes([b]): b for b in range(256)}
@@ -110,25 +108,25 @@ class Tokenizer:
             self._id_bytes[i] = text.encode("utf-8")
         # add_bos: whether the model's own tokenizer prepends BOS by default; encode(text, bos=tok.add_bos).
         self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
-        self.is_chat = chat_template is not None and "<|im_start|>" in chat_template
-        default = _CHATML_DEFAULT_SYSTEM.search(chat_template) if self.is_chat else None
-        self._default_system = default[1].replace("\\n", "\n") if default else None
+        # is_chat: the model ships a chat template (chat() renders it, or says why it cannot); name: for errors
+        self.is_chat, self._chat_template, self.name = bool(chat_template), chat_template, name
 
     # ------------------------------------------------------------------ text <-> ids
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Token ids of `text`; added tokens written in it ("<|endoftext|>") become their ids.
-        bos=True puts the BOS id first."""
+        bos=True makes the ids start with the BOS id: it is put first unless the text already starts with the
+        BOS token's text, as a rendered chat prompt of Llama 3, Mistral or Gemma does (see `chat`)."""
         if not isinstance(text, str):
             raise MinisvError(f"encode expects a str, got {type(text).__name__}; decode bytes to text first")
         if bos and self.bos_id is None:
             raise MinisvError("this tokenizer has no BOS token; call encode without bos=True")
-        ids = [self.bos_id] if bos else []
-        start = 0
+        ids, start = [], 0
         for m in self._added_re.finditer(text) if self._added_re else ():
             ids += self._encode_plain(text[start:m.start()])
             ids.append(self._added[m[0]])
             start = m.end()
-        return ids + self._encode_plain(text[start:])
+        ids += self._encode_plain(text[start:])
+        return [self.bos_id] + ids if bos and ids[:1] != [self.bos_id] else ids
 
     def _encode_plain(self, text: str) -> list[int]:
         if self._nfc:
@@ -147,21 +145,28 @@ class Tokenizer:
         return self._bytes(id).decode("utf-8", errors="backslashreplace")
 
     def _bytes(self, i) -> bytes:
-        if not isinstance(i, int) or not 0 <= i < self.vocab_size or self._id_bytes[i] is None:
+        if isinstance(i, int) and i >= self.vocab_size:
+            # Pythia's embedding has 50304 rows for 50277 tokens (padded for speed): the extra rows are no text
+            raise MinisvError(f"cannot decode id {i}: this tokenizer has {self.vocab_size} tokens; ids from "
+                              f"{self.vocab_size} up only pad the model's embedding matrix and stand for no text")
+        if not isinstance(i, int) or i < 0 or self._id_bytes[i] is None:
             raise MinisvError(f"cannot decode {i!r}: token ids of this tokenizer are ints in 0..{self.vocab_size - 1} "
                               "(pass a flat list or 1-D tensor)")
         return self._id_bytes[i]
 
     def chat(self, user: str, system: str | None = None) -> str:
-        """The prompt string the model's ChatML template renders for one user turn (with an optional system
-        turn), ending with the assistant turn opener, exactly as `apply_chat_template(...,
-        add_generation_prompt=True)` renders it. Encode it with `encode`."""
+        """The prompt text the model's chat template renders for one user turn (after a system turn when
+        `system` is given, or the template's default one), ending with the assistant turn's opener: exactly
+        `apply_chat_template(messages, add_generation_prompt=True, tokenize=False)` for ChatML, Llama 2/3,
+        Mistral, Gemma and Phi-3 templates (minisv.chat_template); a template it does not recognise raises.
+
+        BOS: the text starts with the BOS token's text when the template writes it (Llama 2/3, Mistral,
+        Gemma); `encode(text, bos=tok.add_bos)` then keeps that single BOS, so the ids match transformers'."""
         if not self.is_chat:
-            raise MinisvError("this model has no ChatML chat template, so chat() cannot format a prompt; "
+            raise MinisvError(f"{self.name} has no chat template, so chat() cannot format a prompt; "
                               "use a chat (instruct) model or pass plain text to encode()")
-        system = self._default_system if system is None else system
-        turns = ([("system", system)] if system is not None else []) + [("user", user)]
-        return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
+        bos = self._id_bytes[self.bos_id].decode("utf-8") if self.bos_id is not None else ""
+        return render_chat(self._chat_template, user, system, bos, self.name)
 
     # ------------------------------------------------------------------ building from files
     @classmethod
@@ -214,7 +219,7 @@ class Tokenizer:
         if template is None and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         return cls(vocab, merges, added, pattern, nfc, special_id("bos_token"), special_id("eos_token"),
-                   special_id("pad_token"), bool(config.get("add_bos_token", False)), template)
+                   special_id("pad_token"), bool(config.get("add_bos_token", False)), template, str(path))
 
     @classmethod
     def from_gguf(cls, metadata: dict) -> "Tokenizer":
@@ -244,7 +249,8 @@ class Tokenizer:
         return cls(vocab, [(_unbyte(a), _unbyte(b)) for a, b in pairs], added, _GGUF_PATTERNS[pre], False,
                    metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id"),
                    metadata.get("tokenizer.ggml.padding_token_id"),
-                   bool(metadata.get("tokenizer.ggml.add_bos_token", False)), metadata.get("tokenizer.chat_template"))
+                   bool(metadata.get("tokenizer.ggml.add_bos_token", False)), metadata.get("tokenizer.chat_template"),
+                   metadata.get("general.name", "this GGUF model"))
 
 
 def _read_json(path: Path) -> dict:
