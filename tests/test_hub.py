@@ -24,6 +24,11 @@ FILES = {
     SHARDED: {"config.json": b"{}", **SHARDS, "model.safetensors.index.json": json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}).encode()},
 }
+def git_sha1(data):
+    """The hub's ETag of a file kept in git: its git blob hash (`git hash-object`)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 EXPECTED_TINY = ["config.json", "model.safetensors", "tokenizer.json"]
 ALL_NAMES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
              "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json"]
@@ -64,7 +69,7 @@ class FakeHub(BaseHTTPRequestHandler):
             location = f"http://localhost:{self.server.server_port}/cdn/{sha}"
             return self.reply(302, b"", body, {"Location": location, "X-Repo-Commit": commit, "ETag": 'W/"pointer"',
                                                "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))})
-        self.reply(200, data, body, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
+        self.reply(200, data, body, {"X-Repo-Commit": commit, "ETag": f'"{git_sha1(data)}"'})
 
     def reply(self, code, data, body, headers, length=None):
         self.send_response(code)
@@ -106,8 +111,8 @@ def test_download_lands_in_hf_cache_layout(server, tmp_path, capsys):
         assert link.is_symlink() and not os.path.isabs(os.readlink(link))
         assert link.read_bytes() == data
         # blobs are named by X-Linked-Etag (LFS sha256) when present, else by the git sha1 ETag
-        digest = hashlib.sha256(data) if name.endswith(".safetensors") else hashlib.sha1(data)
-        assert link.resolve() == (repo / "blobs" / digest.hexdigest()).resolve()
+        digest = hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else git_sha1(data)
+        assert link.resolve() == (repo / "blobs" / digest).resolve()
     for name in set(ALL_NAMES) - set(EXPECTED_TINY):  # optional files that 404'd are remembered
         assert (repo / ".no_exist" / MAIN / name).is_file()
     assert not list(repo.rglob("*.incomplete"))
@@ -188,7 +193,7 @@ def test_cut_short_transfer_leaves_no_broken_file(server, tmp_path):
     repo = tmp_path / "models--org--tiny"
     assert not (repo / "snapshots" / MAIN / "model.safetensors").exists()
     for blob in (repo / "blobs").iterdir():  # only complete files: the config downloaded before the cut
-        assert blob.name == hashlib.sha1(FILES[MAIN]["config.json"]).hexdigest()
+        assert blob.name == git_sha1(FILES[MAIN]["config.json"])
     server.handler.cut = False
     assert (hub.snapshot("org/tiny") / "model.safetensors").read_bytes() == WEIGHTS  # a retry completes it
 
