@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.error import HTTPError
 from urllib.parse import quote, urljoin, urlsplit
 
+from .atomic import write_text
 from .errors import MinisvError
 
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # either may be split into {name}.index.json + shards
@@ -75,8 +76,7 @@ def snapshot(repo_id: str, revision: str = "main") -> Path:
                             name)
             if got:
                 if commit is None and got != revision:
-                    ref.parent.mkdir(parents=True, exist_ok=True)
-                    ref.write_text(got)
+                    write_text(ref, got)
                 commit = got
                 return True
             if commit:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, write_text
@@ -163,20 +164,45 @@ class Transcoder(nn.Module):
 
     @classmethod
     def load(cls, path, device=None):
-        """Load a transcoder directory written by `save` (or its cfg.json / .safetensors path)."""
+        """Load a transcoder directory written by `save` (or its cfg.json / .safetensors path).
+
+        cfg.json is untrusted: every field must have its type, and the shapes it implies must be those of the
+        tensors in the file, checked on the meta device (nothing allocated) before any weight is read."""
         path = os.path.dirname(path) if str(path).endswith((WEIGHTS, CONFIG)) else str(path)
-        if not os.path.isfile(os.path.join(path, CONFIG)) or not os.path.isfile(os.path.join(path, WEIGHTS)):
+        config, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
+        if not os.path.isfile(config) or not os.path.isfile(weights):
             raise MinisvError(f"{path} is not a transcoder directory (needs {CONFIG} and {WEIGHTS}); train one "
                               f"with train_transcoder.py or import released weights with import_released")
-        with open(os.path.join(path, CONFIG)) as f:
-            raw = json.load(f)
-        known = {f.name for f in dataclasses.fields(TranscoderConfig)}
         try:
-            cfg = TranscoderConfig(**{k: v for k, v in raw.items() if k in known})
-        except TypeError as e:
-            raise MinisvError(f"{path}/{CONFIG} is incomplete ({e}); it needs at least d_in, d_out, d_sae") from None
+            with open(config, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:
+            raise MinisvError(f"{config} is not readable JSON ({e}); the transcoder directory is corrupt") from None
+        if not isinstance(raw, dict):
+            raise MinisvError(f"{config} holds a JSON {type(raw).__name__}, not an object; the file is corrupt")
+        types = {f.name: f.type for f in dataclasses.fields(TranscoderConfig)}
+        for key, value in raw.items():
+            if key in types and type(value) is not types[key]:
+                raise MinisvError(f"{config}: {key} is {value!r}, expected a JSON {types[key].__name__}; "
+                                  f"the file is corrupt")
+        missing = [k for k in ("d_in", "d_out", "d_sae") if k not in raw]
+        if missing:
+            raise MinisvError(f"{config} is incomplete: it lacks {', '.join(missing)}")
+        cfg = TranscoderConfig(**{k: v for k, v in raw.items() if k in types})
+        try:
+            with safe_open(weights, "pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        except Exception as e:   # safetensors reports a truncated or corrupt header as one of several errors
+            raise MinisvError(f"{weights}: truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
+        with torch.device("meta"):
+            cls(cfg).load_tensors({k: torch.empty(shape) for k, shape in shapes.items()}, weights)
         tc = cls(cfg)
-        tc.load_tensors(load_file(os.path.join(path, WEIGHTS)), path)
+        try:
+            tc.load_tensors(load_file(weights), weights)
+        except MinisvError:
+            raise
+        except Exception as e:   # the header was whole but the data is not
+            raise MinisvError(f"{weights}: truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
         return tc.to(device) if device is not None else tc
 
     def load_tensors(self, tensors, source):
