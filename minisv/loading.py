@@ -260,7 +260,8 @@ def _load_gguf(path, device, dtype):
             if arch == "llama" and m[3] in ("attn_q", "attn_k"):
                 # llama.cpp interleaves each head's rotary pairs; HF (and minisv) rotate halves: undo it
                 heads = cfg.n_heads if m[3] == "attn_q" else cfg.n_kv_heads
-                t = t.reshape(heads, e // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+                if t.shape[0] == heads * e:     # otherwise _assign reports the shape the config disagrees with
+                    t = t.reshape(heads, e // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
             yield (f"blocks.{m[2]}." if m[1] else "") + f"{names[m[3]]}.{m[4]}", t
     return _assign(cfg, tensors(), Tokenizer.from_gguf(meta), device, dtype, path, os.path.getsize(path))
 
@@ -273,9 +274,12 @@ def _assign(cfg, tensors, tokenizer, device, dtype, source, nbytes):
     files present: no format minisv reads stores a weight in fewer than 4 bits, so a config that declares more
     than 2·nbytes parameters (10**8 layers, say) is refused before a single block is built."""
     _check(cfg, source)
-    with torch.device("meta"):   # one block and the layer-independent rest, counted without allocating
-        one_layer = sum(p.numel() for p in Model(dataclasses.replace(cfg, n_layers=1)).parameters())
-        declared = one_layer + (cfg.n_layers - 1) * sum(p.numel() for p in Block(cfg).parameters())
+    try:
+        with torch.device("meta"):   # one block and the layer-independent rest, counted without allocating
+            one_layer = sum(p.numel() for p in Model(dataclasses.replace(cfg, n_layers=1)).parameters())
+            declared = one_layer + (cfg.n_layers - 1) * sum(p.numel() for p in Block(cfg).parameters())
+    except (RuntimeError, TypeError):    # a size, or the product of sizes, that overflows int64
+        declared = math.inf
     if declared > 2 * nbytes:
         raise MinisvError(f"{source} declares a model of {declared:,} parameters but its weights take only "
                           f"{nbytes:,} bytes — the config is corrupt or belongs to another model")
