@@ -183,8 +183,8 @@ class Transcoder(nn.Module):
         types = {f.name: f.type for f in dataclasses.fields(TranscoderConfig)}
         for key, value in raw.items():
             if key in types and type(value) is not types[key]:
-                raise MinisvError(f"{config}: {key} is {value!r}, expected a JSON {types[key].__name__}; "
-                                  f"the file is corrupt")
+                kind = {int: "an integer", str: "a string", bool: "true or false"}[types[key]]
+                raise MinisvError(f"{config}: {key} is {value!r}, expected {kind}; the file is corrupt")
         missing = [k for k in ("d_in", "d_out", "d_sae") if k not in raw]
         if missing:
             raise MinisvError(f"{config} is incomplete: it lacks {', '.join(missing)}")
