@@ -134,6 +134,9 @@ def _hf_tensors(cfg, name, t):
     if cfg.family == "gpt2" and t.dim() == 2 and name.startswith("blocks."):
         t = t.t()              # GPT-2's Conv1D stores [in, out]
     if ".qkv." in name:
+        if t.shape[0] != 3 * cfg.n_heads * cfg.d_head:
+            raise MinisvError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {3 * cfg.n_heads * cfg.d_head} "
+                              f"rows (query, key and value) from the config")
         if cfg.family == "gpt2":    # [3D(, D)] ordered (qkv, head, E)
             parts = t.chunk(3, 0)
         else:                       # neox: ordered (head, qkv, E)
@@ -158,6 +161,8 @@ def _check(cfg, source):
             raise MinisvError(f"{source}: {f.name} is {v!r}, expected a positive number — the file is corrupt")
         if f.type is bool and type(v) is not bool:
             raise MinisvError(f"{source}: {f.name} is {v!r}, expected true or false — the file is corrupt")
+        if f.type is str and type(v) is not str:
+            raise MinisvError(f"{source}: {f.name} is {v!r}, expected a string — the file is corrupt")
     if cfg.n_heads % cfg.n_kv_heads:
         raise MinisvError(f"{source}: {cfg.n_heads} attention heads cannot share {cfg.n_kv_heads} key/value heads "
                           f"(n_heads must be a multiple of n_kv_heads) — the file is corrupt")

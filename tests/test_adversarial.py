@@ -361,6 +361,15 @@ def test_config_json_fields_are_checked(tmp_path, tiny):
     for changes, message in cases:
         (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
         refused(message, minisv.load, str(model_dir), device="cpu")
+    read = {"n_embd", "n_layer", "n_head", "n_inner", "n_positions", "vocab_size", "hidden_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "intermediate_size", "max_position_embeddings", "rotary_pct",
+            "layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps", "rope_theta", "head_dim", "tie_word_embeddings",
+            "use_parallel_residual", "attention_bias", "mlp_bias", "hidden_act", "activation_function",
+            "rope_parameters", "model_type"}
+    for key in sorted(read & set(config)):    # any other value of a field minisv reads: a load, or one line
+        for value in ("x", 0, 1.5, None, [], 10 ** 30):
+            (model_dir / "config.json").write_text(json.dumps({**config, key: value}))
+            loads_or_refuses(minisv.load, str(model_dir))
     del config[layers]
     (model_dir / "config.json").write_text(json.dumps(config))
     refused(f"config.json lacks '{layers}'", minisv.load, str(model_dir))
