@@ -57,7 +57,8 @@ def snapshot(repo_id: str, revision: str = "main") -> Path:
     repo = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
     repo /= "models--" + repo_id.replace("/", "--")
     ref = repo / "refs" / revision
-    commit = revision if _COMMIT.fullmatch(revision) else ref.read_text().strip() if ref.is_file() else None
+    cached = ref.read_text().strip() if ref.is_file() else ""  # anything but a commit hash is re-resolved
+    commit = revision if _COMMIT.fullmatch(revision) else cached if _COMMIT.fullmatch(cached) else None
     where = f"'{repo_id}' (revision {revision})"
 
     def fetch(name: str, required: bool = False) -> bool:

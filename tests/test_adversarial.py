@@ -271,6 +271,14 @@ def test_local_index_cannot_reach_outside_the_model_directory(tmp_path, tiny_lla
         refused("is not a file inside its directory", minisv.load, str(model_dir))
 
 
+def test_a_damaged_ref_is_resolved_again(server, tmp_path):
+    ref = tmp_path / "models--org--tiny" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("../../../elsewhere")
+    assert hub.snapshot("org/tiny") == tmp_path / "models--org--tiny" / "snapshots" / MAIN
+    assert ref.read_text() == MAIN
+
+
 def test_a_failed_download_changes_nothing_already_cached(server, tmp_path):
     hub.snapshot("org/tiny")
     before = tree(tmp_path)
