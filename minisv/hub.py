@@ -12,6 +12,7 @@ A revision whose commit is in refs/ is answered from the cache without any netwo
 downloaded once keeps working offline; the price is that `main` stays pinned until refs/main is deleted.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -24,38 +25,45 @@ from pathlib import Path
 from urllib.error import HTTPError
 from urllib.parse import quote, urljoin, urlsplit
 
+from .atomic import write_text
 from .errors import MinisvError
 
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # either may be split into {name}.index.json + shards
 _EXTRAS = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
            "generation_config.json")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+_REPO_ID = re.compile(r"(\b[\w.-]{1,96}\b/)?\b[\w.-]{1,96}\b", re.ASCII)  # huggingface_hub's rule
+_HASH = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # an etag that names the content: git blob sha1 | LFS sha256
 _CHUNK = 1 << 20            # stream 1 MiB at a time: a 500 MB checkpoint never sits in memory
 _PROGRESS_BYTES = 10 << 20  # smaller files download silently
 _TIMEOUT = 30               # seconds of silence from the server before giving up
+_MAX_SMALL = 64 << 20       # the most a config, tokenizer or index file (or any body of undeclared size) may be
 
 
 def snapshot(repo_id: str, revision: str = "main") -> Path:
     """Local directory holding the model's files for repo_id@revision, downloading what is missing."""
-    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
-        raise MinisvError(f"'{repo_id}' is not a Hugging Face model id — expected 'org/name' or a local directory")
-    if not revision or revision.startswith("/") or ".." in revision.split("/"):  # it becomes a path under refs/
-        raise MinisvError(f"'{revision}' is not a revision — expected a branch, tag or commit hash")
+    if not _REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+        raise MinisvError(f"'{repo_id}' is not a Hugging Face model id — expected 'org/name' (ASCII letters, digits,"
+                          " '-', '_', '.') or a local directory")
+    # git's ref-name rules (git check-ref-format); they also keep refs/{revision} a file inside refs/
+    if not isinstance(revision, str) or re.search(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{", revision) or revision == "@" \
+            or not all(part and not part.startswith(".") and not part.endswith(".lock") for part in revision.split("/")):
+        raise MinisvError(f"{revision!r} is not a revision — expected a branch, tag or commit hash")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if urlsplit(endpoint).scheme not in ("http", "https"):
+        raise MinisvError(f"HF_ENDPOINT={endpoint!r} is not an http(s) URL — unset it, or point it to a hub mirror")
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     repo = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
     repo /= "models--" + repo_id.replace("/", "--")
     ref = repo / "refs" / revision
-    commit = revision if _COMMIT.fullmatch(revision) else ref.read_text().strip() if ref.is_file() else None
+    cached = ref.read_text().strip() if ref.is_file() else ""  # anything but a commit hash is re-resolved
+    commit = revision if _COMMIT.fullmatch(revision) else cached if _COMMIT.fullmatch(cached) else None
     where = f"'{repo_id}' (revision {revision})"
 
     def fetch(name: str, required: bool = False) -> bool:
         """Make snapshots/{commit}/{name} exist if the repo has that file; False if it has not."""
         nonlocal commit
-        if Path(name).is_absolute() or ".." in Path(name).parts:  # shard names come from a downloaded index
-            raise MinisvError(f"{where} lists a file outside the repo, '{name}' — the checkpoint index is corrupt")
         if commit and (repo / "snapshots" / commit / name).is_file():
             return True
         if not (commit and (repo / ".no_exist" / commit / name).is_file()):
@@ -65,11 +73,11 @@ def snapshot(repo_id: str, revision: str = "main") -> Path:
                 raise MinisvError(f"{name} of {where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
                                   " — unset HF_HUB_OFFLINE to download it, or pass a local directory")
             # Once the commit is known, ask for it rather than the branch: every file then comes from one commit.
-            got = _download(f"{endpoint}/{repo_id}/resolve/{quote(commit or revision, safe='')}/{name}", repo, name)
+            got = _download(f"{endpoint}/{repo_id}/resolve/{quote(commit or revision, safe='')}/{quote(name)}", repo,
+                            name)
             if got:
                 if commit is None and got != revision:
-                    ref.parent.mkdir(parents=True, exist_ok=True)
-                    ref.write_text(got)
+                    write_text(ref, got)
                 commit = got
                 return True
             if commit:
@@ -85,12 +93,7 @@ def snapshot(repo_id: str, revision: str = "main") -> Path:
         if fetch(weights):
             break
         if fetch(weights + ".index.json"):
-            index = repo / "snapshots" / commit / f"{weights}.index.json"
-            try:  # {"weight_map": {tensor name: shard file}}; every shard is needed
-                shards = set(json.loads(index.read_text())["weight_map"].values())
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise MinisvError(f"{index} is not a valid checkpoint index ({e!r}) — delete it and retry") from e
-            for shard in sorted(shards):
+            for shard in shard_names(repo / "snapshots" / commit / f"{weights}.index.json"):
                 fetch(shard, required=True)
             break
     else:
@@ -101,6 +104,20 @@ def snapshot(repo_id: str, revision: str = "main") -> Path:
     for name in _EXTRAS:
         fetch(name)
     return repo / "snapshots" / commit
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's {weights}.index.json lists, each checked to stay in its directory."""
+    try:  # {"weight_map": {tensor name: shard file}}; every shard is needed
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MinisvError(f"{index} is not a valid checkpoint index ({e!r}) — delete it and retry") from None
+    for name in names:
+        if not (isinstance(name, str) and name) or name.startswith("/") or "\\" in name or "\0" in name \
+                or ".." in name.split("/"):
+            raise MinisvError(f"{index} lists the shard {name!r}, which is not a file inside its directory — the "
+                              "index is corrupt or malicious; download the model again")
+    return sorted(names)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -129,7 +146,10 @@ def _open(url: str):
                 if e.code not in (301, 302, 303, 307, 308):
                     raise
                 e.close()
-                target = urljoin(url, e.headers["Location"])
+                target = urljoin(url, e.headers.get("Location", ""))
+                if urlsplit(target).scheme not in ("http", "https"):  # urllib would open file:// and ftp:// too
+                    raise MinisvError(f"{url} redirected to {target!r}; refused: only http(s) redirects are "
+                                      "followed — check HF_ENDPOINT") from None
                 if urlsplit(target).netloc != host:
                     meta = meta or e.headers
                 url = target
@@ -161,7 +181,9 @@ def _download(url: str, repo: Path, name: str) -> str | None:
         blob = repo / "blobs" / etag  # content-addressed: a file shared by two revisions is downloaded once
         if not blob.is_file():
             blob.parent.mkdir(parents=True, exist_ok=True)
-            _stream(response, blob, name)
+            # the size the hub declares for an LFS file (on its redirect), else that of the body itself
+            sizes = [v for v in (meta.get("X-Linked-Size"), response.headers.get("Content-Length")) if v]
+            _stream(response, blob, name, int(sizes[0]) if sizes and sizes[0].isdigit() else None)
     link = repo / "snapshots" / commit / name
     link.parent.mkdir(parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
@@ -172,23 +194,48 @@ def _download(url: str, repo: Path, name: str) -> str | None:
     return commit
 
 
-def _stream(response, blob: Path, name: str) -> None:
-    """Write the body to blobs/{etag}.incomplete and rename it into place only once every byte has arrived."""
-    size = int(response.headers.get("Content-Length", -1))
+def _stream(response, blob: Path, name: str, size: int | None) -> None:
+    """Write the body to blobs/{etag}.incomplete and rename it into place only once it is whole and verified.
+
+    Verified means: exactly the declared size (at most _MAX_SMALL bytes when none is declared, or for a small
+    file); the hash its etag names, when the etag is one (the hub's ETag is the git blob sha1 of a file kept in
+    git, and X-Linked-Etag the sha256 of an LFS file); and valid JSON for a .json file. What fails is never
+    stored, so a rerun downloads it again instead of trusting it.
+    """
+    limit = size if size is not None else _MAX_SMALL
+    if limit > _MAX_SMALL and not name.endswith((".safetensors", ".bin")):
+        raise MinisvError(f"the hub declares {size} bytes for {name}, too large for such a file — check HF_ENDPOINT")
     part = blob.with_name(blob.name + ".incomplete")
     done, start, shown = 0, time.monotonic(), 0.0
     try:
         with open(part, "wb") as f:
-            while chunk := response.read(_CHUNK):
+            while chunk := response.read(min(_CHUNK, limit + 1 - done)):  # one byte past the limit shows excess
                 f.write(chunk)
                 done += len(chunk)
-                if size >= _PROGRESS_BYTES and (time.monotonic() - shown > 0.25 or done == size):
+                if done > limit:
+                    raise MinisvError(f"the download of {name} sent more than the {limit} bytes "
+                                      f"{'declared' if size is not None else 'allowed without a declared size'}"
+                                      " — check HF_ENDPOINT")
+                if limit >= _PROGRESS_BYTES and (time.monotonic() - shown > 0.25 or done == limit):
                     shown = time.monotonic()  # \r redraws one line, about four times a second
-                    print(f"\r{name}: {done / 1e6:.1f} / {size / 1e6:.1f} MB, "
+                    print(f"\r{name}: {done / 1e6:.1f} / {limit / 1e6:.1f} MB, "
                           f"{done / 1e6 / max(shown - start, 1e-6):.1f} MB/s", end="", file=sys.stderr, flush=True)
         # http.client returns b"" when a connection drops early, so a short count is the only sign of a cut.
-        if size >= 0 and done != size:
+        if size is not None and done != size:
             raise MinisvError(f"the download of {name} stopped after {done} of {size} bytes — run again to retry")
+        if _HASH.fullmatch(blob.name):
+            digest = hashlib.sha256() if len(blob.name) == 64 else hashlib.sha1(b"blob %d\0" % done)
+            with open(part, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+            if digest.hexdigest() != blob.name:
+                raise MinisvError(f"the download of {name} is corrupt: its hash is {digest.hexdigest()}, the hub "
+                                  f"says {blob.name} — run again to retry")
+        if name.endswith(".json"):
+            try:
+                json.loads(part.read_bytes())
+            except ValueError as e:
+                raise MinisvError(f"the download of {name} is not valid JSON ({e}) — check HF_ENDPOINT") from None
         os.replace(part, blob)
     except (OSError, HTTPException) as e:
         raise MinisvError(f"the download of {name} failed ({e}) — run again to retry") from e

@@ -6,8 +6,10 @@ renamed (and, where the checkpoint fuses or transposes them, split and transpose
 e.g. `blocks.3.attn.q.weight` [H*E, D]. The model is built on the meta device and each tensor is converted
 and assigned as it is read, so the full weights are never held twice.
 """
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -15,8 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import unpickle
 from .errors import MinisvError
-from .model import ACTIVATIONS, Model, ModelConfig
+from .hub import shard_names
+from .model import ACTIVATIONS, Block, Model, ModelConfig
 from .tokenizer import Tokenizer
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,21 +62,21 @@ def config_from_hf(c: dict) -> ModelConfig:
     theta = c.get("rope_theta") or c.get("rotary_emb_base") or rope.get("rope_theta") or 10000.0
     if kind == "gpt2":
         d = c["n_embd"]
-        return ModelConfig("gpt2", c["n_layer"], d, c["n_head"], c["n_head"], d // c["n_head"], c.get("n_inner") or 4 * d,
+        return ModelConfig("gpt2", c["n_layer"], d, c["n_head"], c["n_head"], _per_head(d, c["n_head"]), c.get("n_inner") or 4 * d,
                            c["vocab_size"], c["n_positions"], c.get("activation_function", "gelu_new"),
                            c.get("layer_norm_epsilon", 1e-5), qkv_bias=True, o_bias=True, mlp_bias=True,
                            tie_embeddings=True)
     if kind == "gpt_neox":
         d, h = c["hidden_size"], c["num_attention_heads"]
         pct = c.get("rotary_pct") or rope.get("partial_rotary_factor") or 1.0
-        return ModelConfig("neox", c["num_hidden_layers"], d, h, h, d // h, c["intermediate_size"], c["vocab_size"],
+        return ModelConfig("neox", c["num_hidden_layers"], d, h, h, _per_head(d, h), c["intermediate_size"], c["vocab_size"],
                            c["max_position_embeddings"], c.get("hidden_act", "gelu"), c.get("layer_norm_eps", 1e-5),
-                           parallel=c.get("use_parallel_residual", True), rotary_dim=int(d // h * pct),
+                           parallel=c.get("use_parallel_residual", True), rotary_dim=int(_per_head(d, h) * pct),
                            rope_base=theta, qkv_bias=c.get("attention_bias", True), o_bias=c.get("attention_bias", True),
                            mlp_bias=True, tie_embeddings=c.get("tie_word_embeddings", False))
     if kind in ("llama", "qwen2"):
         d, h = c["hidden_size"], c["num_attention_heads"]
-        e = c.get("head_dim") or d // h
+        e = c.get("head_dim") or _per_head(d, h)
         llama3 = None
         if rope.get("rope_type", rope.get("type", "default")) == "llama3":
             llama3 = (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
@@ -130,6 +134,9 @@ def _hf_tensors(cfg, name, t):
     if cfg.family == "gpt2" and t.dim() == 2 and name.startswith("blocks."):
         t = t.t()              # GPT-2's Conv1D stores [in, out]
     if ".qkv." in name:
+        if t.shape[0] != 3 * cfg.n_heads * cfg.d_head:
+            raise MinisvError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {3 * cfg.n_heads * cfg.d_head} "
+                              f"rows (query, key and value) from the config")
         if cfg.family == "gpt2":    # [3D(, D)] ordered (qkv, head, E)
             parts = t.chunk(3, 0)
         else:                       # neox: ordered (head, qkv, E)
@@ -139,42 +146,89 @@ def _hf_tensors(cfg, name, t):
     return [(name, t)]
 
 
-def _checkpoint(path: Path):
-    """Yield (name, tensor) from model.safetensors, its sharded index, or pytorch_model.bin (weights_only)."""
-    from safetensors import safe_open
+def _per_head(d, h):
+    """d_model // n_heads, or 0 (reported by _check as the bad field it comes from) when either is not a count."""
+    return d // h if type(d) is int and type(h) is int and h > 0 else 0
+
+
+def _check(cfg, source):
+    """Refuse a config with a wrong type or an impossible value in any field, naming the first such field."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.type is int and not (type(v) is int and v >= (f.name != "rotary_dim")):
+            raise MinisvError(f"{source}: {f.name} is {v!r}, expected a positive integer — the file is corrupt")
+        if f.type is float and not (type(v) in (int, float) and math.isfinite(v) and v > 0):
+            raise MinisvError(f"{source}: {f.name} is {v!r}, expected a positive number — the file is corrupt")
+        if f.type is bool and type(v) is not bool:
+            raise MinisvError(f"{source}: {f.name} is {v!r}, expected true or false — the file is corrupt")
+        if f.type is str and type(v) is not str:
+            raise MinisvError(f"{source}: {f.name} is {v!r}, expected a string — the file is corrupt")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise MinisvError(f"{source}: {cfg.n_heads} attention heads cannot share {cfg.n_kv_heads} key/value heads "
+                          f"(n_heads must be a multiple of n_kv_heads) — the file is corrupt")
+    if cfg.rotary_dim % 2 or cfg.rotary_dim > cfg.d_head:
+        raise MinisvError(f"{source}: rotary dimension {cfg.rotary_dim} must be even and at most the head "
+                          f"dimension {cfg.d_head} — the file is corrupt")
+    if cfg.rope_llama3 is not None and not (all(type(x) in (int, float) and x > 0 for x in cfg.rope_llama3)
+                                            and cfg.rope_llama3[1] < cfg.rope_llama3[2]):
+        raise MinisvError(f"{source}: llama3 rope scaling {cfg.rope_llama3} needs positive numbers and "
+                          f"low_freq_factor < high_freq_factor — the file is corrupt")
+    if cfg.act not in ACTIVATIONS:
+        raise MinisvError(f"{source}: activation {cfg.act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+
+
+def _checkpoint_files(path: Path):
+    """The weight files of a Hugging Face directory: model.safetensors, pytorch_model.bin, or their shards."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).exists():
-            files = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            files = shard_names(path / index)     # each checked to stay inside `path`
             break
     else:
         files = [f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).exists()][:1]
     if not files:
         raise MinisvError(f"{path}: no model.safetensors or pytorch_model.bin found")
     for f in files:
-        if not (path / f).exists():
+        if not (path / f).is_file():
             raise MinisvError(f"{path / f}: missing checkpoint shard; download the model again")
-        try:
-            if f.endswith(".safetensors"):
-                with safe_open(path / f, "pt") as st:
+    return [path / f for f in files]
+
+
+def _checkpoint(files):
+    """Yield (name, tensor) from safetensors files, or from torch.save files read by minisv.unpickle."""
+    from safetensors import safe_open
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(f, "pt") as st:
                     for k in st.keys():
                         yield k, st.get_tensor(k)
-            else:       # never unpickle arbitrary objects: tensors and plain containers only
-                yield from torch.load(path / f, map_location="cpu", weights_only=True, mmap=True).items()
-        except MinisvError:
-            raise
-        except Exception as e:
-            raise MinisvError(f"{path / f}: truncated or corrupt checkpoint ({str(e).splitlines()[0][:200]}); "
-                              f"download it again") from None
+            except Exception as e:  # safetensors reports a truncated or corrupt file as one of several errors
+                raise MinisvError(f"{f}: truncated or corrupt checkpoint ({str(e).splitlines()[0][:200]}); "
+                                  f"download it again") from None
+            continue
+        state = unpickle.load(f)
+        if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
+            raise MinisvError(f"{f} is not a checkpoint of named tensors; download the model again")
+        yield from state.items()
 
 
 def _load_hf_dir(path: Path, device, dtype, name):
     if not (path / "config.json").exists():
         raise MinisvError(f"{path}: no config.json — is this a Hugging Face model directory?")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    try:
+        cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    except KeyError as e:
+        raise MinisvError(f"{path / 'config.json'} lacks {e.args[0]!r}, which its model_type needs — the file is "
+                          f"corrupt") from None
+    except (OSError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise MinisvError(f"{path / 'config.json'} is not a valid config ({type(e).__name__}: {e}) — "
+                          f"the file is corrupt") from None
     cfg.name = name
-    tensors = (pair for k, t in _checkpoint(path) for pair in _hf_tensors(cfg, k, t))
+    files = _checkpoint_files(path)
+    tensors = (pair for k, t in _checkpoint(files) for pair in _hf_tensors(cfg, k, t))
     has_tokenizer = (path / "tokenizer.json").exists() or (path / "vocab.json").exists()
-    return _assign(cfg, tensors, Tokenizer.from_dir(path) if has_tokenizer else None, device, dtype)
+    return _assign(cfg, tensors, Tokenizer.from_dir(path) if has_tokenizer else None, device, dtype,
+                   path / "config.json", sum(f.stat().st_size for f in files))
 
 
 # ------------------------------------------------------------------------- GGUF
@@ -184,9 +238,15 @@ def _load_gguf(path, device, dtype):
     arch = meta.get("general.architecture")
     if arch not in ("llama", "qwen2"):
         raise MinisvError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama, qwen2)")
-    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+    if "token_embd.weight" not in raw:
+        raise MinisvError(f"{path}: no tensor token_embd.weight — not a complete {arch} model")
+
+    def g(key, default=None):
+        if f"{arch}.{key}" not in meta and default is None:
+            raise MinisvError(f"{path}: GGUF metadata lacks {arch}.{key} — re-export the model with llama.cpp")
+        return meta.get(f"{arch}.{key}", default)
     d, h = g("embedding_length"), g("attention.head_count")
-    e = g("rope.dimension_count", d // h)
+    e = g("rope.dimension_count", _per_head(d, h))
     cfg = ModelConfig("llama", g("block_count"), d, h, g("attention.head_count_kv", h), e, g("feed_forward_length"),
                       raw["token_embd.weight"].shape[0], g("context_length"), "silu",
                       g("attention.layer_norm_rms_epsilon"), rotary_dim=e, rope_base=g("rope.freq_base", 10000.0),
@@ -205,16 +265,29 @@ def _load_gguf(path, device, dtype):
             if arch == "llama" and m[3] in ("attn_q", "attn_k"):
                 # llama.cpp interleaves each head's rotary pairs; HF (and minisv) rotate halves: undo it
                 heads = cfg.n_heads if m[3] == "attn_q" else cfg.n_kv_heads
-                t = t.reshape(heads, e // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+                if t.shape[0] == heads * e:     # otherwise _assign reports the shape the config disagrees with
+                    t = t.reshape(heads, e // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
             yield (f"blocks.{m[2]}." if m[1] else "") + f"{names[m[3]]}.{m[4]}", t
-    return _assign(cfg, tensors(), Tokenizer.from_gguf(meta), device, dtype)
+    return _assign(cfg, tensors(), Tokenizer.from_gguf(meta), device, dtype, path, os.path.getsize(path))
 
 
 # ------------------------------------------------------------------------- common
-def _assign(cfg, tensors, tokenizer, device, dtype):
-    """Put each (name, tensor) into a meta-device Model, checking names and shapes as they come."""
-    if cfg.act not in ACTIVATIONS:
-        raise MinisvError(f"activation {cfg.act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+def _assign(cfg, tensors, tokenizer, device, dtype, source, nbytes):
+    """Put each (name, tensor) into a meta-device Model, checking names and shapes as they come.
+
+    First the config (from `source`) is checked, and the parameters it declares against the `nbytes` of weight
+    files present: no format minisv reads stores a weight in fewer than 4 bits, so a config that declares more
+    than 2·nbytes parameters (10**8 layers, say) is refused before a single block is built."""
+    _check(cfg, source)
+    try:
+        with torch.device("meta"):   # one block and the layer-independent rest, counted without allocating
+            one_layer = sum(p.numel() for p in Model(dataclasses.replace(cfg, n_layers=1)).parameters())
+            declared = one_layer + (cfg.n_layers - 1) * sum(p.numel() for p in Block(cfg).parameters())
+    except (RuntimeError, TypeError):    # a size, or the product of sizes, that overflows int64
+        declared = math.inf
+    if declared > 2 * nbytes:
+        raise MinisvError(f"{source} declares a model of {declared:,} parameters but its weights take only "
+                          f"{nbytes:,} bytes — the config is corrupt or belongs to another model")
     with torch.device("meta"):
         model = Model(cfg, tokenizer)
     expected = dict(model.named_parameters())          # tied weights appear once, as embed.weight

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .errors import MinisvError
 from .atomic import atomic_write
+from . import unpickle
 from .transcoder import Transcoder, TranscoderConfig, selected_preacts
 
 CHECKPOINT = "checkpoint.pt"
@@ -348,7 +349,7 @@ def _restore(path, cfg, tcs, opt, device):
     if not path or not os.path.isfile(path):
         raise MinisvError(f"nothing to resume: no {CHECKPOINT} in {os.path.dirname(path or '') or 'the output dir'}; "
                           f"start without --resume")
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = unpickle.load(path, map_location=device)
     if state["train_cfg"] != dataclasses.asdict(cfg):
         diff = [k for k, v in dataclasses.asdict(cfg).items() if state["train_cfg"].get(k) != v]
         raise MinisvError(f"cannot resume {path}: it was trained with different settings ({', '.join(diff)}); "

@@ -20,18 +20,18 @@ back. `import_released` converts the released GPT-2 transcoders (pickles) withou
 import dataclasses
 import json
 import os
-import pickle
-import types
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, write_text
 from .errors import MinisvError
+from . import unpickle
 
 WEIGHTS, CONFIG = "transcoder.safetensors", "cfg.json"
 SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "sae_weights.safetensors", "sae.safetensors"
@@ -237,20 +237,45 @@ class Transcoder(nn.Module):
 
     @classmethod
     def load(cls, path, device=None):
-        """Load a transcoder directory written by `save` (or its cfg.json / .safetensors path)."""
+        """Load a transcoder directory written by `save` (or its cfg.json / .safetensors path).
+
+        cfg.json is untrusted: every field must have its type, and the shapes it implies must be those of the
+        tensors in the file, checked on the meta device (nothing allocated) before any weight is read."""
         path = os.path.dirname(path) if str(path).endswith((WEIGHTS, CONFIG)) else str(path)
-        if not os.path.isfile(os.path.join(path, CONFIG)) or not os.path.isfile(os.path.join(path, WEIGHTS)):
+        config, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
+        if not os.path.isfile(config) or not os.path.isfile(weights):
             raise MinisvError(f"{path} is not a transcoder directory (needs {CONFIG} and {WEIGHTS}); train one "
                               f"with train_transcoder.py or import released weights with import_released")
-        with open(os.path.join(path, CONFIG)) as f:
-            raw = json.load(f)
-        known = {f.name for f in dataclasses.fields(TranscoderConfig)}
         try:
-            cfg = TranscoderConfig(**{k: v for k, v in raw.items() if k in known})
-        except TypeError as e:
-            raise MinisvError(f"{path}/{CONFIG} is incomplete ({e}); it needs at least d_in, d_out, d_sae") from None
+            with open(config, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:
+            raise MinisvError(f"{config} is not readable JSON ({e}); the transcoder directory is corrupt") from None
+        if not isinstance(raw, dict):
+            raise MinisvError(f"{config} holds a JSON {type(raw).__name__}, not an object; the file is corrupt")
+        types = {f.name: f.type for f in dataclasses.fields(TranscoderConfig)}
+        for key, value in raw.items():
+            if key in types and type(value) is not types[key]:
+                kind = {int: "an integer", str: "a string", bool: "true or false"}[types[key]]
+                raise MinisvError(f"{config}: {key} is {value!r}, expected {kind}; the file is corrupt")
+        missing = [k for k in ("d_in", "d_out", "d_sae") if k not in raw]
+        if missing:
+            raise MinisvError(f"{config} is incomplete: it lacks {', '.join(missing)}")
+        cfg = TranscoderConfig(**{k: v for k, v in raw.items() if k in types})
+        try:
+            with safe_open(weights, "pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        except Exception as e:   # safetensors reports a truncated or corrupt header as one of several errors
+            raise MinisvError(f"{weights}: truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
+        with torch.device("meta"):
+            cls(cfg).load_tensors({k: torch.empty(shape) for k, shape in shapes.items()}, weights)
         tc = cls(cfg)
-        tc.load_tensors(load_file(os.path.join(path, WEIGHTS)), path)
+        try:
+            tc.load_tensors(load_file(weights), weights)
+        except MinisvError:
+            raise
+        except Exception as e:   # the header was whole but the data is not
+            raise MinisvError(f"{weights}: truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
         return tc.to(device) if device is not None else tc
 
     def load_tensors(self, tensors, source):
@@ -330,56 +355,32 @@ def _layer_of(hook):
 
 # ------------------------------------------------------------------------- released GPT-2 transcoders
 # `pchlenski/gpt2-transcoders` files are torch.save pickles of {"cfg": LanguageModelSAERunnerConfig, "state_dict":
-# {W_enc, b_enc, W_dec, b_dec (an input pre-bias), b_dec_out}}. Unpickling runs whatever callables the file names,
-# so we only let through the few that rebuild tensors; any other class the file names becomes an inert record
-# that can hold attributes (the config object is rebuilt that way, by __new__ + state) but refuses to be called.
-_ALLOWED = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-            ("collections", "OrderedDict"), ("torch", "device")}
-
-
-class _Inert:
-    """Stand-in for a class named in a pickle: keeps the state the pickle gives it, executes nothing."""
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):   # reached only when the file *calls* the name (pickle's REDUCE)
-        raise MinisvError(f"refusing to load this pickle: it calls {self.qualname}, which is not a tensor-rebuild "
-                          f"function (a malicious or unexpected file); nothing from it was executed")
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return super().find_class(module, name)
-        return type(name, (_Inert,), {"qualname": f"{module}.{name}"})
-
-
-# torch.load reads the zip container and the tensor storages itself and takes the pickle machinery from this
-# module, so every global the file names goes through _RestrictedUnpickler.find_class.
-_restricted_pickle = types.ModuleType("minisv_restricted_pickle")
-_restricted_pickle.Unpickler = _RestrictedUnpickler
-_restricted_pickle.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load()   # torch's legacy format
-
-
+# {W_enc, b_enc, W_dec, b_dec (an input pre-bias), b_dec_out}}; minisv.unpickle reads them without running code
+# (the config object comes back as an inert record that keeps its attributes).
 def import_released(path, layer=None) -> Transcoder:
     """Convert a released GPT-2 transcoder `.pt` (`docs/methods.md` §2.4) to a minisv Transcoder, folding the input
     pre-bias into the encoder bias: ReLU((x − b_dec) W_enc + b_enc) = ReLU(x W_enc + (b_enc − b_dec W_enc))."""
     if not os.path.isfile(path):
         raise MinisvError(f"no such file: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
-    except MinisvError:
-        raise
-    except Exception as e:
-        raise MinisvError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e})") from None
+    obj = unpickle.load(path)
     sd = obj.get("state_dict") if isinstance(obj, dict) else None
     need = {"W_enc", "b_enc", "W_dec", "b_dec", "b_dec_out"}
     if not isinstance(sd, dict) or not need <= set(sd) or not all(isinstance(sd[n], torch.Tensor) for n in need):
         raise MinisvError(f"{path} is not a released transcoder: expected a 'state_dict' with tensors {sorted(need)}")
     W_enc, W_dec = sd["W_enc"].float(), sd["W_dec"].float()
-    hook_in = getattr(obj.get("cfg"), "hook_point", None) or _hook_from_name(path, layer)
-    layer = int(hook_in.split(".")[1]) if layer is None else layer
-    cfg = TranscoderConfig(W_enc.shape[0], W_dec.shape[1], W_enc.shape[1], "relu", model="gpt2", layer=layer,
+    d_in, d_sae = W_enc.shape if W_enc.dim() == 2 else (0, 0)
+    shapes = {"W_enc": [d_in, d_sae], "b_enc": [d_sae], "W_dec": [d_sae, W_dec.shape[-1]], "b_dec": [d_in],
+              "b_dec_out": [W_dec.shape[-1]]}
+    for name, shape in shapes.items():
+        if list(sd[name].shape) != shape or 0 in shape:
+            raise MinisvError(f"{path}: {name} has shape {list(sd[name].shape)}, expected {shape} (W_enc is "
+                              f"[d_in, d_sae], W_dec [d_sae, d_out]); the file is not a released transcoder")
+    hook = getattr(obj.get("cfg"), "hook_point", None)     # e.g. "blocks.8.ln2.hook_normalized"
+    found = re.search(r"blocks\.(\d+)\.", hook if isinstance(hook, str) else os.path.basename(path))
+    if layer is None and not found:
+        raise MinisvError(f"cannot tell the layer of {path}; pass layer=")
+    layer = int(found[1]) if layer is None else layer
+    cfg = TranscoderConfig(d_in, W_dec.shape[1], d_sae, "relu", model="gpt2", layer=layer,
                            hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out",
                            input_convention="normalized", target_centered=True, dataset="openwebtext",
                            training_tokens=0)
@@ -388,9 +389,3 @@ def import_released(path, layer=None) -> Transcoder:
                      "b_dec": sd["b_dec_out"].float()}, path)
     return tc
 
-
-def _hook_from_name(path, layer):
-    name = os.path.basename(path)
-    if layer is None and "blocks." not in name:
-        raise MinisvError(f"cannot tell the layer of {path}; pass layer=")
-    return f"blocks.{layer if layer is not None else name.split('blocks.')[1].split('.')[0]}.ln2.hook_normalized"

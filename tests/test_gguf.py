@@ -14,6 +14,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q, GGUFValueType as V  # noqa: E402
 
+from helpers import write_gguf  # noqa: E402
 from minisv.errors import MinisvError  # noqa: E402
 from minisv.gguf import read_gguf  # noqa: E402
 
@@ -37,25 +38,6 @@ METADATA = {
 SUPPORTED = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
 
 
-def write_gguf(path, tensors, metadata=METADATA, alignment=None):
-    """tensors: name -> (float32 array, GGML type). Returns name -> the reference's float32 dequantization."""
-    w = gguf.GGUFWriter(str(path), arch="test")
-    if alignment:
-        w.add_custom_alignment(alignment)
-    for key, (value, vtype, sub_type) in metadata.items():
-        w.add_key_value(key, value, vtype, sub_type)
-    expected = {}
-    for name, (data, qtype) in tensors.items():
-        stored = data.astype(np.float16) if qtype == Q.F16 else gguf.quants.quantize(data, qtype)
-        w.add_tensor(name, stored, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
-        expected[name] = gguf.quants.dequantize(stored, qtype).reshape(data.shape)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return expected
-
-
 def random_tensors(shapes, seed=0):
     rng = np.random.default_rng(seed)
     return {f"w.{t.name}.{i}": (rng.standard_normal(shape).astype(np.float32), t)
@@ -65,7 +47,7 @@ def random_tensors(shapes, seed=0):
 @pytest.mark.parametrize("alignment", [None, 64])
 def test_synthetic_round_trip(tmp_path, alignment):
     path = tmp_path / "t.gguf"
-    expected = write_gguf(path, random_tensors([(64,), (3, 64), (2, 3, 32), (2, 1, 2, 32)]), alignment=alignment)
+    expected = write_gguf(path, random_tensors([(64,), (3, 64), (2, 3, 32), (2, 1, 2, 32)]), METADATA, alignment)
     metadata, tensors = read_gguf(path)
     assert tensors.keys() == expected.keys()
     for name, ref in expected.items():
@@ -84,7 +66,7 @@ def test_synthetic_round_trip(tmp_path, alignment):
 
 def test_version_2_reads_like_version_3(tmp_path):
     path = tmp_path / "t.gguf"
-    write_gguf(path, random_tensors([(2, 32)]))
+    write_gguf(path, random_tensors([(2, 32)]), METADATA)
     meta3, tensors3 = read_gguf(path)
     raw = bytearray(path.read_bytes())
     raw[4:8] = struct.pack("<I", 2)

@@ -112,8 +112,8 @@ def test_load_errors(tmp_path, tiny):
         minisv.load(str(tmp_path))
     with pytest.raises(MinisvError, match="unknown model"):
         minisv.load("not a model!")
-    (tmp_path / "config.json").write_text((path / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 48')
-                                          .replace('"hidden_size": 32', '"hidden_size": 48'))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 64')
+                                          .replace('"hidden_size": 32', '"hidden_size": 64'))
     (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
     with pytest.raises(MinisvError, match=r"tensor '.*' has shape"):
         minisv.load(str(tmp_path))

@@ -1,0 +1,128 @@
+"""Helpers shared by test files: a fake Hugging Face hub on 127.0.0.1 (the `server` fixture), a GGUF writer.
+
+The fake hub answers like huggingface.co: X-Repo-Commit and an ETag (the git blob sha1) on every file, and for
+LFS files (*.safetensors here) a 302 to a "CDN" path carrying X-Linked-Etag (the sha256) and X-Linked-Size.
+"""
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+
+MAIN, STEP, SHARDED = (hashlib.sha1(name).hexdigest() for name in (b"main", b"step3000", b"sharded"))
+WEIGHTS = bytes(range(256)) * 16  # 4 KiB standing in for a safetensors file
+SHARDS = {"model-00001-of-00002.safetensors": b"first shard", "model-00002-of-00002.safetensors": b"second shard"}
+# repo -> {revision or commit: commit}, and commit -> files; *.safetensors go through the "CDN" like LFS files.
+REFS = {"org/tiny": {"main": MAIN, MAIN: MAIN, "step3000": STEP, STEP: STEP},
+        "org/sharded": {"main": SHARDED, SHARDED: SHARDED}}
+FILES = {
+    MAIN: {"config.json": b'{"n_layer": 2}', "model.safetensors": WEIGHTS, "tokenizer.json": b'{"model": {}}'},
+    STEP: {"config.json": b'{"n_layer": 2, "step": 3000}', "model.safetensors": WEIGHTS[::-1]},
+    SHARDED: {"config.json": b"{}", **SHARDS, "model.safetensors.index.json": json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}).encode()},
+}
+def git_sha1(data):
+    """The hub's ETag of a file kept in git: its git blob hash (`git hash-object`)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+EXPECTED_TINY = ["config.json", "model.safetensors", "tokenizer.json"]
+ALL_NAMES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
+             "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json"]
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    requests: list  # (method, path, Authorization header), shared by the whole server
+    routes: dict    # request path -> function(handler, body) answering it instead (a hostile hub)
+    cut = False     # send only half of each CDN body, then hang up
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):  # huggingface_hub asks for metadata with HEAD
+        self.do_GET(body=False)
+
+    def do_GET(self, body=True):
+        self.requests.append((self.command, self.path, self.headers.get("Authorization")))
+        if self.path in self.routes:
+            return self.routes[self.path](self, body)
+        parts = unquote(self.path).lstrip("/").split("/")
+        if parts[0] == "cdn":  # the CDN: a plain file server that knows nothing about commits
+            data = next(f[n] for f in FILES.values() for n in f if hashlib.sha256(f[n]).hexdigest() == parts[1])
+            return self.reply(200, data[: len(data) // 2] if self.cut else data, body, {"ETag": '"s3-etag"'},
+                              length=len(data))
+        repo, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+        if repo == "org/old-name":  # a renamed repo: the hub redirects on its own host, metadata comes after
+            return self.reply(307, b"", body, {"Location": self.path.replace(repo, "org/tiny")})
+        if repo == "org/gated":  # what the hub says to a request without a token that may see the model
+            return self.reply(401, b"", body, {"X-Error-Code": "GatedRepo"})
+        if repo not in REFS:
+            return self.reply(404, b"", body, {"X-Error-Code": "RepositoryNotFound"})
+        if revision not in REFS[repo]:
+            return self.reply(404, b"", body, {"X-Error-Code": "RevisionNotFound"})
+        commit = REFS[repo][revision]
+        data = FILES[commit].get(name)
+        if data is None:
+            return self.reply(404, b"", body, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
+        if name.endswith(".safetensors"):  # the hub's 302 to a CDN on another host name, with the metadata on it
+            sha = hashlib.sha256(data).hexdigest()
+            location = f"http://localhost:{self.server.server_port}/cdn/{sha}"
+            return self.reply(302, b"", body, {"Location": location, "X-Repo-Commit": commit, "ETag": 'W/"pointer"',
+                                               "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))})
+        self.reply(200, data, body, {"X-Repo-Commit": commit, "ETag": f'"{git_sha1(data)}"'})
+
+    def reply(self, code, data, body, headers, length=None):
+        self.send_response(code)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data) if length is None else length))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+        self.close_connection = True
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    handler = type("Handler", (FakeHub,), {"requests": [], "routes": {}})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_port}"
+    httpd.handler = handler
+    monkeypatch.setenv("HF_ENDPOINT", httpd.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+# --- GGUF -----------------------------------------------------------------------------------------------
+
+def write_gguf(path, tensors, metadata, alignment=None, arch="test"):
+    """Write a GGUF with the `gguf` package (llama.cpp's own writer). tensors: name -> (float32 array, GGML type);
+    metadata: key -> (value, type, array item type). Returns name -> the reference's float32 dequantization."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
+    for key, (value, vtype, sub_type) in metadata.items():
+        w.add_key_value(key, value, vtype, sub_type)
+    expected = {}
+    for name, (data, qtype) in tensors.items():
+        Q = gguf.GGMLQuantizationType
+        stored = data.astype(np.float16) if qtype == Q.F16 else gguf.quants.quantize(data, qtype)
+        w.add_tensor(name, stored, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+        expected[name] = gguf.quants.dequantize(stored, qtype).reshape(data.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
