@@ -54,6 +54,11 @@ class TrainConfig:
     checkpoint_every: int = 50     # steps
     model: str = ""
     dataset: str = ""
+    hook_in: str = "ln2.hook_normalized"   # what the coder reads in each trained block: the MLP input ...
+    hook_out: str = "hook_mlp_out"         # ... and what it predicts: the MLP output; hook_in == hook_out is an SAE
+
+    def hooks(self, layer):
+        return f"blocks.{layer}.{self.hook_in}", f"blocks.{layer}.{self.hook_out}"
 
 
 def hook_names(layer):
@@ -74,10 +79,11 @@ def _all_reduce(t):
 
 # ------------------------------------------------------------------------- activation streaming
 class ActivationStream:
-    """Shuffled batches of (x, y) per layer, as a deterministic function of (seed, chunk, batch index)."""
+    """Shuffled batches of (x, y) per layer, as a deterministic function of (seed, chunk, batch index).
+    `hooks` {layer: (x hook name, y hook name)} says what to harvest (the same name twice for an SAE)."""
 
-    def __init__(self, model, rows, layers, batch_tokens, buffer_tokens, seed, bos_id=None, harvest_rows=64):
-        self.model, self.rows, self.layers, self.seed, self.bos_id = model, rows, layers, seed, bos_id
+    def __init__(self, model, rows, hooks, batch_tokens, buffer_tokens, seed, bos_id=None, harvest_rows=64):
+        self.model, self.rows, self.hooks, self.seed, self.bos_id = model, rows, hooks, seed, bos_id
         self.rank, self.world = _world()
         if batch_tokens % self.world:
             raise MinisvError(f"batch of {batch_tokens} tokens does not split evenly over {self.world} processes")
@@ -101,14 +107,14 @@ class ActivationStream:
     @torch.no_grad()
     def harvest(self, tokens):
         """tokens [R, T] -> {layer: (x [R, T, d_in], y [R, T, d_out])}, running the model up to the deepest layer."""
-        out = {l: ([], []) for l in self.layers}
-        names = [n for l in self.layers for n in hook_names(l)]
+        out = {l: ([], []) for l in self.hooks}
+        names = sorted({n for pair in self.hooks.values() for n in pair})
         for i in range(0, len(tokens), self.harvest_rows):
             _, cache = self.model.run_with_cache(tokens[i:i + self.harvest_rows].to(self.device), names=names,
-                                                 stop_at_layer=max(self.layers) + 1)
-            for l in self.layers:
-                out[l][0].append(cache[hook_names(l)[0]])
-                out[l][1].append(cache[hook_names(l)[1]])
+                                                 stop_at_layer=max(self.hooks) + 1)
+            for l, (x_name, y_name) in self.hooks.items():
+                out[l][0].append(cache[x_name])
+                out[l][1].append(cache[y_name])
         return {l: (torch.cat(xs), torch.cat(ys)) for l, (xs, ys) in out.items()}
 
     def chunk(self, c):
@@ -118,10 +124,9 @@ class ActivationStream:
         acts = self.harvest(tokens[self.rank * share:(self.rank + 1) * share])
         if self.world > 1:      # everyone gets every rank's rows, in rank order = chunk order
             acts = {l: tuple(torch.cat(_all_gather(t)) for t in xy) for l, xy in acts.items()}
-        keep = (tokens != self.bos_id).flatten().to(self.device) if self.bos_id is not None else \
-            torch.ones(tokens.numel(), dtype=torch.bool, device=self.device)
-        order = torch.randperm(int(keep.sum()), generator=_generator(self.seed, 1, c)).to(self.device)
-        return {l: (x.flatten(0, 1)[keep][order], y.flatten(0, 1)[keep][order]) for l, (x, y) in acts.items()}
+        acts = _without_bos(acts, tokens, self.bos_id)
+        order = torch.randperm(len(next(iter(acts.values()))[0]), generator=_generator(self.seed, 1, c))
+        return {l: (x[order.to(x.device)], y[order.to(x.device)]) for l, (x, y) in acts.items()}
 
     def batches(self, chunk=0, offset=0):
         """Yield (chunk, index, {layer: (x, y)}) forever from position (chunk, offset); each x, y is this rank's
@@ -227,18 +232,21 @@ def _init_from_batch(tc, x, y):
     tc.b_enc.copy_(-(stats[:x.shape[1]] / n) @ tc.W_enc)
 
 
-def lr_at(step, n_steps, lr, warmup):
-    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last 20% of steps."""
-    decay = max(1, n_steps // 5)
-    return lr * min(1.0, (step + 1) / max(1, warmup)) * min(1.0, (n_steps - step) / decay)
+def lr_at(step, n_steps, lr, warmup, decay=True):
+    """Linear warm-up over `warmup` steps, constant, then (with `decay`) linear decay to 0 over the last 20% of
+    steps. The ReLU recipe runs without the decay, as the paper's code does."""
+    tail = min(1.0, (n_steps - step) / max(1, n_steps // 5)) if decay else 1.0
+    return lr * min(1.0, (step + 1) / max(1, warmup)) * tail
 
 
 # ------------------------------------------------------------------------- the loop
-def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, on_step=None):
+def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, on_step=None, eval_rows=None,
+          eval_every=0, compile_step=False):
     """Train one transcoder per layer in cfg.layers on activations of `model` over token `rows` [N, ctx].
     With out_dir, checkpoints go to out_dir/checkpoint.pt every cfg.checkpoint_every steps (atomically) and
     `resume=True` continues from there. on_step(step, transcoders, stats) runs after every step (it may raise).
-    Returns ({layer: Transcoder}, summary dict)."""
+    With eval_rows (held-out token rows), the FVU on them is measured every `eval_every` steps and at the end.
+    compile_step: torch.compile the loss (for CUDA). Returns ({layer: Transcoder}, summary dict)."""
     rank, _ = _world()
     device, d, n_steps = model.embed.weight.device, model.cfg.d_model, cfg.tokens // cfg.batch_tokens
     if n_steps < 1:
@@ -247,44 +255,49 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
     if bad:
         raise MinisvError(f"layer {bad[0]} does not exist; this model has layers 0..{model.cfg.n_layers - 1}")
     torch.manual_seed(cfg.seed)
+    convention = "normalized" if cfg.hook_in.endswith("hook_normalized") else "raw"
     tcs = {l: Transcoder(TranscoderConfig(d, d, cfg.d_sae, cfg.architecture, cfg.k, cfg.skip, cfg.model, l,
-                                          *hook_names(l), dataset=cfg.dataset)).to(device) for l in cfg.layers}
+                                          *cfg.hooks(l), convention, dataset=cfg.dataset)) for l in cfg.layers}
+    if cfg.architecture == "relu":      # the paper's code: Kaiming-uniform weights (W_enc [d_in, d_sae]: bound
+        with torch.no_grad():           # sqrt(6 / d_sae)), decoder rows then scaled to unit norm
+            for tc in tcs.values():
+                torch.nn.init.kaiming_uniform_(tc.W_enc)
+                tc.W_dec.copy_(F.normalize(torch.nn.init.kaiming_uniform_(torch.empty_like(tc.W_dec)), dim=1))
+    tcs = {l: tc.to(device) for l, tc in tcs.items()}
     params = [p for tc in tcs.values() for p in tc.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     # everything besides weights and optimizer that a resumed run needs: data position, dead-latent clocks, ...
-    run = {"step": 0, "chunk": 0, "offset": 0, "seconds": 0.0, "history": [], "scale": {},
+    run = {"step": 0, "chunk": 0, "offset": 0, "seconds": 0.0, "history": [], "evals": [], "scale": {},
            "last_fired": {l: torch.zeros(cfg.d_sae, dtype=torch.long, device=device) for l in cfg.layers}}
     ckpt = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume:
         run = _restore(ckpt, cfg, tcs, opt, device)
         log(f"resuming at step {run['step']}/{n_steps} from {ckpt}")
-    stream = ActivationStream(model, rows, cfg.layers, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id)
+    stream = ActivationStream(model, rows, {l: cfg.hooks(l) for l in cfg.layers}, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id)
     batches = stream.batches(run["chunk"], run["offset"])
     log(f"harvesting activations ({stream.chunk_rows} rows of {rows.shape[1]} tokens per shuffled chunk) ...")
+    held_out = _without_bos(stream.harvest(eval_rows), eval_rows, cfg.bos_id) if eval_rows is not None else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    topk, relu = (torch.compile(topk_loss), torch.compile(relu_loss)) if compile_step else (topk_loss, relu_loss)
     t0, seconds_before, start_step = time.perf_counter(), run["seconds"], run["step"]
     log_every = max(1, min(50, n_steps // 20))
     while run["step"] < n_steps:
         step, seen = run["step"], run["step"] * cfg.batch_tokens
         run["chunk"], run["offset"], acts = next(batches)
-        if step == 0:   # targets are divided by their RMS, so one learning rate suits every model and layer
-            for l, tc in tcs.items():
-                run["scale"][l] = _rms(acts[l][1])
-                _init_from_batch(tc, acts[l][0], acts[l][1] / run["scale"][l])
+        if step == 0:   # inputs and targets are divided by their RMS (the MLP input's is ~1 already), so one
+            for l, tc in tcs.items():       # learning rate suits every model, layer and hook
+                run["scale"][l] = (_rms(acts[l][0]), _rms(acts[l][1]))
+                _init_from_batch(tc, *_scaled(acts[l], run["scale"][l]))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, n_steps, cfg.lr, cfg.warmup_steps)
+            group["lr"] = lr_at(step, n_steps, cfg.lr, cfg.warmup_steps, decay=cfg.architecture == "topk")
         total, stats = 0.0, {}
         with autocast:
             for l, tc in tcs.items():
-                x, y = acts[l][0], acts[l][1] / run["scale"][l]
+                x, y = _scaled(acts[l], run["scale"][l])
                 dead = seen - run["last_fired"][l] >= cfg.dead_tokens
-                loss, stats[l] = topk_loss(tc, x, y, dead, max(1, d // 2), cfg.aux_coef) \
-                    if cfg.architecture == "topk" else relu_loss(tc, x, y, dead, cfg.l1)
+                loss, stats[l] = topk(tc, x, y, dead, max(1, d // 2), cfg.aux_coef) \
+                    if cfg.architecture == "topk" else relu(tc, x, y, dead, cfg.l1)
                 total = total + loss
-        loss_value = _all_reduce(total.detach().float().reshape(1))[0].item()
-        if not math.isfinite(loss_value):
-            where = f"; the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt else ""
-            raise MinisvError(f"training diverged: loss is {loss_value} at step {step}{where}; lower --lr")
         opt.zero_grad(set_to_none=True)
         total.backward()
         for p in params:             # each rank's loss is (its share) / (global size): summed grads = global grad
@@ -297,7 +310,15 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
             with torch.no_grad():
                 for tc in tcs.values():
                     tc.W_dec.div_(tc.W_dec.norm(dim=1, keepdim=True))
-        for l in tcs:
+        # checked *after* the step: a finite loss can still give an overflowing gradient and non-finite weights,
+        # which must never be saved as the last good checkpoint (one sync for the loss and every weight's sum)
+        health = _all_reduce(torch.stack([total.detach().float()] + [p.detach().float().sum() for p in params]))
+        loss_value, weights_ok = float(health[0]), bool(health[1:].isfinite().all())
+        if not (math.isfinite(loss_value) and weights_ok):
+            what = f"loss is {loss_value}" if not math.isfinite(loss_value) else "the weights became non-finite"
+            where = f"; the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt else ""
+            raise MinisvError(f"training diverged: {what} at step {step}{where}; lower --lr")
+        for l in tcs:       # the clock behind "dead": the training-token count at which each latent last fired
             run["last_fired"][l][_all_reduce(stats[l]["fired"]) > 0] = seen + cfg.batch_tokens
         run["step"], run["offset"] = step + 1, run["offset"] + 1
         run["seconds"] = seconds_before + time.perf_counter() - t0
@@ -310,12 +331,44 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
             run["history"].append(record)
             if rank == 0:
                 log(line)
+        if held_out is not None and ((step + 1) % max(1, eval_every) == 0 or step + 1 == n_steps):
+            run["evals"].append({"step": step + 1, "tokens": seen + cfg.batch_tokens,
+                                 "fvu": _held_out_fvu(tcs, held_out, run["scale"])})
         if rank == 0 and ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == n_steps):
             _save_checkpoint(ckpt, cfg, tcs, opt, run)
-    return {l: _unscaled(tc, run["scale"][l], n_steps * cfg.batch_tokens) for l, tc in tcs.items()}, \
-        {"steps": n_steps, "tokens": n_steps * cfg.batch_tokens, "seconds": round(run["seconds"], 1),
+    seen = n_steps * cfg.batch_tokens
+    return {l: _unscaled(tc, *run["scale"][l], seen) for l, tc in tcs.items()}, \
+        {"steps": n_steps, "tokens": seen, "seconds": round(run["seconds"], 1),
          "tok_per_s": round((n_steps - start_step) * cfg.batch_tokens / (time.perf_counter() - t0)),
-         "history": run["history"]}
+         "dead": {str(l): _dead(v, seen, cfg.dead_tokens) for l, v in run["last_fired"].items()},
+         "dead_window_tokens": cfg.dead_tokens, "history": run["history"], "held_out": run["evals"]}
+
+
+def _dead(last_fired, seen, window):
+    """Fraction of latents that fired on none of the last `window` training tokens (of `seen` so far)."""
+    return float((seen - last_fired >= window).float().mean())
+
+
+def _scaled(xy, scale):
+    """(x / s_in, y / s_out) in float32 (activations come in the model's dtype; the transcoders are float32)."""
+    return xy[0].float() / scale[0], xy[1].float() / scale[1]
+
+
+def _without_bos(acts, rows, bos_id):
+    """{layer: (x [R, T, d], y)} -> the same at the positions not holding BOS, flattened: (x [n, d], y [n, d])."""
+    keep = (rows != bos_id if bos_id is not None else torch.ones_like(rows, dtype=torch.bool)).flatten()
+    return {l: (x.flatten(0, 1)[keep.to(x.device)], y.flatten(0, 1)[keep.to(x.device)]) for l, (x, y) in acts.items()}
+
+
+@torch.no_grad()
+def _held_out_fvu(tcs, held_out, scale, batch=1024):
+    """{layer: FVU} on held-out activations, in the scaled units training uses (FVU does not depend on them)."""
+    out = {}
+    for l, tc in tcs.items():
+        x, y = _scaled(held_out[l], scale[l])
+        err = sum(float((tc(x[i:i + batch]) - y[i:i + batch]).pow(2).sum()) for i in range(0, len(x), batch))
+        out[str(l)] = err / float((y - y.mean(0)).pow(2).sum())
+    return out
 
 
 def _rms(y):
@@ -325,12 +378,15 @@ def _rms(y):
 
 
 @torch.no_grad()
-def _unscaled(tc, scale, tokens):
-    """A copy that predicts the raw target: f → scale·f (W_enc, b_enc; ReLU and TopK commute with a positive
-    scale, and ReLU decoder rows keep unit norm), b_dec and W_skip → scale·(them)."""
+def _unscaled(tc, s_in, s_out, tokens):
+    """A copy for raw inputs and targets. Trained on x' = x / s_in to predict y' = y / s_out, it becomes
+    f = s_out·f' = act(x·(s_out/s_in)·W_enc + s_out·b_enc) (ReLU and TopK commute with a positive scale; ReLU
+    decoder rows keep unit norm) and ŷ = f·W_dec + s_out·b_dec + x·(s_out/s_in)·W_skip."""
     out = copy.deepcopy(tc)
-    for p in (out.W_enc, out.b_enc, out.b_dec) + ((out.W_skip,) if out.W_skip is not None else ()):
-        p.mul_(scale)
+    for p in (out.b_enc, out.b_dec):
+        p.mul_(s_out)
+    for p in (out.W_enc,) + ((out.W_skip,) if out.W_skip is not None else ()):
+        p.mul_(s_out / s_in)
     out.cfg.training_tokens = tokens
     return out
 
@@ -348,25 +404,41 @@ def _restore(path, cfg, tcs, opt, device):
     if not path or not os.path.isfile(path):
         raise MinisvError(f"nothing to resume: no {CHECKPOINT} in {os.path.dirname(path or '') or 'the output dir'}; "
                           f"start without --resume")
-    state = torch.load(path, map_location=device, weights_only=True)
-    if state["train_cfg"] != dataclasses.asdict(cfg):
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        same = state["train_cfg"] == dataclasses.asdict(cfg)
+    except Exception as e:      # truncated, not a torch file, not a dict
+        raise MinisvError(f"cannot resume: {path} is damaged or not a checkpoint of this script ({_first_line(e)}); "
+                          f"start again with --overwrite") from None
+    if not same:
         diff = [k for k, v in dataclasses.asdict(cfg).items() if state["train_cfg"].get(k) != v]
         raise MinisvError(f"cannot resume {path}: it was trained with different settings ({', '.join(diff)}); "
                           f"rerun with the original flags or a new --out")
-    for l, tc in tcs.items():
-        tc.load_state_dict(state["transcoders"][str(l)])
-    opt.load_state_dict(state["optimizer"])
-    run = {k: state[k] for k in ("step", "chunk", "offset", "seconds", "history")}
-    run["scale"] = {int(l): v for l, v in state["scale"].items()}
-    run["last_fired"] = {int(l): v for l, v in state["last_fired"].items()}
+    try:
+        for l, tc in tcs.items():
+            tc.load_state_dict(state["transcoders"][str(l)])
+        opt.load_state_dict(state["optimizer"])
+        run = {k: state[k] for k in ("step", "chunk", "offset", "seconds", "history", "evals")}
+        run["scale"] = {int(l): tuple(v) for l, v in state["scale"].items()}
+        run["last_fired"] = {int(l): v.to(device) for l, v in state["last_fired"].items()}
+        if any(v.shape != (cfg.d_sae,) for v in run["last_fired"].values()):
+            raise ValueError("last_fired has the wrong shape")
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise MinisvError(f"cannot resume: {path} does not match this run's transcoders ({_first_line(e)}); "
+                          f"start again with --overwrite") from None
     return run
+
+
+def _first_line(e):
+    """An exception as one short line (torch's messages can span many)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 def _progress(step, n_steps, cfg, loss, stats, last_fired, tok_s):
     seen = step * cfg.batch_tokens
     mean = lambda key: sum(float(_all_reduce(s[key].detach().float().reshape(1))) for s in stats.values()) / len(stats)
     fvu, l0 = mean("fvu"), mean("l0")
-    dead = sum(float((seen - v >= cfg.dead_tokens).float().mean()) for v in last_fired.values()) / len(stats)
+    dead = sum(_dead(v, seen, cfg.dead_tokens) for v in last_fired.values()) / len(stats)
     line = (f"step {step}/{n_steps} | {seen:,} tok | {tok_s:,.0f} tok/s | loss {loss:.4f} | L0 {l0:.1f} | "
             f"FVU {fvu:.3f} | dead {dead:.1%}")
     return {"step": step, "tokens": seen, "loss": loss, "fvu": fvu, "l0": l0, "dead": dead, "line": line}
