@@ -78,6 +78,21 @@ def _all_reduce(t):
 
 
 # ------------------------------------------------------------------------- activation streaming
+@torch.no_grad()
+def harvest(model, tokens, hooks, batch_rows=64):
+    """tokens [R, T] -> {layer: (x [R, T, d_in], y [R, T, d_out])} for hooks {layer: (x name, y name)}, running
+    the model only up to the deepest layer needed."""
+    out = {l: ([], []) for l in hooks}
+    names = sorted({n for pair in hooks.values() for n in pair})
+    for i in range(0, len(tokens), batch_rows):
+        _, cache = model.run_with_cache(tokens[i:i + batch_rows].to(model.embed.weight.device), names=names,
+                                        stop_at_layer=max(hooks) + 1)
+        for l, (x_name, y_name) in hooks.items():
+            out[l][0].append(cache[x_name])
+            out[l][1].append(cache[y_name])
+    return {l: (torch.cat(xs), torch.cat(ys)) for l, (xs, ys) in out.items()}
+
+
 class ActivationStream:
     """Shuffled batches of (x, y) per layer, as a deterministic function of (seed, chunk, batch index).
     `hooks` {layer: (x hook name, y hook name)} says what to harvest (the same name twice for an SAE)."""
@@ -88,9 +103,9 @@ class ActivationStream:
         if batch_tokens % self.world:
             raise MinisvError(f"batch of {batch_tokens} tokens does not split evenly over {self.world} processes")
         self.batch, self.harvest_rows = batch_tokens, harvest_rows
-        ctx = rows.shape[1]
-        # rows per chunk: enough for the buffer, at least one batch, and a multiple of the number of processes
-        self.chunk_rows = -(-max(buffer_tokens, 2 * batch_tokens) // ctx // self.world) * self.world
+        # rows per chunk: enough for the buffer and two batches, rounded up to a multiple of the processes
+        rows_needed = math.ceil(max(buffer_tokens, 2 * batch_tokens) / rows.shape[1])
+        self.chunk_rows = math.ceil(rows_needed / self.world) * self.world
         self.device = model.embed.weight.device
 
     def _row_ids(self, chunk):
@@ -104,24 +119,11 @@ class ActivationStream:
             ids.append(int(orders[epoch][g % n]))
         return torch.tensor(ids)
 
-    @torch.no_grad()
-    def harvest(self, tokens):
-        """tokens [R, T] -> {layer: (x [R, T, d_in], y [R, T, d_out])}, running the model up to the deepest layer."""
-        out = {l: ([], []) for l in self.hooks}
-        names = sorted({n for pair in self.hooks.values() for n in pair})
-        for i in range(0, len(tokens), self.harvest_rows):
-            _, cache = self.model.run_with_cache(tokens[i:i + self.harvest_rows].to(self.device), names=names,
-                                                 stop_at_layer=max(self.hooks) + 1)
-            for l, (x_name, y_name) in self.hooks.items():
-                out[l][0].append(cache[x_name])
-                out[l][1].append(cache[y_name])
-        return {l: (torch.cat(xs), torch.cat(ys)) for l, (xs, ys) in out.items()}
-
     def chunk(self, c):
         """The shuffled activations of chunk c: {layer: (x [n, d_in], y [n, d_out])}, identical on every rank."""
         tokens = self.rows[self._row_ids(c)]
         share = len(tokens) // self.world
-        acts = self.harvest(tokens[self.rank * share:(self.rank + 1) * share])
+        acts = harvest(self.model, tokens[self.rank * share:(self.rank + 1) * share], self.hooks, self.harvest_rows)
         if self.world > 1:      # everyone gets every rank's rows, in rank order = chunk order
             acts = {l: tuple(torch.cat(_all_gather(t)) for t in xy) for l, xy in acts.items()}
         acts = _without_bos(acts, tokens, self.bos_id)
@@ -138,6 +140,26 @@ class ActivationStream:
             for i in range(offset, n):
                 lo = i * self.batch + self.rank * part
                 yield chunk, i, {l: (x[lo:lo + part], y[lo:lo + part]) for l, (x, y) in acts.items()}
+            chunk, offset = chunk + 1, 0
+
+
+class CachedActivations:
+    """Batches from activations already in memory, {layer: (x [n, d_in], y [n, d_out])}, in a fresh seeded order
+    every epoch (one process). For sweeps: harvest once, train many coders on exactly the same tokens."""
+
+    def __init__(self, acts, batch_tokens, seed):
+        self.acts, self.batch, self.seed = acts, batch_tokens, seed
+        self.n = len(next(iter(acts.values()))[0])
+        if self.n < batch_tokens:
+            raise MinisvError(f"{self.n} cached activations are less than one batch of {batch_tokens}")
+
+    def batches(self, chunk=0, offset=0):
+        """Like ActivationStream.batches, with one epoch per chunk."""
+        while True:
+            order = torch.randperm(self.n, generator=_generator(self.seed, 2, chunk))
+            for i in range(offset, self.n // self.batch):
+                take = order[i * self.batch:(i + 1) * self.batch]
+                yield chunk, i, {l: (x[take.to(x.device)], y[take.to(y.device)]) for l, (x, y) in self.acts.items()}
             chunk, offset = chunk + 1, 0
 
 
@@ -241,12 +263,14 @@ def lr_at(step, n_steps, lr, warmup, decay=True):
 
 # ------------------------------------------------------------------------- the loop
 def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, on_step=None, eval_rows=None,
-          eval_every=0, compile_step=False):
-    """Train one transcoder per layer in cfg.layers on activations of `model` over token `rows` [N, ctx].
+          eval_every=0, compile_step=False, amp=True):
+    """Train one transcoder per layer in cfg.layers on activations of `model` over token `rows` [N, ctx], or
+    from `rows` = CachedActivations (harvested before, at cfg's hooks, without BOS positions).
     With out_dir, checkpoints go to out_dir/checkpoint.pt every cfg.checkpoint_every steps (atomically) and
     `resume=True` continues from there. on_step(step, transcoders, stats) runs after every step (it may raise).
     With eval_rows (held-out token rows), the FVU on them is measured every `eval_every` steps and at the end.
-    compile_step: torch.compile the loss (for CUDA). Returns ({layer: Transcoder}, summary dict)."""
+    On CUDA the loss runs under bf16 autocast unless amp=False; compile_step: torch.compile the loss (CUDA).
+    Returns ({layer: Transcoder}, summary dict)."""
     rank, _ = _world()
     device, d, n_steps = model.embed.weight.device, model.cfg.d_model, cfg.tokens // cfg.batch_tokens
     if n_steps < 1:
@@ -273,11 +297,14 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
     if resume:
         run = _restore(ckpt, cfg, tcs, opt, device)
         log(f"resuming at step {run['step']}/{n_steps} from {ckpt}")
-    stream = ActivationStream(model, rows, {l: cfg.hooks(l) for l in cfg.layers}, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id)
+    hooks = {l: cfg.hooks(l) for l in cfg.layers}
+    stream = rows
+    if torch.is_tensor(rows):
+        stream = ActivationStream(model, rows, hooks, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id)
+        log(f"harvesting activations ({stream.chunk_rows} rows of {rows.shape[1]} tokens per shuffled chunk) ...")
     batches = stream.batches(run["chunk"], run["offset"])
-    log(f"harvesting activations ({stream.chunk_rows} rows of {rows.shape[1]} tokens per shuffled chunk) ...")
-    held_out = _without_bos(stream.harvest(eval_rows), eval_rows, cfg.bos_id) if eval_rows is not None else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    held_out = _without_bos(harvest(model, eval_rows, hooks), eval_rows, cfg.bos_id) if eval_rows is not None else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp else nullcontext()
     topk, relu = (torch.compile(topk_loss), torch.compile(relu_loss)) if compile_step else (topk_loss, relu_loss)
     t0, seconds_before, start_step = time.perf_counter(), run["seconds"], run["step"]
     log_every = max(1, min(50, n_steps // 20))

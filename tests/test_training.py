@@ -16,7 +16,7 @@ from conftest import tiny_config
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
 from minisv import training
-from minisv.training import (ActivationStream, TrainConfig, _fix_decoder_grad, hook_names, lr_at, topk_loss, train)
+from minisv.training import (ActivationStream, CachedActivations, TrainConfig, _fix_decoder_grad, hook_names, lr_at, topk_loss, train)
 from minisv.transcoder import Transcoder, TranscoderConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -530,3 +530,47 @@ def test_two_gloo_processes_train_like_one_process(tiny_llama, token_file, tmp_p
     single, ddp = Transcoder.load(tmp_path / "single"), Transcoder.load(tmp_path / "ddp")
     for (name, a), (_, b) in zip(single.named_parameters(), ddp.named_parameters()):
         assert (a - b).norm() < 0.02 * a.norm(), name      # ~0.005 measured; the noise is in a few entries
+
+
+# ------------------------------------------------------------------------- cached activations, sweep and GPU bench
+def test_cached_activations_serve_every_pair_once_per_epoch():
+    x = torch.arange(40.0)[:, None].repeat(1, 3)
+    stream = CachedActivations({2: (x, -x)}, batch_tokens=8, seed=0)
+    batches = stream.batches()
+    epochs = [[next(batches) for _ in range(5)] for _ in range(2)]
+    for epoch, served in enumerate(epochs):
+        assert [(c, i) for c, i, _ in served] == [(epoch, i) for i in range(5)]
+        xs = torch.cat([acts[2][0] for _, _, acts in served])
+        assert sorted(xs[:, 0].tolist()) == list(range(40)) and torch.equal(torch.cat([a[2][1] for *_, a in served]), -xs)
+    assert not torch.equal(epochs[0][0][2][2][0], epochs[1][0][2][2][0])      # a fresh order each epoch
+    resumed = next(stream.batches(1, 3))
+    assert resumed[:2] == (1, 3) and torch.equal(resumed[2][2][0], epochs[1][3][2][2][0])
+
+
+def bench_module(name):
+    sys.path.insert(0, os.path.join(REPO, "tests", "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_sweep_trains_both_kinds_on_the_same_tokens_and_writes_table_and_plot(tiny_llama, tmp_path, capsys):
+    path, _ = tiny_llama
+    sweep = bench_module("sweep_tc_vs_sae")
+    sweep.main(["--model", str(path), "--layer", "1", "--k", "2", "4", "--d-sae", "32", "--tokens", "1024",
+                "--batch-tokens", "256", "--ctx", "32", "--eval-tokens", "128", "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "tc_vs_sae.json").read_text())["runs"]
+    assert [(r["kind"], r["k"]) for r in runs] == [("transcoder", 2), ("transcoder", 4), ("SAE", 2), ("SAE", 4)]
+    assert all(r["l0"] <= r["k"] and r["ce_increase"] == pytest.approx(r["ce_spliced"] - r["ce_clean"]) for r in runs)
+    table = (tmp_path / "tc_vs_sae.md").read_text()
+    assert f"| 4 | {runs[1]['l0']:.1f} / {runs[3]['l0']:.1f} | {runs[1]['fvu']:.3f} / {runs[3]['fvu']:.3f} |" in table
+    svg = (tmp_path / "tc_vs_sae.svg").read_text()
+    assert svg.count("<svg") == 3 and svg.count("<circle") == 8
+
+
+def test_gpu_bench_steps_run_on_cpu():
+    """bench_transcoder_gpu.sh needs a GPU; its Python part runs here with a tiny model (--dry-run)."""
+    results = bench_module("bench_transcoder_gpu").main(["--dry-run"])
+    assert [(r[0], r[2]) for r in results] == [("float32", False), ("bfloat16", False)]
+    assert all(r[3] > 0 and r[4] > 0 for r in results)
