@@ -137,6 +137,32 @@ def test_auxk_revives_planted_dead_latents():
     assert revived[0.0] == 0 and revived[1 / 32] >= 12
 
 
+def test_topk_loss_gradients_match_dense_autograd():
+    """FVU + AuxK against a plain dense autograd oracle (every pre-activation materialized, top-k by scatter),
+    on targets with a large mean; AuxK's dead latents fit the detached error y − ŷ."""
+    torch.manual_seed(0)
+    tc = Transcoder(TranscoderConfig(12, 10, 40, "topk", 3))
+    with torch.no_grad():
+        tc.W_dec.normal_(0, 0.3), tc.b_dec.normal_()
+    x, y = torch.randn(50, 12), torch.randn(50, 10) + 5.0
+    dead = torch.arange(40) % 3 == 0                                                       # 14 dead latents
+    loss, _ = topk_loss(tc, x, y, dead, k_aux=6, aux_coef=0.5)
+    got = torch.autograd.grad(loss, list(tc.parameters()))
+
+    def dense(f_mask_source, k):
+        idx = f_mask_source.topk(k, dim=-1).indices
+        return torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx).relu())
+    pre = x @ tc.W_enc + tc.b_enc
+    y_hat = dense(pre, 3) @ tc.W_dec + tc.b_dec
+    e = (y - y_hat).detach()
+    aux = (dense(pre.masked_fill(~dead, float("-inf")), 6) @ tc.W_dec - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    expected = (y_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum() + 0.5 * min(14 / 6, 1.0) * aux
+    want = torch.autograd.grad(expected, list(tc.parameters()))
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    for g, w, (name, _) in zip(got, want, tc.named_parameters()):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_lr_schedule():
     lrs = [lr_at(s, 100, 1.0, warmup=10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[79] == 1.0
