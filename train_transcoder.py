@@ -48,8 +48,8 @@ def parse_args(argv):
                "--target '6:123@-1'")
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id such as 'gpt2', a "
                    "local Hugging Face directory or a .gguf file (default: smollm2)")
-    p.add_argument("--layer", type=nonneg_int, nargs="+", default=[DEFAULT_LAYER], help="layer(s) whose MLP to replace, "
-                   f"0-based; several share each forward pass (default: {DEFAULT_LAYER})")
+    p.add_argument("--layer", type=nonneg_int, nargs="+", default=[DEFAULT_LAYER], help="layer(s) whose MLP to "
+                   f"replace, 0-based; several share each forward pass (default: {DEFAULT_LAYER})")
     p.add_argument("--kind", choices=["transcoder", "sae"], default="transcoder", help="transcoder: read the MLP "
                    "input, predict its output; sae: a sparse autoencoder that reconstructs --sae-site from itself, "
                    "trained by the same code (default: transcoder)")
@@ -67,13 +67,13 @@ def parse_args(argv):
     p.add_argument("--l1", type=nonneg_float, default=1.4e-4, help="L1 coefficient, relu only (default: 1.4e-4, the "
                    "paper's GPT-2 value)")
     p.add_argument("--skip", action="store_true", help="add a dense skip connection x @ W_skip (skip transcoder)")
-    p.add_argument("--lr", type=positive_float, help="peak Adam learning rate (default: 4e-3·sqrt(9216/d_sae) for topk, "
-                   "4e-4 for relu)")
+    p.add_argument("--lr", type=positive_float, help="peak Adam learning rate (default: 4e-3·sqrt(9216/d_sae) for "
+                   "topk, 4e-4 for relu)")
     p.add_argument("--tokens", type=positive_int, default=327_680, help="training tokens (default: 327,680)")
-    p.add_argument("--batch-tokens", type=positive_int, default=1024, help="tokens per optimizer step (default: 1024; on "
-                   "short runs more, smaller steps win, see the README)")
-    p.add_argument("--ctx", type=positive_int, default=128, help="tokens per sequence; documents are packed into rows of "
-                   "this length, each starting with BOS (default: 128)")
+    p.add_argument("--batch-tokens", type=positive_int, default=1024, help="tokens per optimizer step (default: 1024; "
+                   "on short runs more, smaller steps win, see the README)")
+    p.add_argument("--ctx", type=positive_int, default=128, help="tokens per sequence; documents are packed into rows "
+                   "of this length, each starting with BOS (default: 128)")
     p.add_argument("--data", metavar="PATH", help="a .txt/.md file, a folder of them, a .jsonl with a 'text' field, "
                    "or pre-tokenized .bin (uint16) / .npy token ids (default: the built-in corpus)")
     p.add_argument("--eval-tokens", type=positive_int, default=4096, help="held-out tokens for the final evaluation "
@@ -92,8 +92,8 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype for harvesting "
                    "activations (default: bfloat16 on CUDA, float32 on CPU); transcoder weights stay float32")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed for initialization, data order and the held-out split "
-                   "(default: 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed for initialization, data order and the held-out "
+                   "split (default: 0)")
     a = p.add_argument_group("dashboards and circuits", "run after training, or instead of it on --load / "
                              "--import-released transcoders")
     a.add_argument("--load", nargs="+", metavar="DIR", help="skip training; use transcoders saved by this script "
@@ -105,8 +105,8 @@ def parse_args(argv):
                    "written to --out, a seeded random sample of the live ones; 0 skips the dashboard (default: 1000)")
     a.add_argument("--features", type=nonneg_int, nargs="+", metavar="ID", help="show these features in the dashboard "
                    "instead of a sample")
-    a.add_argument("--dash-tokens", type=positive_int, default=16384, metavar="N", help="held-out tokens scanned for the "
-                   "dashboard (default: 16384)")
+    a.add_argument("--dash-tokens", type=positive_int, default=16384, metavar="N", help="held-out tokens scanned for "
+                   "the dashboard (default: 16384)")
     a.add_argument("--prompt", metavar="TEXT", help="explain a target on this text (BOS prepended when the model "
                    "has one): print the top computational paths as a tree, write circuit.json and circuit.html "
                    "to --out")
@@ -114,10 +114,10 @@ def parse_args(argv):
                    "transcoder at token T (T defaults to the last; negative counts from the end), \"logit: ' 40' - "
                    "' 20'\" a logit difference at the last token (default: the most active feature of the deepest "
                    "transcoder at the last token). MLPs without a transcoder are kept whole, as error terms")
-    a.add_argument("--rounds", type=positive_int, default=3, metavar="N", help="rounds of the path search = path length "
-                   "(default: 3)")
-    a.add_argument("--branches", type=positive_int, default=5, metavar="N", help="terms followed per path and paths kept per "
-                   "round (default: 5)")
+    a.add_argument("--rounds", type=positive_int, default=3, metavar="N", help="rounds of the path search = path "
+                   "length (default: 3)")
+    a.add_argument("--branches", type=positive_int, default=5, metavar="N", help="terms followed per path and paths "
+                   "kept per round (default: 5)")
     args = p.parse_args(argv)
     if args.target and not args.prompt:
         p.error("--target needs --prompt, the text to explain it on")

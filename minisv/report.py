@@ -374,8 +374,9 @@ def training_html(metrics, title="Transcoder training") -> str:
     train, ev = metrics["train"], metrics["eval"]
     h = train["history"]
     curve = lambda key: [(r["tokens"], r[key]) for r in h]
-    held = {f"held-out, layer {l}": [(r["tokens"], r["fvu"][l]) for r in train.get("held_out", [])]
-            for l in (train.get("held_out") or [{"fvu": {}}])[0]["fvu"]}
+    evals = train.get("held_out", [])
+    held = {f"held-out, layer {l}": [(r["tokens"], r["fvu"][l]) for r in evals]
+            for l in (evals[0]["fvu"] if evals else {})}
     charts = [svg_chart({"training batch (mean over layers)": curve("fvu"), **held}, "training tokens", "FVU",
                         "FVU: unexplained fraction of the target's variance"),
               svg_chart({"loss": curve("loss")}, "training tokens", "loss", "training loss (sum over layers)"),
@@ -420,8 +421,8 @@ def svg_chart(series, xlabel, ylabel, title="", log_x=False, log_y=False, width=
              f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#888" fill="none"/>']
     for i in range(5):          # ticks: value labels in data units (10^v on log axes)
         vx, vy = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{X(vx)}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">'
-                     f'{_tick(vx, log_x)}</text><text x="{left - 4}" y="{Y(vy) + 3}" text-anchor="end" '
+        parts.append(f'<text x="{X(vx):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">'
+                     f'{_tick(vx, log_x)}</text><text x="{left - 4}" y="{Y(vy) + 3:.1f}" text-anchor="end" '
                      f'font-size="10">{_tick(vy, log_y)}</text>')
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle" font-size="11">'
                  f'{html.escape(xlabel)}</text><text x="12" y="{(top + height - bottom) / 2}" font-size="11" '

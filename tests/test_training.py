@@ -16,7 +16,8 @@ from conftest import tiny_config
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
 from minisv import training
-from minisv.training import (ActivationStream, CachedActivations, TrainConfig, _fix_decoder_grad, hook_names, lr_at, topk_loss, train)
+from minisv.training import (ActivationStream, CachedActivations, TrainConfig, _fix_decoder_grad, hook_names, lr_at,
+                             topk_loss, train)
 from minisv.transcoder import Transcoder, TranscoderConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,8 @@ def test_stream_serves_the_hooked_activations_without_bos(tiny):
     family, path, _ = tiny
     model = minisv.load(str(path), device="cpu")
     rows = token_rows(48)
-    stream = ActivationStream(model, rows, {l: hook_names(l) for l in (0, 2)}, batch_tokens=128, buffer_tokens=1024, seed=0, bos_id=BOS)
+    stream = ActivationStream(model, rows, {l: hook_names(l) for l in (0, 2)}, batch_tokens=128, buffer_tokens=1024,
+                              seed=0, bos_id=BOS)
 
     def beyond(x, name):
         raise AssertionError("harvesting ran past the deepest layer it needs")
@@ -451,12 +453,13 @@ def test_torchrun_on_gpus_uses_nccl_and_each_process_its_local_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("gpu", d))
-    monkeypatch.setattr(train_transcoder.dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
+    monkeypatch.setattr(train_transcoder.dist, "init_process_group", lambda b: calls.setdefault("backend", b))
     monkeypatch.setattr(train_transcoder.dist, "get_rank", lambda: 3)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     rank, device = train_transcoder._setup_distributed("cuda:0")
-    assert (rank, device, calls["gpu"], calls["backend"]) == (3, torch.device("cuda", 3), torch.device("cuda", 3), "nccl")
+    gpu = torch.device("cuda", 3)
+    assert (rank, device, calls["gpu"], calls["backend"]) == (3, gpu, gpu, "nccl")
 
 
 def test_script_report_html_shows_curves_histogram_and_table(tiny_llama, token_file, tmp_path):
@@ -567,7 +570,8 @@ def test_cached_activations_serve_every_pair_once_per_epoch():
     for epoch, served in enumerate(epochs):
         assert [(c, i) for c, i, _ in served] == [(epoch, i) for i in range(5)]
         xs = torch.cat([acts[2][0] for _, _, acts in served])
-        assert sorted(xs[:, 0].tolist()) == list(range(40)) and torch.equal(torch.cat([a[2][1] for *_, a in served]), -xs)
+        assert sorted(xs[:, 0].tolist()) == list(range(40))
+        assert torch.equal(torch.cat([acts[2][1] for _, _, acts in served]), -xs)
     assert not torch.equal(epochs[0][0][2][2][0], epochs[1][0][2][2][0])      # a fresh order each epoch
     resumed = next(stream.batches(1, 3))
     assert resumed[:2] == (1, 3) and torch.equal(resumed[2][2][0], epochs[1][3][2][2][0])

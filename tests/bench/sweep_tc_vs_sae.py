@@ -70,7 +70,8 @@ def main(argv=None):
             results.append({"kind": kind, "k": k, "l0": r["l0"], "fvu": r["fvu"], "ce_clean": m["ce_clean"],
                             "ce_spliced": r["ce_spliced"], "ce_increase": r["ce_spliced"] - m["ce_clean"],
                             "ce_score": r["ce_score"], "kl": r["kl"], "seconds": round(time.perf_counter() - t0, 1)})
-            print(" ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}" for key, v in results[-1].items()))
+            print(" ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
+                           for key, v in results[-1].items()))
     os.makedirs(args.out, exist_ok=True)
     setup = (f"{args.model} layer {L}, d_sae {args.d_sae}, TopK, {args.tokens:,} training tokens per run (the same "
              f"cached activations), batch {args.batch_tokens}, evaluated on the same {m['tokens']:,} held-out "
@@ -91,11 +92,13 @@ def _random_rows(model, ctx):
 def table(results, setup):
     """Markdown: one row per k, transcoder and SAE side by side."""
     by = {(r["kind"], r["k"]): r for r in results}
-    lines = ["| k | L0 TC / SAE | FVU TC / SAE | CE increase TC / SAE (nats) | CE score TC / SAE |", "|---|---|---|---|---|"]
+    lines = ["| k | L0 TC / SAE | FVU TC / SAE | CE increase TC / SAE (nats) | CE score TC / SAE |",
+             "|---|---|---|---|---|"]
     for k in sorted({r["k"] for r in results}):
         tc, sae = by[("transcoder", k)], by[("SAE", k)]
         lines.append(f"| {k} | {tc['l0']:.1f} / {sae['l0']:.1f} | {tc['fvu']:.3f} / {sae['fvu']:.3f} | "
-                     f"{tc['ce_increase']:.4f} / {sae['ce_increase']:.4f} | {tc['ce_score']:.3f} / {sae['ce_score']:.3f} |")
+                     f"{tc['ce_increase']:.4f} / {sae['ce_increase']:.4f} | "
+                     f"{tc['ce_score']:.3f} / {sae['ce_score']:.3f} |")
     return "\n".join(lines) + f"\n\n{setup}\n"
 
 
