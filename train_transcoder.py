@@ -11,11 +11,13 @@ torchrun --nproc_per_node N train_transcoder.py ... (the global batch is split a
 The run ends by writing dashboards.html, what the features respond to; --prompt adds a circuit analysis.
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import json
 import os
-import sys
+import re
 import time
 
 import torch
@@ -24,14 +26,17 @@ import torch.distributed as dist
 import minisv
 from minisv.circuits import Circuit, format_tree
 from minisv.data import load_dataset
+from minisv.cli import device as parse_device, main as cli_main, nonneg_float, nonneg_int, positive_float, positive_int
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
 from minisv.atomic import write_text
-from minisv.report import circuit_html, collect_dashboards, dashboards_html
+from minisv.report import circuit_html, collect_dashboards, dashboards_html, training_html
 from minisv.training import TrainConfig, train
 from minisv.transcoder import Transcoder, import_released
 
 DEFAULT_LAYER = 6
+SAE_SITES = {"mlp_out": "hook_mlp_out", "resid_mid": "hook_resid_mid", "ln2": "ln2.hook_normalized"}
+LOCK = ".lock"
 
 
 def parse_args(argv):
@@ -43,37 +48,52 @@ def parse_args(argv):
                "--target '6:123@-1'")
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id such as 'gpt2', a "
                    "local Hugging Face directory or a .gguf file (default: smollm2)")
-    p.add_argument("--layer", type=int, nargs="+", default=[DEFAULT_LAYER], help="layer(s) whose MLP to replace, "
-                   f"0-based; several share each forward pass (default: {DEFAULT_LAYER})")
+    p.add_argument("--layer", type=nonneg_int, nargs="+", default=[DEFAULT_LAYER], help="layer(s) whose MLP to "
+                   f"replace, 0-based; several share each forward pass (default: {DEFAULT_LAYER})")
+    p.add_argument("--kind", choices=["transcoder", "sae"], default="transcoder", help="transcoder: read the MLP "
+                   "input, predict its output; sae: a sparse autoencoder that reconstructs --sae-site from itself, "
+                   "trained by the same code (default: transcoder)")
+    p.add_argument("--sae-site", choices=list(SAE_SITES), default="mlp_out", help="what an SAE reconstructs: the "
+                   "MLP output (hook_mlp_out), the residual before the MLP (hook_resid_mid) or the MLP input "
+                   "(ln2.hook_normalized) (default: mlp_out)")
     p.add_argument("--arch", choices=["topk", "relu"], default="topk", help="topk: keep the k largest latents, "
-                   "FVU + AuxK loss; relu: the paper's ReLU + L1 with unit-norm decoder rows (default: topk)")
+                   "FVU + AuxK loss; relu: ReLU + L1 with unit-norm decoder rows, the paper's loss, init and "
+                   "constant-after-warm-up schedule, with shorter warm-up and dead windows (see the README) "
+                   "(default: topk)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--d-sae", type=int, help="number of latents (default: 16 × d_model)")
-    size.add_argument("--expansion", type=int, help="number of latents as a multiple of d_model")
-    p.add_argument("--k", type=int, default=32, help="active latents per token, topk only (default: 32)")
-    p.add_argument("--l1", type=float, default=1.4e-4, help="L1 coefficient, relu only (default: 1.4e-4, the "
+    size.add_argument("--d-sae", type=positive_int, help="number of latents (default: 16 × d_model)")
+    size.add_argument("--expansion", type=positive_int, help="number of latents as a multiple of d_model")
+    p.add_argument("--k", type=positive_int, default=32, help="active latents per token, topk only (default: 32)")
+    p.add_argument("--l1", type=nonneg_float, default=1.4e-4, help="L1 coefficient, relu only (default: 1.4e-4, the "
                    "paper's GPT-2 value)")
     p.add_argument("--skip", action="store_true", help="add a dense skip connection x @ W_skip (skip transcoder)")
-    p.add_argument("--lr", type=float, help="peak Adam learning rate (default: 4e-3·sqrt(9216/d_sae) for topk, "
-                   "4e-4 for relu)")
-    p.add_argument("--tokens", type=int, default=327_680, help="training tokens (default: 327,680)")
-    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimizer step (default: 1024; on "
-                   "short runs more, smaller steps win, see the README)")
-    p.add_argument("--ctx", type=int, default=128, help="tokens per sequence; documents are packed into rows of "
-                   "this length, each starting with BOS (default: 128)")
+    p.add_argument("--lr", type=positive_float, help="peak Adam learning rate (default: 4e-3·sqrt(9216/d_sae) for "
+                   "topk, 4e-4 for relu)")
+    p.add_argument("--tokens", type=positive_int, default=327_680, help="training tokens (default: 327,680)")
+    p.add_argument("--batch-tokens", type=positive_int, default=1024, help="tokens per optimizer step (default: 1024; "
+                   "on short runs more, smaller steps win, see the README)")
+    p.add_argument("--ctx", type=positive_int, default=128, help="tokens per sequence; documents are packed into rows "
+                   "of this length, each starting with BOS (default: 128)")
     p.add_argument("--data", metavar="PATH", help="a .txt/.md file, a folder of them, a .jsonl with a 'text' field, "
                    "or pre-tokenized .bin (uint16) / .npy token ids (default: the built-in corpus)")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the final evaluation "
+    p.add_argument("--eval-tokens", type=positive_int, default=4096, help="held-out tokens for the final evaluation "
                    "(default: 4096)")
     p.add_argument("--out", help="output directory (default: runs/transcoder-MODEL-L<layers>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
-                   "(same flags required)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun, the local GPU)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                       "(same flags required)")
+    again.add_argument("--overwrite", action="store_true", help="train into --out even though it holds files "
+                       "(a finished or interrupted run); without it such a directory is refused")
+    p.add_argument("--eval-every", type=nonneg_int, default=0, metavar="STEPS", help="also measure held-out FVU "
+                   "every STEPS steps during training, for report.html (default: 0 = about 10 times per run)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default: 50)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available). Under torchrun any cuda "
+                   "value means NCCL, each process on GPU number LOCAL_RANK")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype for harvesting "
                    "activations (default: bfloat16 on CUDA, float32 on CPU); transcoder weights stay float32")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and the held-out split "
-                   "(default: 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed for initialization, data order and the held-out "
+                   "split (default: 0)")
     a = p.add_argument_group("dashboards and circuits", "run after training, or instead of it on --load / "
                              "--import-released transcoders")
     a.add_argument("--load", nargs="+", metavar="DIR", help="skip training; use transcoders saved by this script "
@@ -81,12 +101,12 @@ def parse_args(argv):
     a.add_argument("--import-released", nargs="+", metavar="FILE", help="skip training; use released GPT-2 "
                    "transcoders (pchlenski/gpt2-transcoders .pt files, read without running any code from them), "
                    "with --model gpt2")
-    a.add_argument("--dash-features", type=int, default=1000, metavar="N", help="features in the HTML dashboard "
+    a.add_argument("--dash-features", type=nonneg_int, default=1000, metavar="N", help="features in the HTML dashboard "
                    "written to --out, a seeded random sample of the live ones; 0 skips the dashboard (default: 1000)")
-    a.add_argument("--features", type=int, nargs="+", metavar="ID", help="show these features in the dashboard "
+    a.add_argument("--features", type=nonneg_int, nargs="+", metavar="ID", help="show these features in the dashboard "
                    "instead of a sample")
-    a.add_argument("--dash-tokens", type=int, default=16384, metavar="N", help="held-out tokens scanned for the "
-                   "dashboard (default: 16384)")
+    a.add_argument("--dash-tokens", type=positive_int, default=16384, metavar="N", help="held-out tokens scanned for "
+                   "the dashboard (default: 16384)")
     a.add_argument("--prompt", metavar="TEXT", help="explain a target on this text (BOS prepended when the model "
                    "has one): print the top computational paths as a tree, write circuit.json and circuit.html "
                    "to --out")
@@ -94,71 +114,122 @@ def parse_args(argv):
                    "transcoder at token T (T defaults to the last; negative counts from the end), \"logit: ' 40' - "
                    "' 20'\" a logit difference at the last token (default: the most active feature of the deepest "
                    "transcoder at the last token). MLPs without a transcoder are kept whole, as error terms")
-    a.add_argument("--rounds", type=int, default=3, metavar="N", help="rounds of the path search = path length "
-                   "(default: 3)")
-    a.add_argument("--branches", type=int, default=5, metavar="N", help="terms followed per path and paths kept per "
-                   "round (default: 5)")
+    a.add_argument("--rounds", type=positive_int, default=3, metavar="N", help="rounds of the path search = path "
+                   "length (default: 3)")
+    a.add_argument("--branches", type=positive_int, default=5, metavar="N", help="terms followed per path and paths "
+                   "kept per round (default: 5)")
     args = p.parse_args(argv)
     if args.target and not args.prompt:
         p.error("--target needs --prompt, the text to explain it on")
-    if min(args.rounds, args.branches) < 1:
-        p.error("--rounds and --branches must be at least 1")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except MinisvError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cli_main(run, parse_args(argv), cleanup=lambda: dist.destroy_process_group() if dist.is_initialized() else None)
 
 
 def run(args):
     started = time.time()
     rank, device = _setup_distributed(args.device)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    model = minisv.load(args.model, device=device, dtype=args.dtype)
+    if args.compile and device.type != "cuda":
+        raise MinisvError("--compile needs a CUDA device; on CPU it only adds compile time")
     name = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
-    out = args.out or os.path.join("runs", f"transcoder-{name}-L{'-'.join(map(str, args.layer))}")
+    if args.load or args.import_released:       # no training: dashboards and circuits of existing transcoders
+        model, _, held_out = _model_and_data(args, device)
+        return analyze(args, model, _load_transcoders(args, model.embed.weight.device), held_out,
+                       args.out or os.path.join("runs", f"circuits-{name}"), say=print if rank == 0 else _quiet)
+    kind = "transcoder" if args.kind == "transcoder" else f"sae-{args.sae_site}"
+    out = args.out or os.path.join("runs", f"{kind}-{name}-L{'-'.join(map(str, args.layer))}")
+    with _run_directory(out, args.resume, args.overwrite, rank):
+        train_and_report(args, out, rank, device, started)
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _model_and_data(args, device):
+    """(model, training rows, held-out rows) for the flags."""
+    model = minisv.load(args.model, device=device, dtype=args.dtype)
     if args.ctx > model.cfg.n_ctx or args.ctx < 2:
         raise MinisvError(f"--ctx {args.ctx} must be between 2 and the model's context of {model.cfg.n_ctx}")
+    bos = model.tokenizer is not None and model.tokenizer.bos_id is not None
+    return (model, *load_dataset(args.data, model.tokenizer, args.ctx, seed=args.seed, bos=bos))
+
+
+@contextlib.contextmanager
+def _run_directory(out, resume, overwrite, rank):
+    """Claim --out for this run (rank 0 does it for all): refuse a directory that already holds files unless
+    --resume or --overwrite, hold an exclusive fcntl lock on out/.lock while training (two runs sharing --out
+    would overwrite each other's checkpoints; the kernel drops the lock when the process ends, even killed),
+    and delete the temporary files a killed run left half-written."""
+    if rank != 0:
+        yield
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise MinisvError(f"--out {out} is a file; give a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, LOCK), "a")
+    except OSError as e:
+        raise MinisvError(f"cannot write to --out {out}: {e.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MinisvError(f"another run is writing to {out} (it holds {os.path.join(out, LOCK)}); wait for it "
+                              f"to end or choose another --out") from None
+        orphans = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if re.search(r"\.tmp\d+$", f)]
+        held = sorted(set(os.listdir(out)) - {LOCK} - {os.path.basename(f) for f in orphans})
+        if held and not (resume or overwrite):
+            raise MinisvError(f"{out} already holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}: pass "
+                              f"--resume to continue that run, --overwrite to replace it, or choose another --out")
+        for f in orphans:       # nobody else writes here while we hold the lock: these belong to a killed run
+            os.remove(f)
+        yield
+
+
+def train_and_report(args, out, rank, device, started):
+    say = print if rank == 0 else _quiet
+    model, train_rows, held_out = _model_and_data(args, device)
     d_sae = args.d_sae or (args.expansion or 16) * model.cfg.d_model
     lr = args.lr or (4e-3 * (9216 / d_sae) ** 0.5 if args.arch == "topk" else 4e-4)
-    tokenizer = model.tokenizer
-    bos = tokenizer.bos_id if tokenizer is not None else None
-    train_rows, held_out = load_dataset(args.data, tokenizer, args.ctx, seed=args.seed, bos=bos is not None)
+    bos = model.tokenizer.bos_id if model.tokenizer is not None else None
     eval_rows = held_out[:max(1, args.eval_tokens // args.ctx)]
-    if args.load or args.import_released:       # no training: dashboards and circuits of existing transcoders
-        return analyze(args, model, _load_transcoders(args, model.embed.weight.device), held_out,
-                       args.out or os.path.join("runs", f"circuits-{name}"), say)
+    what = "transcoder(s)" if args.kind == "transcoder" else f"SAE(s) on {SAE_SITES[args.sae_site]}"
     say(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; data: "
         f"{len(train_rows):,} training rows ({train_rows.numel():,} tokens), {len(eval_rows)} held-out rows; "
-        f"{args.arch} transcoder(s) for layer(s) {args.layer}, d_sae {d_sae}, on {model.embed.weight.device}")
+        f"{args.arch} {what} for layer(s) {args.layer}, d_sae {d_sae}, on {model.embed.weight.device}")
+    steps = args.tokens // args.batch_tokens
+    # warm-up 5% of the steps (at most 1,000); a latent is dead after 10% of the run without firing (at most
+    # 10M tokens: OpenAI's AuxK window); the paper's ReLU code used 5,000 steps for both, on 60M tokens
+    sites = ("ln2.hook_normalized", "hook_mlp_out") if args.kind == "transcoder" else (SAE_SITES[args.sae_site],) * 2
     cfg = TrainConfig(layers=args.layer, d_sae=d_sae, architecture=args.arch, k=args.k, skip=args.skip, l1=args.l1,
                       lr=lr, tokens=args.tokens, batch_tokens=args.batch_tokens, seed=args.seed, bos_id=bos,
-                      warmup_steps=max(1, min(1000, args.tokens // args.batch_tokens // 20)),
-                      dead_tokens=min(10_000_000, max(args.tokens // 10, args.batch_tokens)),
-                      checkpoint_every=args.checkpoint_every, model=args.model, dataset=args.data or "builtin")
-    os.makedirs(out, exist_ok=True)
-    transcoders, summary = train(model, train_rows, cfg, out_dir=out, resume=args.resume, log=say)
+                      warmup_steps=max(1, min(1000, steps // 20)),
+                      dead_tokens=min(10_000_000, max(steps // 10, 1) * args.batch_tokens),
+                      checkpoint_every=args.checkpoint_every, model=args.model, dataset=args.data or "builtin",
+                      hook_in=sites[0], hook_out=sites[1])
+    transcoders, summary = train(model, train_rows, cfg, out_dir=out, resume=args.resume, log=say,
+                                 eval_rows=held_out[:max(1, min(args.eval_tokens, 4096) // args.ctx)],
+                                 eval_every=args.eval_every or max(1, steps // 10), compile_step=args.compile)
     if rank != 0:
         return
     for layer, tc in transcoders.items():
         tc.save(out if len(transcoders) == 1 else os.path.join(out, f"layer_{layer}"))
     say(f"evaluating on {eval_rows.numel():,} held-out tokens ...")
     metrics = evaluate(model, eval_rows, transcoders, bos_id=bos)
-    _print_table(metrics, args.layer)
+    _print_table(metrics, summary, args.layer)
     report = {"model": args.model, "layers": args.layer, "train_config": dataclasses.asdict(cfg), "train": summary,
               "eval": metrics, "seconds_total": round(time.time() - started, 1)}
     write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
+    write_text(os.path.join(out, "report.html"), training_html(report, f"{what} of {args.model}"))
     say(f"trained {summary['tokens']:,} tokens in {summary['seconds']:.0f} s ({summary['tok_per_s']:,} tok/s end to "
-        f"end, harvesting included); wrote {out}/ (cfg.json, transcoder.safetensors, metrics.json)")
-    analyze(args, model, transcoders, held_out, out, say)
+        f"end, harvesting included); wrote {out}/ (cfg.json, transcoder.safetensors, metrics.json, report.html)")
+    if args.kind == "transcoder":
+        analyze(args, model, transcoders, held_out, out, say)
+    else:
+        say("dashboards and circuits read transcoders of the MLP: skipped for --kind sae")
 
 
 def analyze(args, model, transcoders, held_out, out, say):
@@ -206,25 +277,30 @@ def _load_transcoders(args, device):
 
 
 def _setup_distributed(device):
-    """(rank, device). Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs, gloo on CPU."""
+    """(rank, torch.device). Under torchrun (WORLD_SIZE > 1) every process joins the group: on CUDA with NCCL,
+    each process on its own GPU, number LOCAL_RANK (so `--device cuda:N` picks the GPU of single-process runs
+    only); on CPU with gloo."""
+    device = parse_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, device
-    cuda = torch.cuda.is_available() and device in (None, "cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    return dist.get_rank(), device or "cpu"
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), device
 
 
-def _print_table(m, layers):
+def _print_table(m, summary, layers):
+    """The evaluation per layer; "dead" is measured on training tokens (see the footnote it prints)."""
     print(f"{'':>10} {'L0':>7} {'FVU':>7} {'CE clean':>9} {'spliced':>8} {'zero-abl':>9} {'CE score':>9} "
-          f"{'KL':>8} {'dead':>6}")
-    rows = [(f"layer {l}", m[f"layer_{l}"]) for l in layers] + ([("all", m["all"])] if "all" in m else [])
-    for label, r in rows:
+          f"{'KL':>8} {'dead*':>6}")
+    rows = [(f"layer {l}", m[f"layer_{l}"], summary["dead"][str(l)]) for l in layers] + \
+        ([("all", m["all"], float("nan"))] if "all" in m else [])
+    for label, r, dead in rows:
         print(f"{label:>10} {r.get('l0', float('nan')):7.1f} {r.get('fvu', float('nan')):7.3f} {m['ce_clean']:9.4f} "
-              f"{r['ce_spliced']:8.4f} {r['ce_zero_ablated']:9.4f} {r['ce_score']:9.3f} {r['kl']:8.4f} "
-              f"{r.get('dead', float('nan')):6.1%}")
+              f"{r['ce_spliced']:8.4f} {r['ce_zero_ablated']:9.4f} {r['ce_score']:9.3f} {r['kl']:8.4f} {dead:6.1%}")
+    print(f"* dead: latents that fired on none of the last {summary['dead_window_tokens']:,} training tokens; the "
+          f"rest is measured on {m['tokens']:,} held-out tokens")
 
 
 if __name__ == "__main__":

@@ -68,16 +68,21 @@ def _hooks(spliced, ablated, keep, record, transcoders):
     output at kept positions. In the clean run (`record`) they change nothing and feed the statistics."""
     hooks, inputs = {}, {}
     for l in set(spliced) | set(ablated) | (set(transcoders) if record is not None else set()):
+        # ablation zeroes the MLP output; a coder reads and writes the hooks its config names (an SAE: one hook)
+        cfg = transcoders[l].cfg
+        x_name, y_name = hook_names(l) if l in ablated or not cfg.hook_in else (cfg.hook_in, cfg.hook_out)
+
         def read(x, name, l=l):
             inputs[l] = x
 
-        def write(y, name, l=l):
+        def write(y, name, l=l, sae=x_name == y_name):
+            x = y if sae else inputs[l]
             if record is not None:
-                record[l].add(transcoders[l], inputs[l][keep], y[keep])
+                record[l].add(transcoders[l], x[keep], y[keep])
                 return None
-            new = torch.zeros_like(y) if l in ablated else spliced[l](inputs[l].to(spliced[l].W_enc.dtype))
+            new = torch.zeros_like(y) if l in ablated else spliced[l](x.to(spliced[l].W_enc.dtype))
             return torch.where(keep[..., None], new.to(y.dtype), y)
-        hooks[hook_names(l)[0]], hooks[hook_names(l)[1]] = read, write
+        hooks[x_name], hooks[y_name] = read, write
     return hooks
 
 

@@ -15,6 +15,7 @@ so thousands of features load instantly. Every token string is HTML-escaped in P
 """
 import html
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -362,3 +363,108 @@ def _short(n):
     k, l, i = n["kind"], n["layer"], n["index"]
     return {"feature": f"mlp{l} #{i}", "head": f"attn{l}.{i} ←{n['at']}", "skip": f"mlp{l} skip",
             "logit": "logit"}.get(k, k)
+
+
+# ------------------------------------------------------------------------- training report
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def training_html(metrics, title="Transcoder training") -> str:
+    """report.html of a train_transcoder.py run, from its metrics.json dict: training curves (loss, FVU, L0,
+    dead fraction vs tokens, with the held-out FVU measured during training), the held-out firing-frequency
+    histogram per layer (log scale) and the metrics table. Inline SVG, no script, no external file."""
+    train, ev = metrics["train"], metrics["eval"]
+    h = train["history"]
+    curve = lambda key: [(r["tokens"], r[key]) for r in h]
+    evals = train.get("held_out", [])
+    held = {f"held-out, layer {l}": [(r["tokens"], r["fvu"][l]) for r in evals]
+            for l in (evals[0]["fvu"] if evals else {})}
+    charts = [svg_chart({"training batch (mean over layers)": curve("fvu"), **held}, "training tokens", "FVU",
+                        "FVU: unexplained fraction of the target's variance"),
+              svg_chart({"loss": curve("loss")}, "training tokens", "loss", "training loss (sum over layers)"),
+              svg_chart({"L0": curve("l0")}, "training tokens", "active latents per token", "L0"),
+              svg_chart({"dead": [(t, 100 * v) for t, v in curve("dead")]}, "training tokens", "% of latents",
+                        f"dead: no firing in the last {train['dead_window_tokens']:,} training tokens")]
+    layers = sorted(int(k.split("_")[1]) for k in ev if k.startswith("layer_"))
+    hists = [_freq_histogram_svg(ev[f"layer_{l}"]["freq_histogram"], f"layer {l}: live latents per firing "
+                                 f"frequency (held out)") for l in layers if "freq_histogram" in ev[f"layer_{l}"]]
+    cols = [("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.3f}"), ("CE spliced", "ce_spliced", "{:.4f}"),
+            ("CE zero-ablated", "ce_zero_ablated", "{:.4f}"), ("CE score", "ce_score", "{:.3f}"),
+            ("KL (nats)", "kl", "{:.4f}")]
+    rows = [(f"layer {l}", ev[f"layer_{l}"], train["dead"].get(str(l))) for l in layers] + \
+        ([("all at once", ev["all"], None)] if "all" in ev else [])
+    table = ("<table><tr><th></th>" + "".join(f"<th>{c}</th>" for c, _, _ in cols) + "<th>dead (training)</th></tr>" +
+             "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
+                 f"<td class='num'>{fmt.format(r[k]) if k in r else '–'}</td>" for _, k, fmt in cols) +
+                 f"<td class='num'>{'–' if dead is None else f'{dead:.1%}'}</td></tr>" for name, r, dead in rows) +
+             "</table>")
+    meta = (f"{html.escape(str(metrics['model']))}, layers {metrics['layers']}; {train['tokens']:,} training tokens "
+            f"in {train['seconds']:,} s ({train['tok_per_s']:,} tok/s end to end); evaluated on {ev['tokens']:,} "
+            f"held-out tokens, clean CE {ev['ce_clean']:.4f}")
+    cfg = html.escape(json.dumps(metrics["train_config"], indent=1))
+    return _page(title, f'<p class="meta">{meta}</p><h2>metrics (held out)</h2>{table}<h2>training curves</h2>'
+                        f'{"".join(charts)}<h2>firing frequencies</h2>{"".join(hists)}'
+                        f"<h2>configuration</h2><pre>{cfg}</pre>")
+
+
+def svg_chart(series, xlabel, ylabel, title="", log_x=False, log_y=False, width=460, height=260) -> str:
+    """A line chart with markers as inline SVG: series {name: [(x, y), ...]}, one color each, axes with 5 ticks
+    (log10 axes tick at powers of ten). Non-finite points are left out."""
+    tx = (lambda v: math.log10(v)) if log_x else float
+    ty = (lambda v: math.log10(v)) if log_y else float
+    pts = {name: [(tx(x), ty(y)) for x, y in p if _plottable(x, log_x) and _plottable(y, log_y)]
+           for name, p in series.items()}
+    every = [q for p in pts.values() for q in p] or [(0.0, 0.0)]
+    (x0, x1), (y0, y1) = [(min(v), max(v)) if max(v) > min(v) else (min(v) - 1, max(v) + 1) for v in zip(*every)]
+    left, right, top, bottom = 58, 12, 24, 40
+    X = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)
+    Y = lambda v: height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)
+    parts = [f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
+             f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#888" fill="none"/>']
+    for i in range(5):          # ticks: value labels in data units (10^v on log axes)
+        vx, vy = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        parts.append(f'<text x="{X(vx):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">'
+                     f'{_tick(vx, log_x)}</text><text x="{left - 4}" y="{Y(vy) + 3:.1f}" text-anchor="end" '
+                     f'font-size="10">{_tick(vy, log_y)}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle" font-size="11">'
+                 f'{html.escape(xlabel)}</text><text x="12" y="{(top + height - bottom) / 2}" font-size="11" '
+                 f'text-anchor="middle" transform="rotate(-90 12 {(top + height - bottom) / 2})">'
+                 f'{html.escape(ylabel)}</text>')
+    for i, (name, p) in enumerate(pts.items()):
+        color = COLORS[i % len(COLORS)]
+        path = " ".join(f"{'M' if j == 0 else 'L'}{X(x):.1f},{Y(y):.1f}" for j, (x, y) in enumerate(p))
+        parts.append(f'<path d="{path}" stroke="{color}" fill="none" stroke-width="1.5"/>' if p else "")
+        parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}"/>' for x, y in p]
+        parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 13 * i}" text-anchor="end" font-size="10" '
+                     f'fill="{color}">{html.escape(name)}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="system-ui,sans-serif">{"".join(parts)}</svg>')
+
+
+def _plottable(v, log):
+    return v is not None and math.isfinite(v) and (v > 0 or not log)
+
+
+def _tick(v, log):
+    return f"{10 ** v:.3g}" if log else f"{v:.3g}"
+
+
+def _freq_histogram_svg(hist, title, width=460, height=200):
+    """Bars: live latents per decade of firing frequency ([1e-8, 1e-7), ..., [0.1, 1]), a log10 x axis."""
+    edges, counts = hist["log10_edges"], hist["counts"]
+    left, bottom, top = 40, 36, 24
+    bar = (width - left - 12) / len(counts)
+    peak = max(max(counts), 1)
+    parts = [f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="12">{html.escape(title)}</text>']
+    for i, c in enumerate(counts):
+        h = c / peak * (height - top - bottom)
+        x = left + i * bar
+        parts.append(f'<rect x="{x + 1:.1f}" y="{height - bottom - h:.1f}" width="{bar - 2:.1f}" height="{h:.1f}" '
+                     f'fill="{COLORS[0]}"><title>{c} latents fire on 1e{edges[i]}–1e{edges[i + 1]} of tokens</title>'
+                     f'</rect><text x="{x + bar / 2:.1f}" y="{height - bottom - h - 3:.1f}" text-anchor="middle" '
+                     f'font-size="9">{c}</text><text x="{x:.1f}" y="{height - bottom + 13}" text-anchor="middle" '
+                     f'font-size="10">1e{edges[i]}</text>')
+    parts.append(f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle" font-size="11">firing frequency '
+                 f'(fraction of held-out tokens, log scale)</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="system-ui,sans-serif">{"".join(parts)}</svg>')

@@ -1,10 +1,24 @@
-"""Training transcoders: activation streaming, the two losses, and a resumable, data-parallel training loop.
+"""Training transcoders (and SAEs): activation streaming, the two losses, and a resumable, data-parallel loop.
 
 One step, for every trained layer L at once (`docs/methods.md` §2.1-2.2):
-  1. activations: x = blocks.L.ln2.hook_normalized, y = blocks.L.hook_mlp_out, harvested by running the model
-     only up to the deepest layer trained (`stop_at_layer`); one forward serves every layer;
+  1. activations: x = blocks.L.ln2.hook_normalized, y = blocks.L.hook_mlp_out (an SAE: the same hook twice),
+     harvested by running the model only up to the deepest layer trained (`stop_at_layer`); one forward serves
+     every layer; x and y are divided by their RMS (measured on the first batch) and the result scaled back;
   2. loss: TopK -> FVU + AuxK for dead latents; ReLU -> normalized MSE + L1 (+ ghost grads for dead latents);
-  3. Adam step with linear warm-up and a linear decay over the last 20% of steps.
+  3. Adam step with linear warm-up, then (TopK) a linear decay over the last 20% of steps or (ReLU, as the
+     paper's code) a constant rate; then a check that the loss and every weight are finite.
+
+"Dead" latents are those that fired on none of the last `dead_tokens` *training* tokens (a per-latent clock of
+the token count at which it last fired); AuxK and ghost grads act on them, and the summary reports their share.
+
+The ReLU recipe follows the transcoder paper's code (Dunefsky et al. 2024): its loss (squared error divided by
+‖y‖, L1 on the activations), unit-norm decoder rows with the radial gradient removed, Kaiming-uniform init,
+biases at the data means, warm-up then constant learning rate, ghost grads. Where it differs: the ghost-grad
+residual is target − reconstruction (the reference used input − reconstruction, a bug for transcoders); the
+warm-up is 5% of the steps (at most 1,000) and the dead window 10% of the run (the reference: 5,000 steps of
+each, on a 60M-token run); activations are RMS-scaled (the loss is degree-1 homogeneous, so the L1
+coefficient means the same, but the learning rate acts on scaled weights); inputs are not shuffled across a
+buffer refilled by halves but in chunks of `buffer_tokens`.
 
 The data order is a pure function of (seed, position): the token rows are shuffled per epoch with a seeded
 permutation, consumed in chunks of `buffer_tokens`, and each chunk's tokens are shuffled with a seed derived
@@ -55,6 +69,11 @@ class TrainConfig:
     checkpoint_every: int = 50     # steps
     model: str = ""
     dataset: str = ""
+    hook_in: str = "ln2.hook_normalized"   # what the coder reads in each trained block: the MLP input ...
+    hook_out: str = "hook_mlp_out"         # ... and what it predicts: the MLP output; hook_in == hook_out is an SAE
+
+    def hooks(self, layer):
+        return f"blocks.{layer}.{self.hook_in}", f"blocks.{layer}.{self.hook_out}"
 
 
 def hook_names(layer):
@@ -74,18 +93,34 @@ def _all_reduce(t):
 
 
 # ------------------------------------------------------------------------- activation streaming
-class ActivationStream:
-    """Shuffled batches of (x, y) per layer, as a deterministic function of (seed, chunk, batch index)."""
+@torch.no_grad()
+def harvest(model, tokens, hooks, batch_rows=64):
+    """tokens [R, T] -> {layer: (x [R, T, d_in], y [R, T, d_out])} for hooks {layer: (x name, y name)}, running
+    the model only up to the deepest layer needed."""
+    out = {l: ([], []) for l in hooks}
+    names = sorted({n for pair in hooks.values() for n in pair})
+    for i in range(0, len(tokens), batch_rows):
+        _, cache = model.run_with_cache(tokens[i:i + batch_rows].to(model.embed.weight.device), names=names,
+                                        stop_at_layer=max(hooks) + 1)
+        for l, (x_name, y_name) in hooks.items():
+            out[l][0].append(cache[x_name])
+            out[l][1].append(cache[y_name])
+    return {l: (torch.cat(xs), torch.cat(ys)) for l, (xs, ys) in out.items()}
 
-    def __init__(self, model, rows, layers, batch_tokens, buffer_tokens, seed, bos_id=None, harvest_rows=64):
-        self.model, self.rows, self.layers, self.seed, self.bos_id = model, rows, layers, seed, bos_id
+
+class ActivationStream:
+    """Shuffled batches of (x, y) per layer, as a deterministic function of (seed, chunk, batch index).
+    `hooks` {layer: (x hook name, y hook name)} says what to harvest (the same name twice for an SAE)."""
+
+    def __init__(self, model, rows, hooks, batch_tokens, buffer_tokens, seed, bos_id=None, harvest_rows=64):
+        self.model, self.rows, self.hooks, self.seed, self.bos_id = model, rows, hooks, seed, bos_id
         self.rank, self.world = _world()
         if batch_tokens % self.world:
             raise MinisvError(f"batch of {batch_tokens} tokens does not split evenly over {self.world} processes")
         self.batch, self.harvest_rows = batch_tokens, harvest_rows
-        ctx = rows.shape[1]
-        # rows per chunk: enough for the buffer, at least one batch, and a multiple of the number of processes
-        self.chunk_rows = -(-max(buffer_tokens, 2 * batch_tokens) // ctx // self.world) * self.world
+        # rows per chunk: enough for the buffer and two batches, rounded up to a multiple of the processes
+        rows_needed = math.ceil(max(buffer_tokens, 2 * batch_tokens) / rows.shape[1])
+        self.chunk_rows = math.ceil(rows_needed / self.world) * self.world
         self.device = model.embed.weight.device
 
     def _row_ids(self, chunk):
@@ -99,30 +134,16 @@ class ActivationStream:
             ids.append(int(orders[epoch][g % n]))
         return torch.tensor(ids)
 
-    @torch.no_grad()
-    def harvest(self, tokens):
-        """tokens [R, T] -> {layer: (x [R, T, d_in], y [R, T, d_out])}, running the model up to the deepest layer."""
-        out = {l: ([], []) for l in self.layers}
-        names = [n for l in self.layers for n in hook_names(l)]
-        for i in range(0, len(tokens), self.harvest_rows):
-            _, cache = self.model.run_with_cache(tokens[i:i + self.harvest_rows].to(self.device), names=names,
-                                                 stop_at_layer=max(self.layers) + 1)
-            for l in self.layers:
-                out[l][0].append(cache[hook_names(l)[0]])
-                out[l][1].append(cache[hook_names(l)[1]])
-        return {l: (torch.cat(xs), torch.cat(ys)) for l, (xs, ys) in out.items()}
-
     def chunk(self, c):
         """The shuffled activations of chunk c: {layer: (x [n, d_in], y [n, d_out])}, identical on every rank."""
         tokens = self.rows[self._row_ids(c)]
         share = len(tokens) // self.world
-        acts = self.harvest(tokens[self.rank * share:(self.rank + 1) * share])
+        acts = harvest(self.model, tokens[self.rank * share:(self.rank + 1) * share], self.hooks, self.harvest_rows)
         if self.world > 1:      # everyone gets every rank's rows, in rank order = chunk order
             acts = {l: tuple(torch.cat(_all_gather(t)) for t in xy) for l, xy in acts.items()}
-        keep = (tokens != self.bos_id).flatten().to(self.device) if self.bos_id is not None else \
-            torch.ones(tokens.numel(), dtype=torch.bool, device=self.device)
-        order = torch.randperm(int(keep.sum()), generator=_generator(self.seed, 1, c)).to(self.device)
-        return {l: (x.flatten(0, 1)[keep][order], y.flatten(0, 1)[keep][order]) for l, (x, y) in acts.items()}
+        acts = _without_bos(acts, tokens, self.bos_id)
+        order = torch.randperm(len(next(iter(acts.values()))[0]), generator=_generator(self.seed, 1, c))
+        return {l: (x[order.to(x.device)], y[order.to(x.device)]) for l, (x, y) in acts.items()}
 
     def batches(self, chunk=0, offset=0):
         """Yield (chunk, index, {layer: (x, y)}) forever from position (chunk, offset); each x, y is this rank's
@@ -134,6 +155,26 @@ class ActivationStream:
             for i in range(offset, n):
                 lo = i * self.batch + self.rank * part
                 yield chunk, i, {l: (x[lo:lo + part], y[lo:lo + part]) for l, (x, y) in acts.items()}
+            chunk, offset = chunk + 1, 0
+
+
+class CachedActivations:
+    """Batches from activations already in memory, {layer: (x [n, d_in], y [n, d_out])}, in a fresh seeded order
+    every epoch (one process). For sweeps: harvest once, train many coders on exactly the same tokens."""
+
+    def __init__(self, acts, batch_tokens, seed):
+        self.acts, self.batch, self.seed = acts, batch_tokens, seed
+        self.n = len(next(iter(acts.values()))[0])
+        if self.n < batch_tokens:
+            raise MinisvError(f"{self.n} cached activations are less than one batch of {batch_tokens}")
+
+    def batches(self, chunk=0, offset=0):
+        """Like ActivationStream.batches, with one epoch per chunk."""
+        while True:
+            order = torch.randperm(self.n, generator=_generator(self.seed, 2, chunk))
+            for i in range(offset, self.n // self.batch):
+                take = order[i * self.batch:(i + 1) * self.batch]
+                yield chunk, i, {l: (x[take.to(x.device)], y[take.to(y.device)]) for l, (x, y) in self.acts.items()}
             chunk, offset = chunk + 1, 0
 
 
@@ -174,10 +215,13 @@ def topk_loss(tc: Transcoder, x, y, dead, k_aux, aux_coef):
     loss = fvu
     n_dead = int(dead.sum())
     if n_dead:
-        m = min(k_aux, n_dead)
-        aux_indices = pre.masked_fill(~dead, float("-inf")).topk(m, dim=-1, sorted=False).indices
-        aux_values = selected_preacts(x, tc.W_enc, tc.b_enc, pre, aux_indices).relu()
-        e_hat = F.embedding_bag(aux_indices, tc.W_dec, per_sample_weights=aux_values.to(tc.W_dec.dtype), mode="sum")
+        # dense over the dead latents only: k_aux is large (d_in / 2 per token), and four matmuls of
+        # [N, n_dead] × [n_dead, d] beat gathering and sorting N·k_aux rows (2-3× on CPU at 40% dead)
+        ids = dead.nonzero().squeeze(1)                                       # [n_dead]
+        pre_dead = F.linear(x, tc.W_enc.t()[ids], tc.b_enc[ids])             # [N, n_dead], differentiable
+        floor = pre_dead.detach().topk(min(k_aux, n_dead), dim=-1, sorted=False).values.min(-1, keepdim=True).values
+        f_aux = pre_dead.relu() * (pre_dead.detach() >= floor)               # the k_aux largest per token
+        e_hat = f_aux @ tc.W_dec[ids]
         e = -err.detach()
         aux = (e_hat.float() - e).pow(2).sum() / _total_variance(e)[0]
         loss = loss + aux_coef * min(n_dead / k_aux, 1.0) * aux
@@ -228,17 +272,22 @@ def _init_from_batch(tc, x, y):
     tc.b_enc.copy_(-(stats[:x.shape[1]] / n) @ tc.W_enc)
 
 
-def lr_at(step, n_steps, lr, warmup):
-    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last 20% of steps."""
-    decay = max(1, n_steps // 5)
-    return lr * min(1.0, (step + 1) / max(1, warmup)) * min(1.0, (n_steps - step) / decay)
+def lr_at(step, n_steps, lr, warmup, decay=True):
+    """Linear warm-up over `warmup` steps, constant, then (with `decay`) linear decay to 0 over the last 20% of
+    steps. The ReLU recipe runs without the decay, as the paper's code does."""
+    tail = min(1.0, (n_steps - step) / max(1, n_steps // 5)) if decay else 1.0
+    return lr * min(1.0, (step + 1) / max(1, warmup)) * tail
 
 
 # ------------------------------------------------------------------------- the loop
-def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, on_step=None):
-    """Train one transcoder per layer in cfg.layers on activations of `model` over token `rows` [N, ctx].
+def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, on_step=None, eval_rows=None,
+          eval_every=0, compile_step=False, amp=True):
+    """Train one transcoder per layer in cfg.layers on activations of `model` over token `rows` [N, ctx], or
+    from `rows` = CachedActivations (harvested before, at cfg's hooks, without BOS positions).
     With out_dir, checkpoints go to out_dir/checkpoint.pt every cfg.checkpoint_every steps (atomically) and
     `resume=True` continues from there. on_step(step, transcoders, stats) runs after every step (it may raise).
+    With eval_rows (held-out token rows), the FVU on them is measured every `eval_every` steps and at the end.
+    On CUDA the loss runs under bf16 autocast unless amp=False; compile_step: torch.compile the loss (CUDA).
     Returns ({layer: Transcoder}, summary dict)."""
     rank, _ = _world()
     device, d, n_steps = model.embed.weight.device, model.cfg.d_model, cfg.tokens // cfg.batch_tokens
@@ -248,44 +297,52 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
     if bad:
         raise MinisvError(f"layer {bad[0]} does not exist; this model has layers 0..{model.cfg.n_layers - 1}")
     torch.manual_seed(cfg.seed)
+    convention = "normalized" if cfg.hook_in.endswith("hook_normalized") else "raw"
     tcs = {l: Transcoder(TranscoderConfig(d, d, cfg.d_sae, cfg.architecture, cfg.k, cfg.skip, cfg.model, l,
-                                          *hook_names(l), dataset=cfg.dataset)).to(device) for l in cfg.layers}
+                                          *cfg.hooks(l), convention, dataset=cfg.dataset)) for l in cfg.layers}
+    if cfg.architecture == "relu":      # the paper's code: Kaiming-uniform weights (W_enc [d_in, d_sae]: bound
+        with torch.no_grad():           # sqrt(6 / d_sae)), decoder rows then scaled to unit norm
+            for tc in tcs.values():
+                torch.nn.init.kaiming_uniform_(tc.W_enc)
+                tc.W_dec.copy_(F.normalize(torch.nn.init.kaiming_uniform_(torch.empty_like(tc.W_dec)), dim=1))
+    tcs = {l: tc.to(device) for l, tc in tcs.items()}
     params = [p for tc in tcs.values() for p in tc.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     # everything besides weights and optimizer that a resumed run needs: data position, dead-latent clocks, ...
-    run = {"step": 0, "chunk": 0, "offset": 0, "seconds": 0.0, "history": [], "scale": {},
+    run = {"step": 0, "chunk": 0, "offset": 0, "seconds": 0.0, "history": [], "evals": [], "scale": {},
            "last_fired": {l: torch.zeros(cfg.d_sae, dtype=torch.long, device=device) for l in cfg.layers}}
     ckpt = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume:
         run = _restore(ckpt, cfg, tcs, opt, device)
         log(f"resuming at step {run['step']}/{n_steps} from {ckpt}")
-    stream = ActivationStream(model, rows, cfg.layers, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id)
+    hooks = {l: cfg.hooks(l) for l in cfg.layers}
+    stream = rows
+    if torch.is_tensor(rows):
+        stream = ActivationStream(model, rows, hooks, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id)
+        log(f"harvesting activations ({stream.chunk_rows} rows of {rows.shape[1]} tokens per shuffled chunk) ...")
     batches = stream.batches(run["chunk"], run["offset"])
-    log(f"harvesting activations ({stream.chunk_rows} rows of {rows.shape[1]} tokens per shuffled chunk) ...")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    held_out = _without_bos(harvest(model, eval_rows, hooks), eval_rows, cfg.bos_id) if eval_rows is not None else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp else nullcontext()
+    topk, relu = (torch.compile(topk_loss), torch.compile(relu_loss)) if compile_step else (topk_loss, relu_loss)
     t0, seconds_before, start_step = time.perf_counter(), run["seconds"], run["step"]
     log_every = max(1, min(50, n_steps // 20))
     while run["step"] < n_steps:
         step, seen = run["step"], run["step"] * cfg.batch_tokens
         run["chunk"], run["offset"], acts = next(batches)
-        if step == 0:   # targets are divided by their RMS, so one learning rate suits every model and layer
-            for l, tc in tcs.items():
-                run["scale"][l] = _rms(acts[l][1])
-                _init_from_batch(tc, acts[l][0], acts[l][1] / run["scale"][l])
+        if step == 0:   # inputs and targets are divided by their RMS (the MLP input's is ~1 already), so one
+            for l, tc in tcs.items():       # learning rate suits every model, layer and hook
+                run["scale"][l] = (_rms(acts[l][0]), _rms(acts[l][1]))
+                _init_from_batch(tc, *_scaled(acts[l], run["scale"][l]))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, n_steps, cfg.lr, cfg.warmup_steps)
+            group["lr"] = lr_at(step, n_steps, cfg.lr, cfg.warmup_steps, decay=cfg.architecture == "topk")
         total, stats = 0.0, {}
         with autocast:
             for l, tc in tcs.items():
-                x, y = acts[l][0], acts[l][1] / run["scale"][l]
+                x, y = _scaled(acts[l], run["scale"][l])
                 dead = seen - run["last_fired"][l] >= cfg.dead_tokens
-                loss, stats[l] = topk_loss(tc, x, y, dead, max(1, d // 2), cfg.aux_coef) \
-                    if cfg.architecture == "topk" else relu_loss(tc, x, y, dead, cfg.l1)
+                loss, stats[l] = topk(tc, x, y, dead, max(1, d // 2), cfg.aux_coef) \
+                    if cfg.architecture == "topk" else relu(tc, x, y, dead, cfg.l1)
                 total = total + loss
-        loss_value = _all_reduce(total.detach().float().reshape(1))[0].item()
-        if not math.isfinite(loss_value):
-            where = f"; the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt else ""
-            raise MinisvError(f"training diverged: loss is {loss_value} at step {step}{where}; lower --lr")
         opt.zero_grad(set_to_none=True)
         total.backward()
         for p in params:             # each rank's loss is (its share) / (global size): summed grads = global grad
@@ -298,7 +355,15 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
             with torch.no_grad():
                 for tc in tcs.values():
                     tc.W_dec.div_(tc.W_dec.norm(dim=1, keepdim=True))
-        for l in tcs:
+        # checked *after* the step: a finite loss can still give an overflowing gradient and non-finite weights,
+        # which must never be saved as the last good checkpoint (one sync for the loss and every weight's sum)
+        health = _all_reduce(torch.stack([total.detach().float()] + [p.detach().float().sum() for p in params]))
+        loss_value, weights_ok = float(health[0]), bool(health[1:].isfinite().all())
+        if not (math.isfinite(loss_value) and weights_ok):
+            what = f"loss is {loss_value}" if not math.isfinite(loss_value) else "the weights became non-finite"
+            where = f"; the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt else ""
+            raise MinisvError(f"training diverged: {what} at step {step}{where}; lower --lr")
+        for l in tcs:       # the clock behind "dead": the training-token count at which each latent last fired
             run["last_fired"][l][_all_reduce(stats[l]["fired"]) > 0] = seen + cfg.batch_tokens
         run["step"], run["offset"] = step + 1, run["offset"] + 1
         run["seconds"] = seconds_before + time.perf_counter() - t0
@@ -311,12 +376,44 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
             run["history"].append(record)
             if rank == 0:
                 log(line)
+        if held_out is not None and ((step + 1) % max(1, eval_every) == 0 or step + 1 == n_steps):
+            run["evals"].append({"step": step + 1, "tokens": seen + cfg.batch_tokens,
+                                 "fvu": _held_out_fvu(tcs, held_out, run["scale"])})
         if rank == 0 and ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == n_steps):
             _save_checkpoint(ckpt, cfg, tcs, opt, run)
-    return {l: _unscaled(tc, run["scale"][l], n_steps * cfg.batch_tokens) for l, tc in tcs.items()}, \
-        {"steps": n_steps, "tokens": n_steps * cfg.batch_tokens, "seconds": round(run["seconds"], 1),
+    seen = n_steps * cfg.batch_tokens
+    return {l: _unscaled(tc, *run["scale"][l], seen) for l, tc in tcs.items()}, \
+        {"steps": n_steps, "tokens": seen, "seconds": round(run["seconds"], 1),
          "tok_per_s": round((n_steps - start_step) * cfg.batch_tokens / (time.perf_counter() - t0)),
-         "history": run["history"]}
+         "dead": {str(l): _dead(v, seen, cfg.dead_tokens) for l, v in run["last_fired"].items()},
+         "dead_window_tokens": cfg.dead_tokens, "history": run["history"], "held_out": run["evals"]}
+
+
+def _dead(last_fired, seen, window):
+    """Fraction of latents that fired on none of the last `window` training tokens (of `seen` so far)."""
+    return float((seen - last_fired >= window).float().mean())
+
+
+def _scaled(xy, scale):
+    """(x / s_in, y / s_out) in float32 (activations come in the model's dtype; the transcoders are float32)."""
+    return xy[0].float() / scale[0], xy[1].float() / scale[1]
+
+
+def _without_bos(acts, rows, bos_id):
+    """{layer: (x [R, T, d], y)} -> the same at the positions not holding BOS, flattened: (x [n, d], y [n, d])."""
+    keep = (rows != bos_id if bos_id is not None else torch.ones_like(rows, dtype=torch.bool)).flatten()
+    return {l: (x.flatten(0, 1)[keep.to(x.device)], y.flatten(0, 1)[keep.to(x.device)]) for l, (x, y) in acts.items()}
+
+
+@torch.no_grad()
+def _held_out_fvu(tcs, held_out, scale, batch=1024):
+    """{layer: FVU} on held-out activations, in the scaled units training uses (FVU does not depend on them)."""
+    out = {}
+    for l, tc in tcs.items():
+        x, y = _scaled(held_out[l], scale[l])
+        err = sum(float((tc(x[i:i + batch]) - y[i:i + batch]).pow(2).sum()) for i in range(0, len(x), batch))
+        out[str(l)] = err / float((y - y.mean(0)).pow(2).sum())
+    return out
 
 
 def _rms(y):
@@ -326,12 +423,15 @@ def _rms(y):
 
 
 @torch.no_grad()
-def _unscaled(tc, scale, tokens):
-    """A copy that predicts the raw target: f → scale·f (W_enc, b_enc; ReLU and TopK commute with a positive
-    scale, and ReLU decoder rows keep unit norm), b_dec and W_skip → scale·(them)."""
+def _unscaled(tc, s_in, s_out, tokens):
+    """A copy for raw inputs and targets. Trained on x' = x / s_in to predict y' = y / s_out, it becomes
+    f = s_out·f' = act(x·(s_out/s_in)·W_enc + s_out·b_enc) (ReLU and TopK commute with a positive scale; ReLU
+    decoder rows keep unit norm) and ŷ = f·W_dec + s_out·b_dec + x·(s_out/s_in)·W_skip."""
     out = copy.deepcopy(tc)
-    for p in (out.W_enc, out.b_enc, out.b_dec) + ((out.W_skip,) if out.W_skip is not None else ()):
-        p.mul_(scale)
+    for p in (out.b_enc, out.b_dec):
+        p.mul_(s_out)
+    for p in (out.W_enc,) + ((out.W_skip,) if out.W_skip is not None else ()):
+        p.mul_(s_out / s_in)
     out.cfg.training_tokens = tokens
     return out
 
@@ -349,25 +449,41 @@ def _restore(path, cfg, tcs, opt, device):
     if not path or not os.path.isfile(path):
         raise MinisvError(f"nothing to resume: no {CHECKPOINT} in {os.path.dirname(path or '') or 'the output dir'}; "
                           f"start without --resume")
-    state = unpickle.load(path, map_location=device)
-    if state["train_cfg"] != dataclasses.asdict(cfg):
+    try:
+        state = unpickle.load(path, map_location=device)
+        same = state["train_cfg"] == dataclasses.asdict(cfg)
+    except Exception as e:      # truncated, not a torch file, not a dict
+        raise MinisvError(f"cannot resume: {path} is damaged or not a checkpoint of this script ({_first_line(e)}); "
+                          f"start again with --overwrite") from None
+    if not same:
         diff = [k for k, v in dataclasses.asdict(cfg).items() if state["train_cfg"].get(k) != v]
         raise MinisvError(f"cannot resume {path}: it was trained with different settings ({', '.join(diff)}); "
                           f"rerun with the original flags or a new --out")
-    for l, tc in tcs.items():
-        tc.load_state_dict(state["transcoders"][str(l)])
-    opt.load_state_dict(state["optimizer"])
-    run = {k: state[k] for k in ("step", "chunk", "offset", "seconds", "history")}
-    run["scale"] = {int(l): v for l, v in state["scale"].items()}
-    run["last_fired"] = {int(l): v for l, v in state["last_fired"].items()}
+    try:
+        for l, tc in tcs.items():
+            tc.load_state_dict(state["transcoders"][str(l)])
+        opt.load_state_dict(state["optimizer"])
+        run = {k: state[k] for k in ("step", "chunk", "offset", "seconds", "history", "evals")}
+        run["scale"] = {int(l): tuple(v) for l, v in state["scale"].items()}
+        run["last_fired"] = {int(l): v.to(device) for l, v in state["last_fired"].items()}
+        if any(v.shape != (cfg.d_sae,) for v in run["last_fired"].values()):
+            raise ValueError("last_fired has the wrong shape")
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise MinisvError(f"cannot resume: {path} does not match this run's transcoders ({_first_line(e)}); "
+                          f"start again with --overwrite") from None
     return run
+
+
+def _first_line(e):
+    """An exception as one short line (torch's messages can span many)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 def _progress(step, n_steps, cfg, loss, stats, last_fired, tok_s):
     seen = step * cfg.batch_tokens
     mean = lambda key: sum(float(_all_reduce(s[key].detach().float().reshape(1))) for s in stats.values()) / len(stats)
     fvu, l0 = mean("fvu"), mean("l0")
-    dead = sum(float((seen - v >= cfg.dead_tokens).float().mean()) for v in last_fired.values()) / len(stats)
+    dead = sum(_dead(v, seen, cfg.dead_tokens) for v in last_fired.values()) / len(stats)
     line = (f"step {step}/{n_steps} | {seen:,} tok | {tok_s:,.0f} tok/s | loss {loss:.4f} | L0 {l0:.1f} | "
             f"FVU {fvu:.3f} | dead {dead:.1%}")
     return {"step": step, "tokens": seen, "loss": loss, "fvu": fvu, "l0": l0, "dead": dead, "line": line}

@@ -1,13 +1,16 @@
 """Transcoder training speed, side by side on the same activation batches (a benchmark, not a test).
 
-    python tests/bench/bench_transcoder.py                       # SmolLM2 layer 6, d_sae 9216, k 32, batch 4096
-    python tests/bench/bench_transcoder.py --model random-gpt2 --device cuda --d-sae 24576   # on a GPU
+    python tests/bench/bench_transcoder.py                       # SmolLM2 layer 6, d_sae 9216, k 32, batch 1024
+    python tests/bench/bench_transcoder.py --model random-gpt2 --device cuda --d-sae 24576 --batch 4096  # a GPU
 
-Rows: minisv TopK (sparse backward + embedding_bag decode), minisv ReLU (the paper's dense ReLU + L1), a
-straightforward dense PyTorch TopK (plain autograd), and eai-sparsify's SparseCoder if it is importable; all
-with Adam, each timed over the same --steps batches after one warm-up step. Then the end-to-end tokens/s of
-train() as the default run uses it (harvesting included). On CUDA it also prints the fraction of the GPU's
-bf16 peak reached by the encoder matmul FLOPs (the work every TopK implementation has to do).
+Rows: minisv TopK (sparse backward + embedding_bag decode) without dead latents and with --dead of them dead
+(then AuxK runs: the default run has ~40% dead latents after its first steps), minisv ReLU (the paper's dense
+ReLU + L1), a straightforward dense PyTorch TopK (plain autograd), and eai-sparsify's SparseCoder if it is
+importable; all with Adam, each timed over the same --steps batches after one warm-up step. Then the three
+figures of the default run side by side: harvest tok/s, TopK step tok/s (with dead latents) and train()'s end
+to end tok/s, with the harmonic bound 1 / (1/harvest + 1/step) that a loop doing one then the other reaches
+and the fraction of it end to end reached. On CUDA it also prints the fraction of the GPU's bf16 peak reached
+by the encoder matmul FLOPs (the work every TopK implementation has to do).
 """
 import argparse
 import importlib.util
@@ -22,8 +25,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import minisv  # noqa: E402
 from minisv.data import load_dataset  # noqa: E402
-from minisv.training import (TrainConfig, _fix_decoder_grad, hook_names, relu_loss, topk_loss,  # noqa: E402
-                             train)
+from minisv.training import (TrainConfig, _fix_decoder_grad, harvest, hook_names, relu_loss,  # noqa: E402
+                             topk_loss, train)
 from minisv.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -37,21 +40,14 @@ def random_gpt2(tmp):
     return tmp
 
 
-def harvest(model, rows, layer, tokens):
-    """(x, y) activations of `tokens` tokens and the harvest's tokens/s."""
-    xs, ys, n = [], [], 0
-    start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(rows), 64):
-            _, cache = model.run_with_cache(rows[i:i + 64].to(model.embed.weight.device), names=hook_names(layer),
-                                            stop_at_layer=layer + 1)
-            xs.append(cache[hook_names(layer)[0]].flatten(0, 1))
-            ys.append(cache[hook_names(layer)[1]].flatten(0, 1))
-            n += xs[-1].shape[0]
-            if n >= tokens:
-                break
+def harvested(model, rows, layer, tokens):
+    """(x, y) activations of at least `tokens` tokens and the harvest's tokens/s."""
+    rows = rows[:-(-tokens // rows.shape[1])]
     _sync()
-    return torch.cat(xs)[:tokens], torch.cat(ys)[:tokens], n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    x, y = harvest(model, rows, {layer: hook_names(layer)})[layer]
+    _sync()
+    return x.flatten(0, 1)[:tokens], y.flatten(0, 1)[:tokens], rows.numel() / (time.perf_counter() - start)
 
 
 def _sync():
@@ -113,7 +109,9 @@ def main(argv=None):
     p.add_argument("--layer", type=int, default=6, help="layer whose MLP the transcoders replace (default: 6)")
     p.add_argument("--d-sae", type=int, default=9216, help="latents (default: 9216)")
     p.add_argument("--k", type=int, default=32, help="TopK k (default: 32)")
-    p.add_argument("--batch", type=int, default=4096, help="tokens per step (default: 4096)")
+    p.add_argument("--batch", type=int, default=1024, help="tokens per step (default: 1024, the default run's)")
+    p.add_argument("--dead", type=float, default=0.4, help="fraction of dead latents in the second TopK row "
+                   "(default: 0.4)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per implementation (default: 6)")
     p.add_argument("--e2e-tokens", type=int, default=65536, help="tokens for the end-to-end train() run, 0 to skip")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -128,7 +126,7 @@ def main(argv=None):
         rows = torch.randint(0, model.cfg.vocab_size, (4096, 128), generator=torch.Generator().manual_seed(0))
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     n = args.batch * (args.steps + 1)
-    x, y, harvest_tok_s = harvest(model, rows, args.layer, n)
+    x, y, harvest_tok_s = harvested(model, rows, args.layer, n)
     d, S, k = model.cfg.d_model, args.d_sae, args.k
     print(f"{model.cfg.name or spec}, layer {args.layer}, d_in {d}, d_sae {S}, k {k}, batch {args.batch}, "
           f"{device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
@@ -142,6 +140,9 @@ def main(argv=None):
     none_dead = torch.zeros(S, dtype=torch.bool, device=device)
     results["minisv TopK"] = time_steps(lambda x, y: topk_loss(tc, x, y, none_dead, d // 2, 1 / 32)[0],
                                         list(tc.parameters()), batches)
+    some_dead = torch.arange(S, device=device) < args.dead * S
+    results[f"minisv TopK, {args.dead:.0%} dead"] = time_steps(
+        lambda x, y: topk_loss(tc, x, y, some_dead, d // 2, 1 / 32)[0], list(tc.parameters()), batches)
     relu = Transcoder(TranscoderConfig(d, d, S, "relu")).to(device)
     results["minisv ReLU + L1"] = time_steps(lambda x, y: relu_loss(relu, x, y, none_dead, 1.4e-4)[0],
                                              list(relu.parameters()), batches, relu=relu)
@@ -163,10 +164,16 @@ def main(argv=None):
         extra = f" | {tok_s * flops / peak:6.2%} of bf16 peak (encoder FLOPs)" if peak else ""
         print(f"  {name:<26} {tok_s:>10,.0f} tok/s  ({tok_s / base:5.2f}× minisv TopK){extra}")
     if args.e2e_tokens:
-        cfg = TrainConfig(layers=[args.layer], d_sae=S, k=k, lr=4e-3, tokens=args.e2e_tokens, batch_tokens=1024,
-                          bos_id=getattr(model.tokenizer, "bos_id", None), checkpoint_every=10 ** 9)
+        steps = args.e2e_tokens // args.batch       # warm-up and dead window as train_transcoder.py sets them
+        cfg = TrainConfig(layers=[args.layer], d_sae=S, k=k, lr=4e-3, tokens=args.e2e_tokens, batch_tokens=args.batch,
+                          bos_id=getattr(model.tokenizer, "bos_id", None), checkpoint_every=10 ** 9,
+                          warmup_steps=max(1, steps // 20), dead_tokens=max(1, steps // 10) * args.batch)
         _, summary = train(model, rows, cfg, log=lambda line: None)
-        print(f"  end to end: train() as in the default run (harvest + batch 1024) {summary['tok_per_s']:,} tok/s")
+        step = results[f"minisv TopK, {args.dead:.0%} dead"]
+        bound = 1 / (1 / harvest_tok_s + 1 / step)
+        print(f"  default run, side by side: harvest {harvest_tok_s:,.0f} | TopK step ({args.dead:.0%} dead) "
+              f"{step:,.0f} | harmonic bound {bound:,.0f} | train() end to end {summary['tok_per_s']:,} tok/s "
+              f"= {summary['tok_per_s'] / bound:.0%} of the bound")
 
 
 if __name__ == "__main__":
