@@ -25,13 +25,14 @@ import torch.distributed as dist
 
 import minisv
 from minisv.circuits import Circuit, format_tree
-from minisv.data import load_dataset
+from minisv.data import eval_sample, load_dataset
 from minisv.cli import device as parse_device, main as cli_main, nonneg_float, nonneg_int, positive_float, positive_int
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
 from minisv.atomic import write_text
 from minisv.report import circuit_html, collect_dashboards, dashboards_html, training_html
 from minisv.training import TrainConfig, train
+from minisv.transcoder import EXPORT_FORMATS
 from minisv.transcoder import Transcoder, import_released
 
 DEFAULT_LAYER = 6
@@ -79,6 +80,9 @@ def parse_args(argv):
     p.add_argument("--eval-tokens", type=positive_int, default=4096, help="held-out tokens for the final evaluation "
                    "(default: 4096)")
     p.add_argument("--out", help="output directory (default: runs/transcoder-MODEL-L<layers>)")
+    p.add_argument("--export-format", nargs="+", default=[], choices=[f for f in EXPORT_FORMATS if f != "minisv"],
+                   help="also write each trained coder in these tools' layouts, into OUT/<format>/ (saelens: "
+                        "SAELens' SAE.load_from_disk; sparsify: EleutherAI sparsify's SparseCoder.load_from_disk)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                        "(same flags required)")
@@ -191,11 +195,16 @@ def _run_directory(out, resume, overwrite, rank):
 
 def train_and_report(args, out, rank, device, started):
     say = print if rank == 0 else _quiet
+    if "sparsify" in args.export_format and args.arch != "topk":      # refuse now, not after training
+        raise MinisvError("--export-format sparsify needs --arch topk (sparsify has no ReLU coder)")
+    if "saelens" in args.export_format and args.arch == "topk" and args.skip:
+        raise MinisvError("--export-format saelens cannot hold a TopK coder with --skip (SAELens has no such class)")
     model, train_rows, held_out = _model_and_data(args, device)
     d_sae = args.d_sae or (args.expansion or 16) * model.cfg.d_model
     lr = args.lr or (4e-3 * (9216 / d_sae) ** 0.5 if args.arch == "topk" else 4e-4)
     bos = model.tokenizer.bos_id if model.tokenizer is not None else None
-    eval_rows = held_out[:max(1, args.eval_tokens // args.ctx)]
+    # whole rows drawn at random from every held-out document, not the first few documents' rows
+    eval_rows, eval_data = eval_sample(held_out, args.eval_tokens, bos_id=bos, seed=args.seed)
     what = "transcoder(s)" if args.kind == "transcoder" else f"SAE(s) on {SAE_SITES[args.sae_site]}"
     say(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; data: "
         f"{len(train_rows):,} training rows ({train_rows.numel():,} tokens), {len(eval_rows)} held-out rows; "
@@ -211,17 +220,20 @@ def train_and_report(args, out, rank, device, started):
                       checkpoint_every=args.checkpoint_every, model=args.model, dataset=args.data or "builtin",
                       hook_in=sites[0], hook_out=sites[1])
     transcoders, summary = train(model, train_rows, cfg, out_dir=out, resume=args.resume, log=say,
-                                 eval_rows=held_out[:max(1, min(args.eval_tokens, 4096) // args.ctx)],
+                                 eval_rows=eval_rows[:max(1, 4096 // args.ctx)],
                                  eval_every=args.eval_every or max(1, steps // 10), compile_step=args.compile)
     if rank != 0:
         return
     for layer, tc in transcoders.items():
-        tc.save(out if len(transcoders) == 1 else os.path.join(out, f"layer_{layer}"))
+        where = out if len(transcoders) == 1 else os.path.join(out, f"layer_{layer}")
+        tc.save(where)
+        for fmt in args.export_format:
+            tc.save(os.path.join(where, fmt), format=fmt)
     say(f"evaluating on {eval_rows.numel():,} held-out tokens ...")
     metrics = evaluate(model, eval_rows, transcoders, bos_id=bos)
     _print_table(metrics, summary, args.layer)
     report = {"model": args.model, "layers": args.layer, "train_config": dataclasses.asdict(cfg), "train": summary,
-              "eval": metrics, "seconds_total": round(time.time() - started, 1)}
+              "eval": metrics, "eval_data": eval_data, "seconds_total": round(time.time() - started, 1)}
     write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     write_text(os.path.join(out, "report.html"), training_html(report, f"{what} of {args.model}"))
     say(f"trained {summary['tokens']:,} tokens in {summary['seconds']:.0f} s ({summary['tok_per_s']:,} tok/s end to "

@@ -20,7 +20,7 @@ the all-ones vector, which every later LayerNorm subtracts anyway (such transcod
 """
 import torch
 
-from .training import hook_names
+from .transcoder import hook_names
 
 
 @torch.no_grad()

@@ -76,11 +76,6 @@ class TrainConfig:
         return f"blocks.{layer}.{self.hook_in}", f"blocks.{layer}.{self.hook_out}"
 
 
-def hook_names(layer):
-    """The transcoder's input and target: the MLP input before the norm gain, and the MLP output."""
-    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
-
-
 def _world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 

@@ -41,6 +41,11 @@ _EXTRA_FIELDS = ("model", "layer", "hook_in", "hook_out", "input_convention", "t
                  "training_tokens")
 
 
+def hook_names(layer):
+    """The hooks a transcoder of `layer` reads and predicts: the MLP input before the norm gain, and the MLP output."""
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+
+
 @dataclass
 class TranscoderConfig:
     d_in: int

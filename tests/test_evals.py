@@ -9,7 +9,8 @@ import minisv
 from conftest import tiny_config
 from minisv.data import eval_sample, load_dataset
 from minisv.evals import evaluate
-from minisv.training import TrainConfig, hook_names, train
+from minisv.training import TrainConfig, train
+from minisv.transcoder import hook_names
 from minisv.transcoder import Transcoder, TranscoderConfig
 
 BOS = 0

@@ -16,9 +16,9 @@ from conftest import tiny_config
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
 from minisv import training
-from minisv.training import (ActivationStream, CachedActivations, TrainConfig, _fix_decoder_grad, hook_names, lr_at,
+from minisv.training import (ActivationStream, CachedActivations, TrainConfig, _fix_decoder_grad, lr_at,
                              topk_loss, train)
-from minisv.transcoder import Transcoder, TranscoderConfig
+from minisv.transcoder import Transcoder, TranscoderConfig, hook_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS = 0
@@ -349,6 +349,19 @@ def test_script_end_to_end_writes_loadable_artifacts(tiny_llama, token_file, tmp
     assert metrics["eval"]["layer_1"]["fvu"] == pytest.approx(again["layer_1"]["fvu"], rel=1e-5)
     assert metrics["eval"]["layer_1"]["ce_score"] == pytest.approx(again["layer_1"]["ce_score"], rel=1e-5)
     assert metrics["train"]["steps"] == 12 and len(metrics["train"]["history"]) >= 1
+
+
+def test_script_exports_other_tools_layouts(tiny_llama, token_file, tmp_path, capsys):
+    path, _ = tiny_llama
+    script(script_args(path, token_file, tmp_path / "run", "--export-format", "saelens", "sparsify"))
+    tc = Transcoder.load(tmp_path / "run")
+    x = torch.randn(5, tc.cfg.d_in)
+    for fmt, read in (("saelens", Transcoder.from_saelens), ("sparsify", Transcoder.from_sparsify)):
+        torch.testing.assert_close(read(tmp_path / "run" / fmt)(x), tc(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit) as e:                         # refused before any training, nothing written
+        script(script_args(path, token_file, tmp_path / "relu", "--arch", "relu", "--export-format", "sparsify"))
+    assert e.value.code == 2 and "needs --arch topk" in capsys.readouterr().err
+    assert not (tmp_path / "relu" / "checkpoint.pt").exists()
 
 
 def test_script_several_layers_share_the_forward_and_are_evaluated_together(tiny_llama, token_file, tmp_path):

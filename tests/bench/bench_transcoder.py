@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import minisv  # noqa: E402
 from minisv.data import load_dataset  # noqa: E402
-from minisv.training import (TrainConfig, _fix_decoder_grad, harvest, hook_names, relu_loss,  # noqa: E402
+from minisv.training import (TrainConfig, _fix_decoder_grad, harvest, relu_loss,  # noqa: E402
                              topk_loss, train)
-from minisv.transcoder import Transcoder, TranscoderConfig  # noqa: E402
+from minisv.transcoder import Transcoder, TranscoderConfig, hook_names  # noqa: E402
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
