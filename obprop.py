@@ -97,7 +97,8 @@ def build_tasks(model, args):
 def analyse(model, task, args, say):
     """Feature norms vs patching, the low-data classifier comparison and the requested paths, for one observable."""
     obs, H = task["obs"], model.cfg.n_heads
-    ref = ob.reference(model, task["pos"][0], task["neg"][0])     # where MLPs are linearized and norms evaluated
+    slots = {"name": task["position"]} if task["names"] is not None else None
+    ref = ob.reference(model, task["pos"][0], task["neg"][0], slots)   # where MLPs are linearized, norms evaluated
     feats = ob.single_features(model, obs, ref, args.exact_norms)
     norms = feats["attn"].norm(dim=-1)
     pairs = min(args.pairs, len(task["pos"]), len(task["neg"]))
@@ -110,9 +111,21 @@ def analyse(model, task, args, say):
                agreement=ob.ranking_agreement(norms, effects.abs(), args.top))
     if task["names"] is not None:
         out["classifier"] = classify(model, task, feats["attn"], top_norm, args.train_examples)
-    vectors = {path: ob.feature_vector(model, obs, path, ref, args.exact_norms) for path in args.path or []}
-    out["paths"] = {path: dict(norm=float(y.norm()), vector=y.tolist()) for path, y in vectors.items()}
+    out["reference"] = dict(tokens=ref.prompts, text=[[model.tokenizer.token_str(i) for i in p] for p in ref.prompts],
+                            slots=ref.slots)
+    out["paths"] = path_results(model, obs, args.path or [], ref, args.exact_norms)
     return out, feats["attn"]
+
+
+def path_results(model, obs, paths, ref, exact):
+    """Each path's feature vector with where every component acted (`locate`'s steps: the token it writes at and
+    the token it reads, and an MLP's linearization point τ between the two reference prompts), so that a result
+    can be reproduced from the JSON alone."""
+    out = {}
+    for path in paths:
+        y, steps = ob.feature_vector(model, obs, path, ref, exact, trace=True)
+        out[path] = dict(norm=float(y.norm()), vector=y.tolist(), steps=steps)
+    return out
 
 
 def classify(model, task, head_feats, heads, k):
@@ -186,8 +199,10 @@ def print_results(results, couplings, args):
             if any(x["auc_obprop"] < 0.5 for x in c["heads"]):
                 print("  (an ObProp AUC below 0.5: the head reads the name with the opposite sign, i.e. pushes the "
                       "observable the other way)")
+        words = r["reference"]["text"][0]
         for path, y in r["paths"].items():
-            print(f"  path {path}: ‖y‖ = {y['norm']:.4f}")
+            where = "; ".join(f"{step_name(s)} reads token {s['reads']} {words[s['reads']]!r}" for s in y["steps"])
+            print(f"  path {path}: ‖y‖ = {y['norm']:.4f}   ({where})")
     for c in couplings:
         print(f"\ncoupling {c['source']} -> {c['target']} at the top heads (observables' cosine "
               f"{c['observables_cosine']:.3f}; slopes over {c['tokens']} tokens)")
@@ -195,6 +210,10 @@ def print_results(results, couplings, args):
         for x in c["heads"]:
             print(f"  {x['head'][0]:>3}.{x['head'][1]:<2}  {x['predicted']:9.3f}  {x['slope']:7.3f}  {x['r2']:5.3f}  "
                   f"{x['cosine']:6.3f}")
+
+
+def step_name(step):
+    return f"attn {step['layer']}.{step['head']}" if step["kind"] == "attn" else f"mlp {step['layer']}"
 
 
 # ------------------------------------------------------------------------- the HTML report

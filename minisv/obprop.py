@@ -1,4 +1,4 @@
-"""Observable propagation (arXiv 2312.16291; METHODS.md §3): the feature vectors behind a task, from the weights.
+"""Observable propagation (arXiv 2312.16291; docs/methods.md §3): the feature vectors behind a task, from the weights.
 
 An *observable* is a linear functional on the logits, n·ℓ (e.g. ℓ[' she'] − ℓ[' he']). Along one computational
 path from an activation x to the logits, the model is linear or close to it, so the path's contribution to n·ℓ
@@ -9,8 +9,9 @@ is ≈ y·x for one vector y, the path's *feature vector*. It is found by pullin
                  the sublayer reads γ⊙x̂ + β, so x̂'s feature is u = P(γ⊙y) (x̂ has zero mean under LayerNorm:
                  y's mean scores nothing and is dropped), and x's feature is
                  s·u               with the scale frozen: the paper's √d/‖x‖·γ⊙y approximation
-                 s·(u − x̃(x̃·u))   the exact Jacobian, x̃ = x̂/√d the unit radial direction: the approximation
-                                   only keeps u's radial part (cosine ≥ 0.999 on SmolLM2, 0.998 in the paper)
+                 s·(u − x̃(x̃·u))   the exact Jacobian, x̃ = x̂/√d the unit radial direction: it removes u's
+                                   radial part, which the frozen-scale approximation keeps (the two have cosine
+                                   ≥ 0.999 on SmolLM2, 0.998 in the paper)
     head h       y ← W_Vᵀ W_Oᵀ y = W_OVᵀ y                   the attention pattern scales the score, not the
                                                              direction; rotary does not touch V or O
     MLP          y ← ∇_z y·MLP(z)                           linearized at a point between a positive and a
@@ -21,12 +22,18 @@ reads head 9.1. Its feature vector lives where the path starts: in the normalize
 before the gain) of its earliest component, ln1's for a head and ln2's for an MLP. There every input has norm
 √d whatever the layer, so feature norms of different components compare directly, with no data at all.
 
-Norm scales come from a `Reference` (the last token of a positive and a negative prompt); without one s = 1,
-which rescales every path through the same norms alike (the ranking of single heads by ‖y‖ is then data-free).
+Every component acts at its own token (`locate`): the path's first component writes at the last token, where
+the observable is read; a head reads its upstream components at a source token, "attn 13.11@name" (a template
+slot), "@4" or "@-3" (positions), by default the token it attends to most at the reference prompts; an MLP
+reads and writes at one token. Norm scales and MLP linearizations come from a `Reference` (a positive and a
+negative prompt) at those tokens; without one s = 1, which rescales every path through the same norms alike
+(the ranking of single heads by ‖y‖ is then data-free).
 
-Validation is built in, because the method makes predictions: `frozen_gradient` (the propagated vector equals
-autograd's with patterns and norm scales frozen), `patch_heads` (feature-norm ranking vs path patching),
-`feature_scores` + `fit_slope` (predicted coupling vs the empirical slope on a corpus), and `auc`.
+The method makes predictions, and the rest of this file checks them: `patch_heads` (feature-norm ranking vs
+direct-path patching), `patch_heads_total` (vs total-effect activation patching), `feature_scores` +
+`fit_slope` (predicted coupling vs the empirical slope on a corpus), and `auc`. That the propagated vectors
+equal frozen autograd at the right tokens is tested against an independent implementation on transformers'
+models (tests/test_obprop.py).
 """
 import re
 from dataclasses import dataclass
@@ -116,35 +123,58 @@ def _single_token(model, token):
     return ids[0]
 
 
-# ------------------------------------------------------------------------- paths and reference points
+# ------------------------------------------------------------------------- paths, positions and reference points
+_COMPONENT = re.compile(r"\s*(attn|mlp)\s+(\d+)(?:\.(\d+))?\s*(?:@\s*(-?\d+|\[?[A-Za-z_]\w*\]?))?\s*")
+
+
 def parse_path(model, path):
-    """"attn 13.11 <- mlp 12 <- attn 9.1" (or a list of ("attn", 13, 11) / ("mlp", 12, None)) -> a list of
-    (kind, layer, head), from the component next to the logits back to the path's start. Each component must
-    come before the one it feeds (heads and MLPs of one parallel-block layer cannot feed each other)."""
+    """"attn 13.11@name <- mlp 12 <- attn 9.1@3" (or a list of ("attn", 13, 11, "name") / ("mlp", 12, None)) ->
+    a list of (kind, layer, head, source), from the component next to the logits back to the path's start.
+    A head's source is the token it reads its upstream components from: None (the default, resolved by
+    `locate` at a reference prompt), a position (negative counts from the end) or a template slot name
+    ("name" or "[NAME]"). An MLP acts where its reader reads, so it takes no source. Each component must come
+    before the one it feeds (heads and MLPs of one parallel-block layer cannot feed each other)."""
     parts = re.split(r"<-|←", path) if isinstance(path, str) else list(path)
     out = []
     for part in parts:
         if isinstance(part, str):
-            m = re.fullmatch(r"\s*(attn|mlp)\s+(\d+)(?:\.(\d+))?\s*", part)
+            m = _COMPONENT.fullmatch(part)
             if not m:
-                raise MinisvError(f"cannot read path component {part.strip()!r}: write 'attn LAYER.HEAD' or "
-                                  f"'mlp LAYER', joined by '<-' from the logits back, like 'attn 13.11 <- mlp 12'")
-            part = (m[1], int(m[2]), None if m[3] is None else int(m[3]))
-        kind, layer, head = part
-        L, H = model.cfg.n_layers, model.cfg.n_heads
-        if not 0 <= layer < L:
-            raise MinisvError(f"layer {layer} in path {path!r} is out of range: the model has layers 0..{L - 1}")
-        if kind not in ("attn", "mlp") or (kind == "mlp") != (head is None) or kind == "attn" and head not in range(H):
-            raise MinisvError(f"path component {part} needs 'attn LAYER.HEAD' with a head in 0..{H - 1}, "
-                              f"or 'mlp LAYER' without a head")
-        out.append((kind, layer, head))
+                raise MinisvError(f"cannot read path component {part.strip()!r}: write 'attn LAYER.HEAD' (optionally "
+                                  f"@TOKEN, a position or a template slot like @name) or 'mlp LAYER', joined by '<-' "
+                                  f"from the logits back, like 'attn 13.11@name <- mlp 12'")
+            source = m[4] if m[4] is None or not re.fullmatch(r"-?\d+", m[4]) else int(m[4])
+            part = (m[1], int(m[2]), None if m[3] is None else int(m[3]), source)
+        out.append(_check_component(model, path, part))
     if not out:
         raise MinisvError("empty path; give at least one component, like 'attn 13.11'")
-    order = [(l, 1 if k == "mlp" and not model.cfg.parallel else 0) for k, l, _ in out]
+    order = [(l, 1 if k == "mlp" and not model.cfg.parallel else 0) for k, l, _, _ in out]
     if any(a <= b for a, b in zip(order, order[1:])):
         raise MinisvError(f"path {path!r} is out of order: each component must come before the one it feeds "
                           f"(write from the logits back, later layers first)")
     return out
+
+
+def _check_component(model, path, part):
+    """One path component as (kind, layer, head, source), or a MinisvError saying what is wrong with it."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    usage = f"write ('attn', LAYER, HEAD) with a head in 0..{H - 1}, or ('mlp', LAYER)"
+    if not isinstance(part, (tuple, list)) or len(part) not in (2, 3, 4):
+        raise MinisvError(f"cannot read path component {part!r}: {usage}")
+    kind, layer, head, source = (*part, None, None)[:4]
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+    if kind not in ("attn", "mlp") or not is_int(layer) or (kind == "mlp") != (head is None) \
+            or (kind == "attn" and not (is_int(head) and 0 <= head < H)):
+        raise MinisvError(f"path component {tuple(part)} needs 'attn LAYER.HEAD' with a head in 0..{H - 1}, "
+                          f"or 'mlp LAYER' without a head")
+    if not 0 <= layer < L:
+        raise MinisvError(f"layer {layer} in path {path!r} is out of range: the model has layers 0..{L - 1}")
+    if source is not None and (kind == "mlp" or not (is_int(source) or isinstance(source, str))):
+        raise MinisvError(f"path component {tuple(part)}: only a head takes a source token (@position or @slot); an "
+                          f"MLP acts at the token its reader reads")
+    return kind, layer, head, source
 
 
 def _norm_name(model, kind, layer):
@@ -164,22 +194,85 @@ def _norm(model, name):
 
 @dataclass
 class Reference:
-    """Activations at the last token of a positive and a negative prompt, {hook name: [D]}: the inputs of every
-    norm (where norm scales and Jacobians are evaluated) and every MLP's x̂ (where MLPs are linearized)."""
-    pos: dict
-    neg: dict
+    """One or two reference prompts (a positive and a negative example) and their activations at every token,
+    where norm scales are evaluated, MLPs linearized and a head's default source token chosen.
+    prompts: token-id lists; acts: per prompt {hook name: [T, D]} (every norm's input and every MLP's x̂);
+    patterns: [L, H, T, T] attention weights, averaged over the prompts when they line up (else the first's);
+    slots: {slot name: position} of template slots like [NAME], shared by the prompts."""
+    prompts: list
+    acts: list
+    patterns: torch.Tensor
+    slots: dict
 
-    def mid(self, name):
-        return (self.pos[name] + self.neg[name]) / 2
+    @property
+    def length(self):
+        return len(self.prompts[0])
+
+    def at(self, name, t):
+        """The activation `name` at position t (of the first prompt) in every prompt: [P, D]. Prompts of different
+        lengths line up only at their last token."""
+        lengths = [len(p) for p in self.prompts]
+        if t != lengths[0] - 1 and len(set(lengths)) > 1:
+            raise MinisvError(f"the reference prompts have {lengths} tokens: only their last tokens line up, so a "
+                              f"path cannot use token {t}; give prompts of equal length (a template does that)")
+        return torch.stack([a[name][t - lengths[0] + len(p)] for a, p in zip(self.acts, self.prompts)])
+
+    def mid(self, name, t=-1):
+        return self.at(name, t % self.length).mean(0)
 
 
-def reference(model, pos, neg=None) -> Reference:
-    """A Reference from token ids (lists or [T] tensors). With one prompt, every rule is evaluated exactly there."""
+def reference(model, pos, neg=None, slots=None) -> Reference:
+    """A Reference from token ids (lists or [T] tensors) and optional {slot name: position}. With one prompt,
+    every rule is evaluated exactly there."""
     L, mid = model.cfg.n_layers, "pre" if model.cfg.parallel else "mid"     # ln2 reads resid_mid, or resid_pre
-    names = {f"blocks.{L - 1}.hook_resid_post"} | {f"blocks.{l}.{n}" for l in range(L) for n in
-                                                   ("hook_resid_pre", f"hook_resid_{mid}", "ln2.hook_normalized")}
-    acts = [last_token_acts(model, [p], names) for p in (pos, neg) if p is not None]
-    return Reference(*({n: a[0].float() for n, a in x.items()} for x in (acts[0], acts[-1])))
+    names = [f"blocks.{L - 1}.hook_resid_post"] + [f"blocks.{l}.{n}" for l in range(L) for n in (
+        "hook_resid_pre", f"hook_resid_{mid}", "ln2.hook_normalized", "attn.hook_pattern")]
+    prompts = [torch.as_tensor(p).tolist() for p in (pos, neg) if p is not None]
+    if any(len(p) == 0 for p in prompts):
+        raise MinisvError("a reference prompt is empty; give at least one token")
+    device, acts = model.embed.weight.device, []
+    with torch.no_grad():
+        for p in prompts:
+            _, cache = model.run_with_cache(torch.tensor(p, device=device), names=names)
+            acts.append({n: x[0].float() for n, x in cache.items()})
+    grids = [torch.stack([a.pop(f"blocks.{l}.attn.hook_pattern") for l in range(L)]) for a in acts]   # [L, H, T, T]
+    patterns = torch.stack(grids).mean(0) if len({len(p) for p in prompts}) == 1 else grids[0]
+    return Reference(prompts, acts, patterns, {k.strip("[]").lower(): v for k, v in (slots or {}).items()})
+
+
+def locate(model, path, ref=None):
+    """Where each component of a path acts: a list of dicts {kind, layer, head, writes, reads}, from the logits
+    back. The path's first component writes at the last token (where the observable is read); a head writes at
+    its query token and reads at its source token, where the next component writes; an MLP reads and writes at
+    one token. A head's source is the one given in the path, or by default the token it attends to most at the
+    reference prompts (the reference code's rule). Without a reference, positions are None."""
+    steps, t = [], None if ref is None else ref.length - 1
+    for kind, layer, head, source in parse_path(model, path):
+        reads = t
+        if kind == "attn" and ref is not None:
+            reads = _source(ref, layer, head, t, source)
+        elif kind == "attn" and source is not None:
+            raise MinisvError(f"attn {layer}.{head}@{source}: a source token needs reference prompts to point into")
+        steps.append(dict(kind=kind, layer=layer, head=head, writes=t, reads=reads))
+        t = reads
+    return steps
+
+
+def _source(ref, layer, head, t, source):
+    """The source position a head reads at from query position t (see `locate`)."""
+    if source is None:
+        return int(ref.patterns[layer, head, t, :t + 1].argmax())
+    if isinstance(source, str):
+        key = source.strip("[]").lower()
+        if key not in ref.slots:
+            raise MinisvError(f"attn {layer}.{head}@{source}: no template slot {source!r} in the reference prompts "
+                              f"(slots: {sorted(ref.slots) or 'none; use a --template with [NAME]'})")
+        source = ref.slots[key]
+    s = source + ref.length if source < 0 else source
+    if not 0 <= s <= t:
+        raise MinisvError(f"attn {layer}.{head}@{source}: a head at token {t} can only read tokens 0..{t} of the "
+                          f"{ref.length}-token reference prompt")
+    return s
 
 
 @torch.no_grad()
@@ -214,13 +307,13 @@ def _to_normalized(norm, y):
     return u - u.mean(-1, keepdim=True) if norm.bias is not None else u
 
 
-def _to_residual(model, norm_name, input_hook, u, ref, exact):
-    """Feature of x̂ -> feature of the norm's input x (the residual stream) at the reference point. u: [D]"""
+def _to_residual(model, norm_name, input_hook, u, ref, exact, t=-1):
+    """Feature of x̂ -> feature of the norm's input x (the residual stream) at position t of the reference. u: [D]"""
     if ref is None:
         if exact:
             raise MinisvError("the exact norm Jacobian needs a reference point: pass ref=reference(model, tokens)")
         return u
-    h = ref.mid(input_hook)
+    h = ref.mid(input_hook, t)
     if _norm(model, norm_name).bias is not None:
         h = h - h.mean()
     s = torch.rsqrt(h.pow(2).mean() + model.cfg.norm_eps)
@@ -231,7 +324,7 @@ def _to_residual(model, norm_name, input_hook, u, ref, exact):
 
 
 def logit_feature(model, obs, ref=None, exact=False):
-    """The observable pulled back to the final residual stream (the input of ln_final): [D]."""
+    """The observable pulled back to the final residual stream (the input of ln_final) at the last token: [D]."""
     W_U = model.unembed.weight
     y = W_U[obs.ids.to(W_U.device)].float().T @ obs.weights.to(W_U.device)      # W_Uᵀ n, from the k rows n selects
     u = _to_normalized(model.ln_final, y)
@@ -248,15 +341,17 @@ def head_features(model, layer, y):
     return _to_normalized(model.blocks[layer].ln1, torch.einsum("he,hed->hd", u, W_V))
 
 
-def mlp_feature(model, layer, y, ref, return_t=False):
-    """∇ y·MLP as a feature of ln2's x̂: [D]. The MLP is linearized at x̂(t) = x̂_neg + t(x̂_pos − x̂_neg), the point
-    on the segment between the reference's two examples where y·MLP is halfway between its values at the ends
-    (the decision boundary between them; the reference code finds t for a level with an optimizer, we bisect)."""
+def mlp_feature(model, layer, y, ref, t=-1, return_t=False):
+    """∇ y·MLP as a feature of ln2's x̂ at position t of the reference: [D]. The MLP is linearized at
+    x̂(τ) = x̂_neg + τ(x̂_pos − x̂_neg), the point on the segment between the reference's two examples where y·MLP is
+    halfway between its values at the ends (the decision boundary between them; the reference code finds τ for a
+    level with an optimizer, we bisect). With one reference prompt that point is the prompt's own x̂."""
     if ref is None:
         raise MinisvError(f"MLP {layer} is linearized at a point between two examples: pass "
                           f"ref=reference(model, pos_tokens, neg_tokens)")
     block, name = model.blocks[layer], f"blocks.{layer}.ln2.hook_normalized"
-    a, b = ref.pos[name], ref.neg[name]
+    points = ref.at(name, t % ref.length)
+    a, b = points[0], points[-1]
     dtype = block.mlp.proj.weight.dtype
 
     def f(xhat):    # y·MLP(γ⊙x̂ + β)
@@ -266,27 +361,37 @@ def mlp_feature(model, layer, y, ref, return_t=False):
     with torch.no_grad():
         fa, fb, lo, hi = f(a), f(b), 0.0, 1.0
         level, rising = (fa + fb) / 2, fa >= fb
-        for _ in range(30):     # f(b + t(a−b)) is continuous, and the level lies between its values at t = 0, 1
-            t = (lo + hi) / 2
-            lo, hi = (t, hi) if (f(b + t * (a - b)) < level) == rising else (lo, t)
-    point = (b + (lo + hi) / 2 * (a - b)).requires_grad_(True)
+        for _ in range(30):     # f(b + τ(a−b)) is continuous, and the level lies between its values at τ = 0, 1
+            tau = (lo + hi) / 2
+            below = (f(b + tau * (a - b)) < level) == rising
+            lo, hi = (tau, hi) if below else (lo, tau)
+    tau = (lo + hi) / 2
+    point = (b + tau * (a - b)).requires_grad_(True)
     with torch.enable_grad():
         grad = torch.autograd.grad(f(point), point)[0]
     u = grad - grad.mean() if block.ln2.bias is not None else grad
-    return (u, (lo + hi) / 2) if return_t else u
+    return (u, tau) if return_t else u
 
 
-def feature_vector(model, obs, path, ref=None, exact=False):
-    """The feature vector [D] of a path (see `parse_path`) for an observable, in the x̂ of the path's start.
-    ref: where norm scales are taken and MLPs linearized (needed for MLPs and for exact=True; without it s = 1).
-    exact: exact norm Jacobians instead of frozen scales."""
-    path = parse_path(model, path)
+def feature_vector(model, obs, path, ref=None, exact=False, trace=False):
+    """The feature vector [D] of a path (see `parse_path`) for an observable, in the x̂ of the path's start at the
+    token it reads (see `locate`). Each rule is evaluated at its own token: the final norm at the last token, a
+    head's OV circuit anywhere (it is the same matrix at every token; the attention weight scales the path's
+    score, not its direction, and is left out as for single heads), an MLP linearized and a norm scale taken at
+    the token where the component acts. ref: the reference prompts (needed for MLPs and for exact=True;
+    without it s = 1). exact: exact norm Jacobians instead of frozen scales. trace: also return `locate`'s
+    steps, with each MLP's linearization point τ added."""
+    steps = locate(model, path, ref)
     y = logit_feature(model, obs, ref, exact)
-    for i, (kind, layer, head) in enumerate(path):
-        u = head_features(model, layer, y)[head] if kind == "attn" else mlp_feature(model, layer, y, ref)
-        if i == len(path) - 1:
-            return u
-        y = _to_residual(model, *_norm_name(model, kind, layer), u, ref, exact)
+    for i, step in enumerate(steps):
+        kind, layer = step["kind"], step["layer"]
+        if kind == "attn":
+            u = head_features(model, layer, y)[step["head"]]
+        else:
+            u, step["tau"] = mlp_feature(model, layer, y, ref, step["reads"], return_t=True)
+        if i < len(steps) - 1:
+            y = _to_residual(model, *_norm_name(model, kind, layer), u, ref, exact, step["reads"])
+    return (u, steps) if trace else u
 
 
 def single_features(model, obs, ref=None, exact=False):
@@ -310,58 +415,6 @@ def cosine(y1, y2):
 
 
 # ------------------------------------------------------------------------- validation
-def frozen_gradient(model, tokens, obs, path):
-    """Autograd's answer to what `feature_vector` computes by hand, for one prompt ([T] token ids): the gradient
-    of the observable at the last token w.r.t. x̂ at the path's start, with (1) attention patterns detached,
-    (2) every norm's scale detached, and (3) the gradient confined to the path: each later component's norm
-    reads `resid.detach() + (out − out.detach())`, where out is the previous path component's output (one head's
-    share of it, for a head), so values are unchanged and only that output carries gradient. The gradient is
-    summed over positions: a head gives position j the share pattern[last, j] of its feature, and pattern rows
-    sum to 1. It equals feature_vector(model, obs, path, reference(model, tokens)) when the path's only head,
-    if any, is its start: every later component then acts at the last token, where ObProp takes its norm scales
-    and linearizes its MLPs (past a second head, autograd scales each position by its own norm). Returns [D]."""
-    path = parse_path(model, path)[::-1]          # computation order: the path's start first
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    acts, fns = {}, {f"blocks.{l}.attn.hook_pattern": lambda x, n: x.detach() for l in range(L)}
-
-    def keep(x, name):
-        acts[name] = x
-
-    def frozen_norm(norm_name, input_hook, out_hook):
-        def fn(x, name):
-            h = acts[input_hook].detach() + acts[out_hook] - acts[out_hook].detach()
-            h = h.float() - h.float().mean(-1, keepdim=True) if _norm(model, norm_name).bias is not None else h.float()
-            return (h * torch.rsqrt(h.detach().pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps)).to(x.dtype)
-        return fn
-
-    def leaf(x, name):
-        acts["leaf"] = x.detach().requires_grad_(True)
-        return acts["leaf"]
-
-    def one_head(head):
-        mask = torch.zeros(H, 1, device=model.embed.weight.device)
-        mask[head] = 1
-        return lambda z, name: z.detach() + (z - z.detach()) * mask.to(z.dtype)
-
-    reader = [(*_norm_name(model, kind, layer), kind, layer, head) for kind, layer, head in path]
-    reader.append(("ln_final", f"blocks.{L - 1}.hook_resid_post", None, None, None))
-    prev_out = None
-    for i, (norm_name, input_hook, kind, layer, head) in enumerate(reader):
-        if i == 0:
-            fns[norm_name + ".hook_normalized"] = leaf
-        else:
-            fns[input_hook], fns[norm_name + ".hook_normalized"] = keep, frozen_norm(norm_name, input_hook, prev_out)
-        if kind == "attn":
-            fns[f"blocks.{layer}.attn.hook_z"] = one_head(head)
-        if kind is not None:
-            prev_out = f"blocks.{layer}.hook_{kind}_out"
-            fns[prev_out] = keep
-    with torch.enable_grad(), model.hooks(fns):
-        value = obs.value(model(torch.as_tensor(tokens).view(1, -1).to(model.embed.weight.device))[0, -1])
-        grad = torch.autograd.grad(value, acts["leaf"])[0][0].float().sum(0)
-    return grad - grad.mean() if _norm(model, reader[0][0]).bias is not None else grad
-
-
 @torch.no_grad()
 def patch_heads(model, obs, pos_prompts, neg_prompts):
     """Path patching of every head's direct path to the logits, mean over prompt pairs: [L, H]. For pair b, head
