@@ -196,7 +196,7 @@ def _norm(model, name):
 class Reference:
     """One or two reference prompts (a positive and a negative example) and their activations at every token,
     where norm scales are evaluated, MLPs linearized and a head's default source token chosen.
-    prompts: token-id lists; acts: per prompt {hook name: [T, D]} (every norm's input and every MLP's x̂);
+    prompts: token-id lists; acts: per prompt {hook name: [T, D]} (every norm's input and output x̂);
     patterns: [L, H, T, T] attention weights, averaged over the prompts when they line up (else the first's);
     slots: {slot name: position} of template slots like [NAME], shared by the prompts."""
     prompts: list
@@ -226,7 +226,7 @@ def reference(model, pos, neg=None, slots=None) -> Reference:
     every rule is evaluated exactly there."""
     L, mid = model.cfg.n_layers, "pre" if model.cfg.parallel else "mid"     # ln2 reads resid_mid, or resid_pre
     names = [f"blocks.{L - 1}.hook_resid_post"] + [f"blocks.{l}.{n}" for l in range(L) for n in (
-        "hook_resid_pre", f"hook_resid_{mid}", "ln2.hook_normalized", "attn.hook_pattern")]
+        "hook_resid_pre", f"hook_resid_{mid}", "ln1.hook_normalized", "ln2.hook_normalized", "attn.hook_pattern")]
     prompts = [torch.as_tensor(p).tolist() for p in (pos, neg) if p is not None]
     if any(len(p) == 0 for p in prompts):
         raise MinisvError("a reference prompt is empty; give at least one token")
@@ -358,13 +358,16 @@ def mlp_feature(model, layer, y, ref, t=-1, return_t=False):
         z = xhat * block.ln2.weight.float() + (block.ln2.bias.float() if block.ln2.bias is not None else 0)
         return model.apply_mlp(layer, z.to(dtype)).float() @ y
 
-    with torch.no_grad():
-        fa, fb, lo, hi = f(a), f(b), 0.0, 1.0
-        level, rising = (fa + fb) / 2, fa >= fb
-        for _ in range(30):     # f(b + τ(a−b)) is continuous, and the level lies between its values at τ = 0, 1
-            tau = (lo + hi) / 2
-            below = (f(b + tau * (a - b)) < level) == rising
-            lo, hi = (tau, hi) if below else (lo, tau)
+    with torch.no_grad():   # f(b + τ(a−b)) is continuous, and the level lies between its values at τ = 0, 1:
+        lo, hi = 0.0, 1.0       # narrow [lo, hi] around a crossing, 32 sub-intervals at a time (to 32⁻⁴ ≈ 1e-6)
+        for step in range(4):
+            taus = torch.linspace(lo, hi, 33, device=a.device)
+            values = f(b + taus[:, None] * (a - b))                                            # [33]
+            if step == 0:
+                level, rising = (values[0] + values[-1]) / 2, values[-1] >= values[0]
+            below = (values < level) == rising
+            i = 32 if below.all() else int(below.long().argmin())              # the first τ past the level
+            lo, hi = float(taus[max(i - 1, 0)]), float(taus[i])
     tau = (lo + hi) / 2
     point = (b + tau * (a - b)).requires_grad_(True)
     with torch.enable_grad():
@@ -404,6 +407,51 @@ def single_features(model, obs, ref=None, exact=False):
     return {"attn": heads, "mlp": mlps}
 
 
+def search_paths(model, obs, ref, steps, width, exact=False):
+    """Greedy path search with positions (the reference's patch_get_max_paths, scored by feature·activation
+    instead of by patching). From the observable at the last token, every path in the beam is extended backwards
+    by every earlier component: a head at each source token s it can read, or an MLP at the path's token. A
+    path's score is its contribution to n·ℓ(pos) − n·ℓ(neg), y·(x̂_pos − x̂_neg) at its start, times the attention
+    weight of every head on it (y·x̂_pos with one reference prompt, or prompts of different lengths). The `width`
+    paths of largest |score| are kept at each of `steps` lengths. Returns one list per length of {path, score,
+    parent}: path is written with every source (@position) so that feature_vector reproduces it, parent is the
+    index of the path it extends in the previous list."""
+    L, H, T = model.cfg.n_layers, model.cfg.n_heads, ref.length
+    pair = len(ref.prompts) == 2 and len(ref.prompts[1]) == T
+
+    def activation(name):       # [T, D]: x̂_pos − x̂_neg, or x̂_pos
+        return ref.acts[0][name] - ref.acts[1][name] if pair else ref.acts[0][name]
+    beam = [dict(path="", y=logit_feature(model, obs, ref, exact), reads=T - 1, bound=(L, 0), weight=1.0, parent=None)]
+    levels = []
+    for _ in range(steps):
+        candidates = []
+        for i, p in enumerate(beam):
+            r = p["reads"]
+            for l in range(L):
+                if (l, 0) < p["bound"]:     # every head of layer l, at every source token s <= r
+                    u = head_features(model, l, p["y"])                                             # [H, D]
+                    a = ref.patterns[l, :, r, :r + 1]                                               # [H, r+1]
+                    score = p["weight"] * a * (u @ activation(f"blocks.{l}.ln1.hook_normalized")[:r + 1].T)
+                    candidates += [(float(score[h, s]), i, "attn", l, h, s, u[h], float(a[h, s]))
+                                   for h in range(H) for s in range(r + 1)]
+                if (l, 0 if model.cfg.parallel else 1) < p["bound"]:
+                    u = mlp_feature(model, l, p["y"], ref, r)
+                    score = p["weight"] * float(u @ activation(f"blocks.{l}.ln2.hook_normalized")[r])
+                    candidates.append((score, i, "mlp", l, None, r, u, 1.0))
+        candidates.sort(key=lambda c: -abs(c[0]))
+        level = []
+        for score, i, kind, l, h, s, u, a in candidates[:width]:
+            parent = beam[i]
+            name = f"attn {l}.{h}@{s}" if kind == "attn" else f"mlp {l}"
+            level.append(dict(path=f"{parent['path']} <- {name}" if parent["path"] else name, score=score, parent=i,
+                              y=_to_residual(model, *_norm_name(model, kind, l), u, ref, exact, s), reads=s,
+                              bound=(l, 0 if kind == "attn" or model.cfg.parallel else 1),
+                              weight=parent["weight"] * a))
+        levels.append([dict(path=p["path"], score=p["score"], parent=p["parent"]) for p in level])
+        beam = level
+    return levels
+
+
 def coupling(y1, y2):
     """C(y1, y2) = y1·y2 / ‖y1‖²: the expected y2-score of an input scoring 1 on y1 (inputs uniform on a sphere).
     Asymmetric and scale-aware, unlike the cosine."""
@@ -438,6 +486,46 @@ def patch_heads(model, obs, pos_prompts, neg_prompts):
     def value(x):    # n·ℓ = (W_Uᵀ n)·ln_final(x), without the full [.., V] logits
         return model.apply_norm("ln_final", x).float() @ w
     return (value(resid)[:, None, None] - value(patched)).mean(0)
+
+
+@torch.no_grad()
+def patch_heads_total(model, obs, pos_prompts, neg_prompts):
+    """Total-effect activation patching of every head, mean over prompt pairs: [L, H]. For pair b, head (l, h)'s
+    output at *every* position of the positive prompt is replaced by its output on the negative prompt, and all
+    later layers recompute (so the effect includes every path through the head, not only its direct one):
+        effect = n·ℓ(pos) − n·ℓ(pos with z^{l,h} ← z^{l,h}_neg).
+    The two prompts of a pair must have the same length (token positions are patched one to one). One forward
+    per layer, from that layer on, over a batch of H copies of the pairs (copy h patches head h)."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if len(pos_prompts) != len(neg_prompts) or not pos_prompts:
+        raise MinisvError(f"patching needs pairs: got {len(pos_prompts)} positive and {len(neg_prompts)} negative "
+                          f"prompts")
+    if any(len(p) != len(n) for p, n in zip(pos_prompts, neg_prompts)):
+        raise MinisvError("total-effect patching swaps a head's output token by token, so the prompts of a pair need "
+                          "the same length; use a template, or direct-path patching only")
+    rows = [torch.as_tensor(p).tolist() for p in pos_prompts + neg_prompts]
+    B, width, device = len(pos_prompts), max(len(r) for r in rows), model.embed.weight.device
+    tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    mask = None if all(len(r) == width for r in rows) else \
+        torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    logits, cache = model.run_with_cache(tokens, names=names, attention_mask=mask)
+    clean = obs.value(logits[:B, -1])                                                              # [B]
+    effects = torch.zeros(L, H, device=device)
+    heads = torch.arange(H, device=device).repeat_interleave(B)                     # copy h·B + b patches head h
+    for l in range(L):
+        z_neg = cache[f"blocks.{l}.attn.hook_z"][B:].repeat(H, 1, 1, 1)                 # [H·B, T, H, E]
+
+        def patch(z, name):
+            z = z.clone()
+            z[torch.arange(len(z)), :, heads] = z_neg[torch.arange(len(z)), :, heads]
+            return z
+        with model.hooks({f"blocks.{l}.attn.hook_z": patch}):
+            start = tokens[:B].repeat(H, 1) if l == 0 else cache[f"blocks.{l}.hook_resid_pre"][:B].repeat(H, 1, 1)
+            out = model(start, start_at_layer=l,
+                        attention_mask=None if mask is None else mask[:B].repeat(H, 1))
+        effects[l] = (clean.repeat(H) - obs.value(out[:, -1])).view(H, B).mean(1)
+    return effects
 
 
 def ranking_agreement(predicted, measured, k):

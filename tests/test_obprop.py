@@ -445,3 +445,46 @@ def test_smollm2_top_head_by_feature_norm_is_the_top_head_by_patching(smollm2):
     effects = ob.patch_heads(model, obs, pos[:8], neg[:8])
     assert int(norms.argmax()) == int(effects.abs().argmax())
     assert ob.ranking_agreement(norms, effects.abs(), k=5)["top_k_overlap"] >= 0.4
+
+
+def test_total_effect_patching_matches_one_patch_at_a_time(planted):
+    model = planted
+    obs = ob.observable(model, "' she' - ' he'")
+    pos, _ = name_prompts(model, ["Mary", "Anna", "Lisa"])
+    neg, _ = name_prompts(model, ["John", "Mark", "Paul"])
+    effects = ob.patch_heads_total(model, obs, pos, neg)
+    for l, h in [PLANTED, (0, 3), (2, 1), (1, 0)]:
+        total = 0.0
+        for p, n in zip(pos, neg):
+            _, cache = model.run_with_cache(torch.tensor(n), names=[f"blocks.{l}.attn.hook_z"])
+
+            def swap(z, name):
+                z = z.clone()
+                z[:, :, h] = cache[name][:, :, h]
+                return z
+            with model.hooks({f"blocks.{l}.attn.hook_z": swap}):
+                patched = obs.value(model(torch.tensor(p))[0, -1])
+            total += float(obs.value(model(torch.tensor(p))[0, -1]) - patched) / len(pos)
+        assert float(effects[l, h]) == pytest.approx(total, rel=1e-4, abs=1e-5)
+    assert divmod(int(effects.abs().argmax()), 4) == PLANTED
+    with pytest.raises(MinisvError, match="same length"):
+        ob.patch_heads_total(model, obs, [pos[0]], [pos[0][:-1]])
+
+
+def test_path_search_scores_are_the_found_paths_contributions(planted):
+    model = planted
+    obs = ob.observable(model, "' she' - ' he'")
+    (pos, neg), position = name_prompts(model, ["Mary", "John"])
+    ref = ob.reference(model, pos, neg, {"name": position})
+    levels = ob.search_paths(model, obs, ref, steps=2, width=3)
+    assert [len(level) for level in levels] == [3, 3] and levels[0][0]["path"].startswith("attn 1.2@")
+    for level in levels:
+        assert all(abs(a["score"]) >= abs(b["score"]) for a, b in zip(level, level[1:]))
+        for p in level:
+            y, steps = ob.feature_vector(model, obs, p["path"], ref, trace=True)
+            weight, start = 1.0, steps[-1]
+            for s in steps:
+                weight *= float(ref.patterns[s["layer"], s["head"], s["writes"], s["reads"]]) if s["kind"] == "attn" else 1
+            hook = f"blocks.{start['layer']}.{'ln1' if start['kind'] == 'attn' else 'ln2'}.hook_normalized"
+            delta = ref.acts[0][hook][start["reads"]] - ref.acts[1][hook][start["reads"]]
+            assert p["score"] == pytest.approx(weight * float(y @ delta), rel=1e-4, abs=1e-6)
