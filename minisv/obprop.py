@@ -77,7 +77,7 @@ class Observable:
         return logits[..., self.ids].float() @ self.weights.to(logits.device)
 
 
-_TERM = re.compile(r"""\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?('[^']*'|"[^"]*")\s*""")
+_TERM = re.compile(r"""\s*([+-])?\s*(?:((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*)?('[^']*'|"[^"]*")\s*""")
 
 
 def observable(model, spec) -> Observable:

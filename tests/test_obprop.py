@@ -255,7 +255,7 @@ def planted():
 
 def test_observable_parsing_and_errors(planted):
     model = planted
-    obs = ob.observable(model, "' she' - ' he' + 2*' her' - .5 * ' him'")
+    obs = ob.observable(model, "' she' - ' he' + 2e0*' her' - 5e-1 * ' him'")
     tok = model.tokenizer
     assert dict(zip(obs.ids.tolist(), obs.weights.tolist())) == {tok.ids[" she"]: 1, tok.ids[" he"]: -1,
                                                                   tok.ids[" her"]: 2, tok.ids[" him"]: -0.5}
@@ -276,7 +276,10 @@ def test_observable_parsing_and_errors(planted):
 @pytest.mark.parametrize("path, message", [
     ("attn 3.0", "out of range"), ("attn 1", "needs 'attn LAYER.HEAD'"), ("mlp 1.2", "needs 'attn LAYER.HEAD'"),
     ("attn 1.4", "head in 0..3"), ("attn 0.1 <- attn 2.0", "out of order"), ("attn 1.1 <- mlp 1", "out of order"),
-    ("head 1.1", "cannot read path"), ([("attn", 1, -1)], "head in 0..3"), ("", "cannot read path")])
+    ("head 1.1", "cannot read path"), ([("attn", 1, -1)], "head in 0..3"), ("", "cannot read path"),
+    ([("attn", True, 1)], "needs 'attn LAYER.HEAD'"), ([("attn", 1, True)], "head in 0..3"),
+    ([("attn", 1)], "head in 0..3"), ([("mlp", 1, None, 2)], "only a head takes a source"), ([5], "cannot read"),
+    ("mlp 1@2", "only a head takes a source"), ("attn 1.1@x y", "cannot read path"), ([("attn", 1, 1, 2.5)], "only a head takes a source")])
 def test_bad_paths_are_clear_errors(planted, path, message):
     with pytest.raises(MinisvError, match=message):
         ob.parse_path(planted, path)
@@ -355,14 +358,32 @@ def test_script_end_to_end_on_the_planted_model(planted, tmp_path, monkeypatch, 
     assert subject["classifier"]["test_names"] == [6, 6]      # "Nobody" is not one token, so it is dropped
     assert subject["paths"]["attn 2.0 <- mlp 1"]["norm"] > 0
     coupling = res["couplings"][0]
-    assert coupling["tokens"] == 38 * 15 and [h["head"] for h in coupling["heads"]] == subject["top_by_norm"]
-    assert all(0 <= h["r2"] <= 1 + 1e-9 for h in coupling["heads"])
+    assert coupling["tokens"] == 38 * 15 and [h["head"] for h in coupling["top_heads"]] == subject["top_by_norm"]
+    assert len(coupling["heads"]) == 12 and all(0 <= h["r2"] <= 1 + 1e-9 for h in coupling["heads"])
+    # the planted head carries both observables along one direction: its coupling is exact, and the slope finds it
+    planted_head = coupling["heads"][PLANTED[0] * 4 + PLANTED[1]]
+    assert planted_head["r2"] > 0.99 and planted_head["slope"] == pytest.approx(planted_head["predicted"], rel=0.02)
+    assert planted_head["predicted"] == pytest.approx(planted_head["predicted_weights_only"] * coupling["scale_ratio"])
+    # the classifier AUC of the planted head, recomputed from the model's own cache at the name token
+    pos, position = name_prompts(planted, "Mary,Anna,Lisa,Emma,Julia,Rose,Kate,Jane".split(","))
+    neg, _ = name_prompts(planted, "John,Mark,Paul,Tom,Jack,Bill,Fred,Sam".split(","))
+    hook = f"blocks.{PLANTED[0]}.ln1.hook_normalized"
+    scores = [[float(planted.run_with_cache(torch.tensor(p), names=[hook])[1][hook][0, position] @ y) for p in side[2:]]
+              for side, y in ((pos, feats["attn"][PLANTED]), (neg, feats["attn"][PLANTED]))]
+    wins = sum((a > b) + 0.5 * (a == b) for a in scores[0] for b in scores[1]) / 36
+    auc = next(x["auc_obprop"] for x in subject["classifier"]["heads"] if x["head"] == list(PLANTED))
+    assert auc == pytest.approx(wins)
+    assert subject["total_pairs"] == 4 and subject["top_by_total_patching"][0] == list(PLANTED)
+    assert len(subject["mlp_feature_norms"]) == 3 and len(subject["top_mlps_by_norm"]) == 3
+    steps = subject["paths"]["attn 2.0 <- mlp 1"]["steps"]
+    assert steps[0]["writes"] == len(subject["reference"]["tokens"][0]) - 1 and steps[1]["reads"] == steps[0]["reads"]
+    assert subject["reference"]["slots"] == {"name": position}
     page = (tmp_path / "r.html").read_text()
     assert "&#x27; she&#x27; - &#x27; he&#x27;" in page and "<script" not in page
     assert "coupling ' she' - ' he' -> ' her' - ' him'" in capsys.readouterr().out
 
 
-def test_script_bad_input_exits_2_with_one_line(planted, monkeypatch, capsys):
+def test_script_bad_input_exits_2_with_one_line(planted, monkeypatch, capsys, tmp_path):
     import obprop as script
     monkeypatch.setattr(minisv, "load", lambda spec, device=None: planted)
     for argv, message in [
@@ -370,7 +391,16 @@ def test_script_bad_input_exits_2_with_one_line(planted, monkeypatch, capsys):
             (["--observable", "' she' - ' he'"], "give one --template"),
             (["--pos-prompt", "Mary is"], "--pos-prompt and 0 --neg-prompt"),
             (["--template", "So [NAME] is", "--pos-names", "Nobody"], "none of the names is a single token"),
-            (["--path", "attn 9.0"], "out of range"), (["--top", "0"], "--top must be at least 1")]:
+            (["--path", "attn 9.0"], "out of range"), (["--path", "attn 2.0@title"], "no template slot 'title'"),
+            (["--ctx", "65"], "--ctx 65 is longer than the model's context of 64"),
+            (["--top", "0"], "argument --top: '0' must be a positive integer"),
+            (["--pairs", "-1"], "argument --pairs"), (["--corpus-tokens", "nan"], "argument --corpus-tokens"),
+            (["--total-pairs", "x"], "'x' is not an integer"), (["--search-paths", "-2"], "--search-paths"),
+            (["--train-examples", "1.5"], "--train-examples"), (["--ctx", "1"], "--ctx 1 is too short"),
+            (["--device", "tpu"], "device 'tpu'"), (["--json", str(tmp_path)], "is a directory"),
+            (["--observable", "' she' - ' he'", "--pos-prompt", "Mary is", "--neg-prompt", "John is", "--observable",
+              "' her' - ' him'", "--corpus", str(tmp_path / "missing.npy")], "no such token file"),
+            (["--top", "13"], "more than the model's 12 heads")]:
         with pytest.raises(SystemExit) as e:
             script.main(argv + ["--html", "/nonexistent/never.html"])
         err = capsys.readouterr().err
