@@ -45,6 +45,9 @@ def parse_args(argv):
     p.error = one_line_error
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id, a local HF directory "
                    "or a .gguf file (default: smollm2)")
+    p.add_argument("--study", choices=sorted(ob.STUDIES), help="one of the paper's studies: pronouns (she/he and "
+                   "her/him after names, the default), occupations (gendered occupations coupled with she/he), party "
+                   "(Democrat/Republican after politicians' names), language (C ' {' vs Python ':' after a condition)")
     p.add_argument("--observable", action="append", help="a linear function of the logits: quoted single tokens "
                    "joined by + and -, with optional weights, e.g. \"' she' - ' he'\" or \"2*' her' - 1e-1*' him'\"; "
                    "repeat to compare observables (default: the paper's \"' she' - ' he'\" and \"' her' - ' him'\")")
@@ -86,35 +89,57 @@ def parse_args(argv):
 # ------------------------------------------------------------------------- tasks
 def build_tasks(model, args):
     """One task per observable: the observable and groups of paired positive/negative prompts, one group per
-    template (with its names and the name's token position), or one group holding the given prompt pair."""
-    specs = args.observable or [spec for spec, _ in ob.PRONOUN_STUDY]
+    template (with its names and the name's token position), or one group holding the given prompts."""
     tok = model.tokenizer
     if tok is None:
         raise MinisvError("prompts and templates need the model's tokenizer; this model has none")
+    tasks = []
+    for spec, templates, pos, neg in study_entries(args):
+        if templates is None:
+            groups = [dict(template=None, names=None, position=None, pos=[tok.encode(p, bos=tok.add_bos) for p in pos],
+                           neg=[tok.encode(p, bos=tok.add_bos) for p in neg])]
+        else:
+            groups = [template_group(model, template.strip(), args) for template in templates]
+        obs = ob.observable(model, spec, first_token=args.study is not None)
+        for warning in obs.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        tasks.append(dict(obs=obs, groups=groups))
+    return tasks
+
+
+def study_entries(args):
+    """(observable, templates or None, positive prompts, negative prompts) per observable, from --study or from
+    --observable with --template or --pos-prompt/--neg-prompt (default: the pronoun study)."""
+    flags = args.observable or args.template or args.pos_prompt or args.neg_prompt
+    if args.study is not None and flags:
+        raise MinisvError(f"--study {args.study} sets the observables and prompts; drop --observable, --template, "
+                          f"--pos-prompt and --neg-prompt, or drop --study")
+    if args.study is not None or not args.observable:
+        study = ob.STUDIES[args.study or "pronouns"]
+        if args.template or args.pos_prompt or args.neg_prompt:
+            raise MinisvError("--template and --pos-prompt/--neg-prompt need --observable")
+        return [(spec, rest[0], None, None) if len(rest) == 1 else (spec, None, *rest) for spec, *rest in study]
+    specs = args.observable
     if args.pos_prompt or args.neg_prompt:
         pos, neg = args.pos_prompt or [], args.neg_prompt or []
         if len(pos) != len(neg) or len(pos) not in (1, len(specs)):
             raise MinisvError(f"got {len(pos)} --pos-prompt and {len(neg)} --neg-prompt for {len(specs)} "
                               f"observable(s); give one pair, or one pair per observable")
-        return [dict(obs=ob.observable(model, spec), groups=[dict(
-            template=None, names=None, position=None, pos=[tok.encode(pos[i % len(pos)], bos=tok.add_bos)],
-            neg=[tok.encode(neg[i % len(neg)], bos=tok.add_bos)])]) for i, spec in enumerate(specs)]
-    templates = args.template or (None if args.observable else [t for _, t in ob.PRONOUN_STUDY])
+        return [(spec, None, [pos[i % len(pos)]], [neg[i % len(neg)]]) for i, spec in enumerate(specs)]
+    templates = args.template
     if not templates or len(templates) not in (1, len(specs)):
         raise MinisvError(f"give one --template (with [NAME]) for all observables or one per observable "
                           f"({len(specs)}), or --pos-prompt/--neg-prompt")
+    return [(spec, templates[i % len(templates)].split(" | "), None, None) for i, spec in enumerate(specs)]
+
+
+def template_group(model, template, args):
+    """A template filled with the positive and the negative names that are single tokens in it."""
     classes = [[n.strip() for n in flag.split(",")] if flag else default
                for flag, default in ((args.pos_names, ob.FEMALE_NAMES), (args.neg_names, ob.MALE_NAMES))]
-    tasks = []
-    for i, spec in enumerate(specs):
-        groups = []
-        for template in templates[i % len(templates)].split(" | "):
-            (pos_names, pos, position), (neg_names, neg, _) = (ob.template_prompts(model, template.strip(), names)
-                                                               for names in classes)
-            groups.append(dict(template=template.strip(), names=(pos_names, neg_names), position=position, pos=pos,
-                               neg=neg))
-        tasks.append(dict(obs=ob.observable(model, spec), groups=groups))
-    return tasks
+    (pos_names, pos, position), (neg_names, neg, _) = (ob.template_prompts(model, template, names)
+                                                       for names in classes)
+    return dict(template=template, names=(pos_names, neg_names), position=position, pos=pos, neg=neg)
 
 
 def prompt_pairs(task, n):
@@ -163,7 +188,7 @@ def analyse(model, task, args, say):
     out["final_norm_scale"] = float(ob.logit_feature(model, obs, ref).norm() / ob.logit_feature(model, obs).norm())
     out["reference"] = dict(tokens=ref.prompts, text=[[model.tokenizer.token_str(i) for i in p] for p in ref.prompts],
                             slots=ref.slots, templates=[g["template"] for g in task["groups"]])
-    if first["names"] is not None:
+    if sum(len(g["pos"]) for g in task["groups"]) > 1:
         out["classifier"] = classify(model, task, feats["attn"], out["top_by_norm"], args.train_examples)
     out["paths"] = path_results(model, obs, args.path or [], ref, args.exact_norms)
     if args.search_paths:
@@ -184,19 +209,19 @@ def path_results(model, obs, paths, ref, exact):
 
 
 def classify(model, task, head_feats, heads, k):
-    """AUC of each head's ObProp feature (no training data) vs a mean-difference vector from k names per class and
-    template, as classifiers of the name's class from x̂ at the name token (what the head reads), on the other
-    names of every template."""
+    """AUC of each head's ObProp feature (no training data) vs a mean-difference vector from k examples per class
+    and template, as classifiers of the class from x̂ at the name token (what the head reads; the last token for
+    prompts without a template), on the other examples."""
     hooks = sorted({f"blocks.{l}.ln1.hook_normalized" for l, _ in heads})
     train, test = {"pos": [], "neg": []}, {"pos": [], "neg": []}
     for g in task["groups"]:
-        pos_names, neg_names = g["names"]
-        if not 0 < k < min(len(pos_names), len(neg_names)):
-            raise MinisvError(f"--train-examples {k} leaves no test names ({len(pos_names)} positive, "
-                              f"{len(neg_names)} negative single-token names in {g['template']!r}); use a smaller "
-                              f"value or more names")
+        n_pos, n_neg = (len(g["pos"]), len(g["neg"])) if g["names"] is None else map(len, g["names"])
+        if not 0 < k < min(n_pos, n_neg):
+            raise MinisvError(f"--train-examples {k} leaves no test examples ({n_pos} positive, {n_neg} negative "
+                              f"prompts from {g['template'] or 'the prompts'!r}); use a smaller value or more examples")
         for side in ("pos", "neg"):
-            acts = ob.last_token_acts(model, g[side], hooks, at=[g["position"]] * len(g[side]))
+            at = None if g["position"] is None else [g["position"]] * len(g[side])
+            acts = ob.last_token_acts(model, g[side], hooks, at=at)
             train[side].append({h: x[:k].float() for h, x in acts.items()})
             test[side].append({h: x[k:].float() for h, x in acts.items()})
     rows = []
@@ -312,8 +337,9 @@ def print_results(results, couplings, args):
                                                         for m in r["top_mlps_by_norm"]))
         if "classifier" in r:
             c = r["classifier"]
-            print(f"  classifying the name from x̂ at its token ({c['test_names'][0]} vs {c['test_names'][1]} test "
-                  f"prompts; the mean difference is built from {c['train_examples']} names per class and template):")
+            print(f"  classifying the class from x̂ at the name token (the last token without a template; "
+                  f"{c['test_names'][0]} vs {c['test_names'][1]} test prompts; the mean difference is built from "
+                  f"{c['train_examples']} examples per class and template):")
             print(f"  {'head':>6}  {'AUC ObProp':>10}  {'AUC mean-diff':>13}")
             for x in c["heads"]:
                 print(f"  {x['head'][0]:>3}.{x['head'][1]:<2}  {x['auc_obprop']:10.3f}  {x['auc_mean_difference']:13.3f}")
@@ -426,8 +452,9 @@ def report_html(model_name, results, couplings):
             parts.append(heatmap(r["total_patching"], "total-effect patching effect (layer × head)"))
         if "classifier" in r:
             c = r["classifier"]
-            parts += [f"<p>Classifying the name from x̂ at its token: the head's ObProp feature (no training data) vs"
-                      f" the mean difference of {c['train_examples']} names per class and template; AUC on "
+            parts += [f"<p>Classifying the class from x̂ at the name token (the last token without a template): the "
+                      f"head's ObProp feature (no training data) vs the mean difference of {c['train_examples']} "
+                      f"examples per class and template; AUC on "
                       f"{c['test_names'][0]} + {c['test_names'][1]} held-out prompts (below 0.5: the head pushes the "
                       f"other way).</p>",
                       table(["head", "AUC ObProp", "AUC mean difference"],

@@ -36,15 +36,44 @@ equal frozen autograd at the right tokens is tested against an independent imple
 models (tests/test_obprop.py).
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import MinisvError
 
-# The paper's gendered-pronoun study: (observable, template); the positive class is female names.
-PRONOUN_STUDY = [("' she' - ' he'", "So, [NAME] really is a great friend, isn't"),
-                 ("' her' - ' him'", "What do I think about [NAME]? Well, to be honest, I love")]
+# The paper's templates (3 per observable); `template_prompts` fills [NAME] with female (positive) and male names.
+SUBJECT_TEMPLATES = ["So, [NAME] really is a great friend, isn't", "Man, [NAME] is so funny, isn't",
+                     "Really, [NAME] always works so hard, doesn't"]
+OBJECT_TEMPLATES = ["What do I think about [NAME]? Well, to be honest, I love",
+                    "When it comes to [NAME], I gotta say, I really hate",
+                    "This is a present for [NAME]. Tomorrow, I'm gonna give it to"]
+OCCUPATION_TEMPLATES = ["My friend [NAME] is an excellent", "Recently, [NAME] has been recognized as a great",
+                        "His cousin [NAME] works hard at being a great"]
+# Well-known US politicians (the reference's YouGov lists, 20 per party): "NAME is a" -> ' Democrat' / ' Republican'.
+DEMOCRATS = ["Barack Obama", "Joe Biden", "Bernie Sanders", "Bill Clinton", "Hillary Clinton", "Kamala Harris",
+             "Jimmy Carter", "Al Gore", "Nancy Pelosi", "Elizabeth Warren", "John Kerry", "Andrew Cuomo",
+             "Chuck Schumer", "Pete Buttigieg", "Gavin Newsom", "Cory Booker", "Amy Klobuchar", "Al Franken",
+             "Ilhan Omar", "Adam Schiff"]
+REPUBLICANS = ["George W. Bush", "Mike Pence", "Donald Trump", "Mitt Romney", "Ted Cruz", "Mitch McConnell",
+               "Ron DeSantis", "Dick Cheney", "Chris Christie", "Sarah Palin", "Jeb Bush", "Bob Dole", "Marco Rubio",
+               "Rand Paul", "Paul Ryan", "Mike Huckabee", "Ben Carson", "Lindsey Graham", "Newt Gingrich",
+               "Nikki Haley"]
+# C vs Python: the same condition after a C or a Python header; C continues with ' {', Python with ':'.
+CONDITIONS = ["x > 0", "n == 1", "i < count", "count != 0", "a >= b", "flag", "x == y", "size > 10", "value < limit",
+              "total == 0", "index >= 0", "n % 2 == 0", "left < right", "done", "err != 0", "depth > max_depth",
+              "k == n", "score >= best", "len == 0", "x < 0"]
+C_PROMPTS = [f"#include <stdio.h>\n\nint main(void) {{\n    int x = 3;\n    if ({c})" for c in CONDITIONS]
+PYTHON_PROMPTS = [f"import sys\n\n\ndef main():\n    x = 3\n    if ({c})" for c in CONDITIONS]
+# A study: observables, each with its templates (filled with the two name classes) or its positive and negative
+# prompts. The first observable is the one every other is coupled with.
+STUDIES = {
+    "pronouns": [("' she' - ' he'", SUBJECT_TEMPLATES), ("' her' - ' him'", OBJECT_TEMPLATES)],
+    "occupations": [("' nurse' + ' teacher' + ' secretary' - ' programmer' - ' doctor' - ' engineer'",
+                     OCCUPATION_TEMPLATES), ("' she' - ' he'", SUBJECT_TEMPLATES)],
+    "party": [("' Democrat' - ' Republican'", [f"{n} is a" for n in DEMOCRATS], [f"{n} is a" for n in REPUBLICANS])],
+    "language": [("' {' - ':'", C_PROMPTS, PYTHON_PROMPTS)],
+}
 # Common US first names; `template_prompts` keeps those that are one token (with a leading space) for the model.
 FEMALE_NAMES = """Mary Patricia Jennifer Linda Elizabeth Barbara Susan Jessica Sarah Karen Lisa Nancy Betty Sandra
 Margaret Ashley Kimberly Emily Donna Michelle Carol Amanda Melissa Deborah Stephanie Dorothy Rebecca Sharon Laura
@@ -67,10 +96,11 @@ Chris Matt Nick Jake Alex Victor Ian Neil Simon Hugo Oscar Felix Owen Evan Conno
 # ------------------------------------------------------------------------- observables
 @dataclass
 class Observable:
-    """n·ℓ with n = Σ weights[i]·e[ids[i]]. ids: LongTensor [k]; weights: float [k]."""
+    """n·ℓ with n = Σ weights[i]·e[ids[i]]. ids: LongTensor [k]; weights: float [k]; warnings: what was assumed."""
     name: str
     ids: torch.Tensor
     weights: torch.Tensor
+    warnings: list = field(default_factory=list)
 
     def value(self, logits):
         """logits [..., V] -> n·ℓ [...]."""
@@ -80,9 +110,11 @@ class Observable:
 _TERM = re.compile(r"""\s*([+-])?\s*(?:((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*)?('[^']*'|"[^"]*")\s*""")
 
 
-def observable(model, spec) -> Observable:
-    """An observable from "' she' - ' he'" (quoted tokens joined by + and -, optional weights: "2*' she'"), or a
-    dict {token string or id: weight}. Every string must be exactly one token of this model."""
+def observable(model, spec, first_token=False) -> Observable:
+    """An observable from "' she' - ' he'" (quoted tokens joined by + and -, optional weights: "2*' she'",
+    "1e-1*' he'"), or a dict {token string or id: weight}. Every string must be exactly one token of this model;
+    with first_token, a string that splits stands for its first token (the reference's take_first_token), and
+    `warnings` says so."""
     if isinstance(spec, str):
         terms, pos = {}, 0
         while pos < len(spec):
@@ -99,15 +131,17 @@ def observable(model, spec) -> Observable:
     else:
         raise MinisvError(f"an observable is a string like \"' she' - ' he'\" or a dict {{token: weight}}, "
                           f"not {type(spec).__name__}")
-    ids = [_single_token(model, t) for t in terms]
+    warnings = []
+    ids = [_single_token(model, t, warnings if first_token else None) for t in terms]
     if not ids or all(w == 0 for w in terms.values()):
         raise MinisvError(f"observable {name!r} is zero; give at least one token with a nonzero weight")
     if len(set(ids)) < len(ids):
         raise MinisvError(f"observable {name!r} names the same token twice; merge the terms into one weight")
-    return Observable(name, torch.tensor(ids), torch.tensor(list(terms.values()), dtype=torch.float32))
+    return Observable(name, torch.tensor(ids), torch.tensor(list(terms.values()), dtype=torch.float32), warnings)
 
 
-def _single_token(model, token):
+def _single_token(model, token, warnings=None):
+    """The id of a one-token string (or an id); with a warnings list, a longer string gives its first token."""
     if isinstance(token, int):
         if not 0 <= token < model.cfg.vocab_size:
             raise MinisvError(f"token id {token} is outside the vocabulary [0, {model.cfg.vocab_size})")
@@ -116,6 +150,10 @@ def _single_token(model, token):
         raise MinisvError(f"this model has no tokenizer, so {token!r} cannot be looked up; give token ids, "
                           f"like {{5: 1, 7: -1}}")
     ids = model.tokenizer.encode(token)
+    if len(ids) > 1 and isinstance(warnings, list):
+        warnings.append(f"{token!r} is {len(ids)} tokens for this model; using its first, "
+                        f"{model.tokenizer.token_str(ids[0])!r}")
+        return ids[0]
     if len(ids) != 1:
         pieces = [model.tokenizer.token_str(i) for i in ids]
         raise MinisvError(f"{token!r} is not one token for this model (it tokenizes as {pieces}); use single-token "

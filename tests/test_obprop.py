@@ -389,8 +389,12 @@ def test_script_bad_input_exits_2_with_one_line(planted, monkeypatch, capsys, tm
     for argv, message in [
             (["--observable", "' nurse' - ' he'", "--pos-prompt", "a", "--neg-prompt", "b"], "not one token"),
             (["--observable", "' she' - ' he'"], "give one --template"),
-            (["--pos-prompt", "Mary is"], "--pos-prompt and 0 --neg-prompt"),
-            (["--template", "So [NAME] is", "--pos-names", "Nobody"], "none of the names is a single token"),
+            (["--observable", "' she' - ' he'", "--pos-prompt", "Mary is"], "--pos-prompt and 0 --neg-prompt"),
+            (["--pos-prompt", "Mary is", "--neg-prompt", "John is"], "need --observable"),
+            (["--study", "party", "--observable", "' she' - ' he'"], "--study party sets the observables"),
+            (["--study", "gender"], "argument --study: invalid choice"),
+            (["--observable", "' she' - ' he'", "--template", "So [NAME] is", "--pos-names", "Nobody"],
+             "none of the names is a single token"),
             (["--path", "attn 9.0"], "out of range"), (["--path", "attn 2.0@title"], "no template slot 'title'"),
             (["--ctx", "65"], "--ctx 65 is longer than the model's context of 64"),
             (["--top", "0"], "argument --top: '0' must be a positive integer"),
@@ -428,7 +432,7 @@ def smollm2():
             ("mlp.gate_proj", b.mlp.gate), ("mlp.up_proj", b.mlp.fc), ("mlp.down_proj", b.mlp.proj)]
             for p in [p.weight]})
     hf.load_state_dict({k: v.detach().clone() for k, v in weights.items()})
-    spec, template = ob.PRONOUN_STUDY[0]
+    spec, (template, *_) = ob.STUDIES["pronouns"][0]
     obs = ob.observable(model, spec)
     _, pos, name = ob.template_prompts(model, template, ob.FEMALE_NAMES)
     _, neg, _ = ob.template_prompts(model, template, ob.MALE_NAMES)
@@ -518,3 +522,21 @@ def test_path_search_scores_are_the_found_paths_contributions(planted):
             hook = f"blocks.{start['layer']}.{'ln1' if start['kind'] == 'attn' else 'ln2'}.hook_normalized"
             delta = ref.acts[0][hook][start["reads"]] - ref.acts[1][hook][start["reads"]]
             assert p["score"] == pytest.approx(weight * float(y @ delta), rel=1e-4, abs=1e-6)
+
+
+def test_script_averages_several_templates_and_falls_back_to_first_tokens(planted, tmp_path, monkeypatch):
+    import obprop as script
+    monkeypatch.setattr(minisv, "load", lambda spec, device=None: planted)
+    templates = ["So, [NAME] really is a great friend, isn't", "What do I think about [NAME]? Well, to be honest, I love"]
+    out = tmp_path / "r.json"
+    script.main(["--observable", "' she' - ' he'", "--template", " | ".join(templates), "--pos-names",
+                 "Mary,Anna,Lisa,Emma", "--neg-names", "John,Mark,Paul,Tom", "--pairs", "6", "--train-examples", "1",
+                 "--total-pairs", "0", "--top", "2", "--html", str(tmp_path / "r.html"), "--json", str(out)])
+    res = json.loads(out.read_text())["observables"][0]
+    assert res["reference"]["templates"] == templates and res["pairs"] == 6 and res["total_patching"] is None
+    assert res["classifier"]["test_names"] == [6, 6]           # 3 test names per class in each of 2 templates
+    pos, position = name_prompts(planted, ["Mary"])
+    assert res["reference"]["tokens"][0] == pos[0] and res["reference"]["slots"] == {"name": position}
+    obs = ob.observable(planted, "' she' - 'xy'", first_token=True)
+    assert obs.ids.tolist() == [planted.tokenizer.ids[" she"], planted.tokenizer.ids["x"]]
+    assert "'xy' is 2 tokens" in obs.warnings[0]
