@@ -547,8 +547,12 @@ def patch_heads_total(model, obs, pos_prompts, neg_prompts):
     mask = None if all(len(r) == width for r in rows) else \
         torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    logits, cache = model.run_with_cache(tokens, names=names, attention_mask=mask)
-    clean = obs.value(logits[:B, -1])                                                              # [B]
+    w = model.unembed.weight[obs.ids.to(device)].float().T @ obs.weights.to(device)                 # W_Uᵀ n
+
+    def value(resid):    # n·ℓ at the last token = (W_Uᵀ n)·ln_final(x), without the full [.., V] logits
+        return model.apply_norm("ln_final", resid[:, -1]).float() @ w
+    resid, cache = model.run_with_cache(tokens, names=names, attention_mask=mask, stop_at_layer=L)
+    clean = value(resid[:B])                                                                       # [B]
     effects = torch.zeros(L, H, device=device)
     heads = torch.arange(H, device=device).repeat_interleave(B)                     # copy h·B + b patches head h
     for l in range(L):
@@ -560,9 +564,9 @@ def patch_heads_total(model, obs, pos_prompts, neg_prompts):
             return z
         with model.hooks({f"blocks.{l}.attn.hook_z": patch}):
             start = tokens[:B].repeat(H, 1) if l == 0 else cache[f"blocks.{l}.hook_resid_pre"][:B].repeat(H, 1, 1)
-            out = model(start, start_at_layer=l,
+            out = model(start, start_at_layer=l, stop_at_layer=L,
                         attention_mask=None if mask is None else mask[:B].repeat(H, 1))
-        effects[l] = (clean.repeat(H) - obs.value(out[:, -1])).view(H, B).mean(1)
+        effects[l] = (clean.repeat(H) - value(out)).view(H, B).mean(1)
     return effects
 
 
