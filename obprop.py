@@ -31,7 +31,7 @@ EPILOG = """examples:
   python obprop.py --observable "' she' - ' he'" --pos-prompt "Mary said that" --neg-prompt "John said that"
   python obprop.py --observable "' nurse' - ' engineer'" --template "My friend [NAME] is an excellent" --top 10
   python obprop.py --path "attn 26.2 <- mlp 20" --path "attn 26.2@name <- mlp 20" --search-paths 3 --json r.json
-  python obprop.py --observable "' she' - ' he'" --template "So, [NAME] really is a great friend, isn't | Man, [NAME] is so funny, isn't"
+  python obprop.py --study occupations                # gendered occupations, coupled with she/he
 """
 
 
@@ -287,7 +287,8 @@ def agreement_by_cosine(heads):
     """Pearson and Spearman correlation of predicted coupling vs empirical slope over the heads, overall and in
     bins of |cosine| between the two features (where the prediction should be good: a feature pair with cosine
     near 0 has a coupling near 0 and a noisy slope)."""
-    bins = [("all", 0.0, 1.01), ("|cos| >= 0.9", 0.9, 1.01), ("0.5 <= |cos| < 0.9", 0.5, 0.9), ("|cos| < 0.5", 0.0, 0.5)]
+    bins = [("all", 0.0, 1.01), ("|cos| >= 0.9", 0.9, 1.01), ("0.5 <= |cos| < 0.9", 0.5, 0.9),
+            ("|cos| < 0.5", 0.0, 0.5)]
     out = []
     for name, lo, hi in bins:
         chosen = [x for x in heads if lo <= abs(x["cosine"]) < hi]
@@ -318,13 +319,14 @@ def print_results(results, couplings, args):
     basis = "exact norms at one prompt pair" if args.exact_norms else "no data"
     for r in results:
         total = r["total_patching"] is not None
+        also = f" and by total-effect patching ({r['total_pairs']} pair(s))" if total else ""
         print(f"\n{r['observable']}   top {args.top} heads by feature norm ({basis}), by direct-path patching "
-              f"({r['pairs']} pair(s))" + (f" and by total-effect patching ({r['total_pairs']} pair(s))" if total else ""))
+              f"({r['pairs']} pair(s)){also}")
         for name, a in r["agreement"].items():
             print(f"  {name.replace('_', ' ')}: top-{args.top} overlap {a['top_k_overlap']:.0%}, Spearman "
                   f"{a['spearman']:.2f} over all heads")
-        print(f"  {'rank':>4}  {'head':>6} {'‖y‖':>7}    {'head':>6} {'direct':>8}" + (f"    {'head':>6} {'total':>8}"
-                                                                                      if total else ""))
+        print(f"  {'rank':>4}  {'head':>6} {'‖y‖':>7}    {'head':>6} {'direct':>8}"
+              + (f"    {'head':>6} {'total':>8}" if total else ""))
         for i in range(len(r["top_by_norm"])):
             (l1, h1), (l2, h2) = r["top_by_norm"][i], r["top_by_patching"][i]
             line = (f"  {i + 1:>4}  {l1:>3}.{h1:<2} {r['feature_norms'][l1][h1]:7.3f}    "
@@ -342,7 +344,7 @@ def print_results(results, couplings, args):
                   f"{c['train_examples']} examples per class and template):")
             print(f"  {'head':>6}  {'AUC ObProp':>10}  {'AUC mean-diff':>13}")
             for x in c["heads"]:
-                print(f"  {x['head'][0]:>3}.{x['head'][1]:<2}  {x['auc_obprop']:10.3f}  {x['auc_mean_difference']:13.3f}")
+                print(f"  {head(x['head']):>6}  {x['auc_obprop']:10.3f}  {x['auc_mean_difference']:13.3f}")
             if any(x["auc_obprop"] < 0.5 for x in c["heads"]):
                 print("  (an ObProp AUC below 0.5: the head reads the name with the opposite sign, i.e. pushes the "
                       "observable the other way)")
@@ -445,7 +447,8 @@ def report_html(model_name, results, couplings):
                   + f". {e(agreement)} (over all heads).</p>",
                   table(["rank", "head by ‖y‖", "‖y‖", "head by direct patching", "effect"]
                         + (["head by total patching", "effect"] if total else []), rows),
-                  table(["MLP by ‖y‖", "‖y‖"], [[f"mlp {m}", r["mlp_feature_norms"][m]] for m in r["top_mlps_by_norm"]]),
+                  table(["MLP by ‖y‖", "‖y‖"],
+                        [[f"mlp {m}", r["mlp_feature_norms"][m]] for m in r["top_mlps_by_norm"]]),
                   heatmap(r["feature_norms"], "feature norm ‖y‖ (layer × head)"),
                   heatmap(r["patching"], "direct-path patching effect (layer × head)")]
         if total:

@@ -279,7 +279,8 @@ def test_observable_parsing_and_errors(planted):
     ("head 1.1", "cannot read path"), ([("attn", 1, -1)], "head in 0..3"), ("", "cannot read path"),
     ([("attn", True, 1)], "needs 'attn LAYER.HEAD'"), ([("attn", 1, True)], "head in 0..3"),
     ([("attn", 1)], "head in 0..3"), ([("mlp", 1, None, 2)], "only a head takes a source"), ([5], "cannot read"),
-    ("mlp 1@2", "only a head takes a source"), ("attn 1.1@x y", "cannot read path"), ([("attn", 1, 1, 2.5)], "only a head takes a source")])
+    ("mlp 1@2", "only a head takes a source"), ("attn 1.1@x y", "cannot read path"),
+    ([("attn", 1, 1, 2.5)], "only a head takes a source")])
 def test_bad_paths_are_clear_errors(planted, path, message):
     with pytest.raises(MinisvError, match=message):
         ob.parse_path(planted, path)
@@ -518,7 +519,8 @@ def test_path_search_scores_are_the_found_paths_contributions(planted):
             y, steps = ob.feature_vector(model, obs, p["path"], ref, trace=True)
             weight, start = 1.0, steps[-1]
             for s in steps:
-                weight *= float(ref.patterns[s["layer"], s["head"], s["writes"], s["reads"]]) if s["kind"] == "attn" else 1
+                if s["kind"] == "attn":
+                    weight *= float(ref.patterns[s["layer"], s["head"], s["writes"], s["reads"]])
             hook = f"blocks.{start['layer']}.{'ln1' if start['kind'] == 'attn' else 'ln2'}.hook_normalized"
             delta = ref.acts[0][hook][start["reads"]] - ref.acts[1][hook][start["reads"]]
             assert p["score"] == pytest.approx(weight * float(y @ delta), rel=1e-4, abs=1e-6)
@@ -527,7 +529,8 @@ def test_path_search_scores_are_the_found_paths_contributions(planted):
 def test_script_averages_several_templates_and_falls_back_to_first_tokens(planted, tmp_path, monkeypatch):
     import obprop as script
     monkeypatch.setattr(minisv, "load", lambda spec, device=None: planted)
-    templates = ["So, [NAME] really is a great friend, isn't", "What do I think about [NAME]? Well, to be honest, I love"]
+    templates = ["So, [NAME] really is a great friend, isn't",
+                 "What do I think about [NAME]? Well, to be honest, I love"]
     out = tmp_path / "r.json"
     script.main(["--observable", "' she' - ' he'", "--template", " | ".join(templates), "--pos-names",
                  "Mary,Anna,Lisa,Emma", "--neg-names", "John,Mark,Paul,Tom", "--pairs", "6", "--train-examples", "1",
