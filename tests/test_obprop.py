@@ -1,6 +1,7 @@
 """Observable propagation: the propagated feature vectors against an independent frozen-autograd oracle written on
 transformers' own models, the coupling algebra against analytic results, path patching against brute-force
 patches through the model, and the script end to end."""
+import copy
 import json
 import re
 
@@ -111,8 +112,8 @@ def assert_same_vector(y, g):
 
 @pytest.fixture(scope="module")
 def family_model(tiny):
-    family, path, hf = tiny
-    return family, minisv.load(str(path), device="cpu"), FrozenOracle(hf.requires_grad_(False), family)
+    family, path, hf = tiny     # the oracle hooks its own copy: the session's reference model stays untouched
+    return family, minisv.load(str(path), device="cpu"), FrozenOracle(copy.deepcopy(hf).requires_grad_(False), family)
 
 
 def prompt(t=12, seed=1):
