@@ -1,13 +1,16 @@
-"""Observable propagation: find the heads and feature vectors behind a task from the weights alone, then check the
-predictions against path patching, a corpus and a low-data baseline (`docs/methods.md` §3; minisv/obprop.py).
+"""Observable propagation: find the heads, MLPs and feature vectors behind a task from the weights alone, then check
+the predictions against patching, a corpus and a low-data baseline (docs/methods.md §3; minisv/obprop.py).
 
 The default run is the paper's gendered-pronoun study on the packaged SmolLM2-135M-Instruct, offline: subject
 (' she' - ' he') and object (' her' - ' him') observables, each with its template filled with built-in female
 (positive) and male (negative) single-token names. Per observable it prints the top heads by feature norm (no
-data) next to the top heads by path patching over name pairs, and how well each top head's feature classifies
-the name compared with a mean-difference vector from a handful of examples. Then, at the top heads, it prints
-the predicted subject -> object coupling coefficient next to the empirical best-fit slope of the two features'
-scores over corpus tokens. Results go to an HTML report (and, with --json, to a machine-readable file).
+data) next to the top heads by direct-path patching and by total-effect activation patching over name pairs, the
+top MLPs by feature norm, and how well each top head's feature classifies the name compared with a
+mean-difference vector from a handful of examples. Then, over every head, it compares the predicted subject ->
+object coupling coefficient with the empirical best-fit slope of the two features' scores over corpus tokens.
+Paths (--path) are evaluated token by token: a head reads its upstream components at its source token (@name,
+@3, or by default the token it attends to most at the reference prompts). Results go to an HTML report (and,
+with --json, to a machine-readable file that records the reference prompts, positions and linearization points).
 """
 import argparse
 import html
@@ -18,183 +21,367 @@ import time
 import torch
 
 import minisv
+from minisv import cli, data
 from minisv import obprop as ob
-from minisv.errors import MinisvError
 from minisv.atomic import write_text
+from minisv.errors import MinisvError
 
 EPILOG = """examples:
   python obprop.py                                   # the gendered-pronoun study on SmolLM2 (offline)
   python obprop.py --observable "' she' - ' he'" --pos-prompt "Mary said that" --neg-prompt "John said that"
   python obprop.py --observable "' nurse' - ' engineer'" --template "My friend [NAME] is an excellent" --top 10
-  python obprop.py --path "attn 26.2 <- mlp 20" --corpus mytexts/ --json results.json
+  python obprop.py --path "attn 26.2 <- mlp 20" --path "attn 26.2@name <- mlp 20" --search-paths 3 --json r.json
+  python obprop.py --study occupations                # gendered occupations, coupled with she/he
 """
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def one_line_error(message):      # argparse would print its usage first: keep the one-line error idiom
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    p.error = one_line_error
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id, a local HF directory "
                    "or a .gguf file (default: smollm2)")
+    p.add_argument("--study", choices=sorted(ob.STUDIES), help="one of the paper's studies: pronouns (she/he and "
+                   "her/him after names, the default), occupations (gendered occupations coupled with she/he), party "
+                   "(Democrat/Republican after politicians' names), language (C ' {' vs Python ':' after a condition)")
     p.add_argument("--observable", action="append", help="a linear function of the logits: quoted single tokens "
-                   "joined by + and -, e.g. \"' she' - ' he'\"; repeat to compare observables (default: the paper's "
-                   "\"' she' - ' he'\" and \"' her' - ' him'\")")
-    p.add_argument("--template", action="append", help="a prompt with ' [NAME]' where the names go: one per "
-                   "observable, or one for all (default: the paper's templates for the default observables)")
+                   "joined by + and -, with optional weights, e.g. \"' she' - ' he'\" or \"2*' her' - 1e-1*' him'\"; "
+                   "repeat to compare observables (default: the paper's \"' she' - ' he'\" and \"' her' - ' him'\")")
+    p.add_argument("--template", action="append", help="a prompt with ' [NAME]' where the names go; several "
+                   "templates for one observable are joined with ' | ' (the paper averages 3). One per observable, "
+                   "or one for all (default: the paper's templates for the default observables)")
     p.add_argument("--pos-names", help="comma-separated names of the positive class (default: built-in female names)")
     p.add_argument("--neg-names", help="comma-separated names of the negative class (default: built-in male names)")
     p.add_argument("--pos-prompt", action="append", help="a positive prompt instead of a template (one, or one per "
                    "observable); the observable is read at its last token")
     p.add_argument("--neg-prompt", action="append", help="the matching negative prompt")
-    p.add_argument("--pairs", type=int, default=20, help="name pairs patched per observable (default: 20)")
-    p.add_argument("--top", type=int, default=5, help="heads shown per ranking, and the k of the top-k overlap "
-                   "(default: 5)")
+    p.add_argument("--pairs", type=cli.positive_int, default=20, help="prompt pairs for direct-path patching "
+                   "(default: 20)")
+    p.add_argument("--total-pairs", type=cli.nonneg_int, default=4, help="prompt pairs for total-effect activation "
+                   "patching, one forward per layer over heads x pairs prompts; 0 skips it (default: 4)")
+    p.add_argument("--top", type=cli.positive_int, default=5, help="heads and MLPs shown per ranking, the k of the "
+                   "top-k overlap, and the width of the path search (default: 5)")
     p.add_argument("--path", action="append", help="also report this path's feature vector, written from the logits "
-                   "back, e.g. 'attn 26.2 <- mlp 20' (repeatable)")
-    p.add_argument("--corpus", help="text for the empirical coupling slopes: a .txt/.md/.jsonl file or a folder "
-                   "(default: minisv's built-in corpus)")
-    p.add_argument("--corpus-tokens", type=int, default=20_000, help="corpus tokens to score (default: 20000)")
-    p.add_argument("--ctx", type=int, default=128, help="corpus row length in tokens (default: 128)")
-    p.add_argument("--train-examples", type=int, default=5, help="names per class the mean-difference baseline is "
-                   "built from; the other names are the test set (default: 5)")
+                   "back, a head optionally with its source token: 'attn 26.2@name <- mlp 20', '@3', '@-2' "
+                   "(repeatable)")
+    p.add_argument("--search-paths", type=cli.nonneg_int, default=0, help="greedy path search: grow the --top paths "
+                   "of largest |feature·activation| backwards through heads and MLPs for this many steps (default: 0)")
+    p.add_argument("--corpus", help="text for the empirical coupling slopes: a .txt/.md/.jsonl file, a folder of them, "
+                   "or pre-tokenized .bin/.npy tokens (default: minisv's built-in corpus)")
+    p.add_argument("--corpus-tokens", type=cli.positive_int, default=20_000, help="corpus tokens to score "
+                   "(default: 20000)")
+    p.add_argument("--ctx", type=cli.positive_int, help="corpus row length in tokens, at least 2 (default: 128, or "
+                   "the model's context if shorter)")
+    p.add_argument("--train-examples", type=cli.positive_int, default=5, help="names per class (per template) the "
+                   "mean-difference baseline is built from; the other names are the test set (default: 5)")
     p.add_argument("--exact-norms", action="store_true", help="exact norm Jacobians at the reference prompts instead "
                    "of frozen norm scales")
     p.add_argument("--html", default="runs/obprop/report.html", help="HTML report path (default: %(default)s)")
     p.add_argument("--json", help="also write every result, machine-readable, to this file")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     return p.parse_args(argv)
 
 
+# ------------------------------------------------------------------------- tasks
 def build_tasks(model, args):
-    """One task per observable: the observable and paired positive/negative prompts, plus the names and the
-    name's token position when the prompts come from a template."""
-    specs = args.observable or [spec for spec, _ in ob.PRONOUN_STUDY]
+    """One task per observable: the observable and groups of paired positive/negative prompts, one group per
+    template (with its names and the name's token position), or one group holding the given prompts."""
     tok = model.tokenizer
+    if tok is None:
+        raise MinisvError("prompts and templates need the model's tokenizer; this model has none")
+    tasks = []
+    for spec, templates, pos, neg in study_entries(args):
+        if templates is None:
+            groups = [dict(template=None, names=None, position=None, pos=[tok.encode(p, bos=tok.add_bos) for p in pos],
+                           neg=[tok.encode(p, bos=tok.add_bos) for p in neg])]
+        else:
+            groups = [template_group(model, template.strip(), args) for template in templates]
+        obs = ob.observable(model, spec, first_token=args.study is not None)
+        for warning in obs.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        tasks.append(dict(obs=obs, groups=groups))
+    return tasks
+
+
+def study_entries(args):
+    """(observable, templates or None, positive prompts, negative prompts) per observable, from --study or from
+    --observable with --template or --pos-prompt/--neg-prompt (default: the pronoun study)."""
+    flags = args.observable or args.template or args.pos_prompt or args.neg_prompt
+    if args.study is not None and flags:
+        raise MinisvError(f"--study {args.study} sets the observables and prompts; drop --observable, --template, "
+                          f"--pos-prompt and --neg-prompt, or drop --study")
+    if args.study is not None or not args.observable:
+        study = ob.STUDIES[args.study or "pronouns"]
+        if args.template or args.pos_prompt or args.neg_prompt:
+            raise MinisvError("--template and --pos-prompt/--neg-prompt need --observable")
+        return [(spec, rest[0], None, None) if len(rest) == 1 else (spec, None, *rest) for spec, *rest in study]
+    specs = args.observable
     if args.pos_prompt or args.neg_prompt:
         pos, neg = args.pos_prompt or [], args.neg_prompt or []
         if len(pos) != len(neg) or len(pos) not in (1, len(specs)):
             raise MinisvError(f"got {len(pos)} --pos-prompt and {len(neg)} --neg-prompt for {len(specs)} "
                               f"observable(s); give one pair, or one pair per observable")
-        if tok is None:
-            raise MinisvError("prompts need the model's tokenizer; this model has none")
-        return [dict(obs=ob.observable(model, spec), pos=[tok.encode(pos[i % len(pos)], bos=tok.add_bos)],
-                     neg=[tok.encode(neg[i % len(neg)], bos=tok.add_bos)], names=None) for i, spec in enumerate(specs)]
-    templates = args.template or (None if args.observable else [t for _, t in ob.PRONOUN_STUDY])
+        return [(spec, None, [pos[i % len(pos)]], [neg[i % len(neg)]]) for i, spec in enumerate(specs)]
+    templates = args.template
     if not templates or len(templates) not in (1, len(specs)):
         raise MinisvError(f"give one --template (with [NAME]) for all observables or one per observable "
                           f"({len(specs)}), or --pos-prompt/--neg-prompt")
+    return [(spec, templates[i % len(templates)].split(" | "), None, None) for i, spec in enumerate(specs)]
+
+
+def template_group(model, template, args):
+    """A template filled with the positive and the negative names that are single tokens in it."""
     classes = [[n.strip() for n in flag.split(",")] if flag else default
                for flag, default in ((args.pos_names, ob.FEMALE_NAMES), (args.neg_names, ob.MALE_NAMES))]
-    tasks = []
-    for i, spec in enumerate(specs):
-        template = templates[i % len(templates)]
-        (pos_names, pos, position), (neg_names, neg, _) = (ob.template_prompts(model, template, names)
-                                                           for names in classes)
-        tasks.append(dict(obs=ob.observable(model, spec), pos=pos, neg=neg, names=(pos_names, neg_names),
-                          position=position))
-    return tasks
+    (pos_names, pos, position), (neg_names, neg, _) = (ob.template_prompts(model, template, names)
+                                                       for names in classes)
+    return dict(template=template, names=(pos_names, neg_names), position=position, pos=pos, neg=neg)
 
 
+def prompt_pairs(task, n):
+    """Up to n (positive, negative) prompt pairs, taken from the templates in turn; a pair shares its template."""
+    groups = task["groups"]
+    pairs = [(g["pos"][i], g["neg"][i]) for i in range(max(min(len(g["pos"]), len(g["neg"])) for g in groups))
+             for g in groups if i < min(len(g["pos"]), len(g["neg"]))]
+    return [p for p, _ in pairs[:n]], [q for _, q in pairs[:n]]
+
+
+# ------------------------------------------------------------------------- the analyses
 def analyse(model, task, args, say):
-    """Feature norms vs patching, the low-data classifier comparison and the requested paths, for one observable."""
-    obs, H = task["obs"], model.cfg.n_heads
-    ref = ob.reference(model, task["pos"][0], task["neg"][0])     # where MLPs are linearized and norms evaluated
+    """Feature norms vs both kinds of patching, the MLP ranking, the low-data classifier comparison, the requested
+    paths and the path search, for one observable."""
+    obs, H, first = task["obs"], model.cfg.n_heads, task["groups"][0]
+    slots = {"name": first["position"]} if first["position"] is not None else None
+    ref = ob.reference(model, first["pos"][0], first["neg"][0], slots)  # where MLPs are linearized, norms evaluated
     feats = ob.single_features(model, obs, ref, args.exact_norms)
-    norms = feats["attn"].norm(dim=-1)
-    pairs = min(args.pairs, len(task["pos"]), len(task["neg"]))
-    say(f"{obs.name}: feature vectors of every head and MLP; patching every head over {pairs} pair(s)")
-    effects = ob.patch_heads(model, obs, task["pos"][:pairs], task["neg"][:pairs])
-    top_norm, top_patch = ([[i // H, i % H] for i in x.flatten().topk(args.top).indices.tolist()]
-                           for x in (norms, effects.abs()))
-    out = dict(observable=obs.name, pairs=pairs, feature_norms=norms.tolist(), patching=effects.tolist(),
-               mlp_feature_norms=feats["mlp"].norm(dim=-1).tolist(), top_by_norm=top_norm, top_by_patching=top_patch,
-               agreement=ob.ranking_agreement(norms, effects.abs(), args.top))
-    if task["names"] is not None:
-        out["classifier"] = classify(model, task, feats["attn"], top_norm, args.train_examples)
-    vectors = {path: ob.feature_vector(model, obs, path, ref, args.exact_norms) for path in args.path or []}
-    out["paths"] = {path: dict(norm=float(y.norm()), vector=y.tolist()) for path, y in vectors.items()}
+    norms, mlp_norms = feats["attn"].norm(dim=-1), feats["mlp"].norm(dim=-1)
+    pos, neg = prompt_pairs(task, args.pairs)
+    say(f"{obs.name}: feature vectors of every head and MLP; direct-path patching of every head over {len(pos)} "
+        f"pair(s)")
+    effects = {"direct": ob.patch_heads(model, obs, pos, neg)}
+    total_pairs = min(args.total_pairs, len(pos))
+    if total_pairs and all(len(p) == len(q) for p, q in zip(pos[:total_pairs], neg[:total_pairs])):
+        say(f"{obs.name}: total-effect activation patching of every head over {total_pairs} pair(s)")
+        effects["total"] = ob.patch_heads_total(model, obs, pos[:total_pairs], neg[:total_pairs])
+    elif total_pairs:
+        say("total-effect patching skipped: the prompts of a pair differ in length (use a template)")
+
+    def top(x, k):
+        return [[i // x.shape[-1], i % x.shape[-1]] if x.dim() == 2 else i
+                for i in x.flatten().topk(min(k, x.numel())).indices.tolist()]
+    out = dict(observable=obs.name, pairs=len(pos), total_pairs=total_pairs if "total" in effects else 0,
+               feature_norms=norms.tolist(), mlp_feature_norms=mlp_norms.tolist(), top_by_norm=top(norms, args.top),
+               top_mlps_by_norm=top(mlp_norms, args.top), patching=effects["direct"].tolist(),
+               total_patching=effects["total"].tolist() if "total" in effects else None,
+               top_by_patching=top(effects["direct"].abs(), args.top),
+               top_by_total_patching=top(effects["total"].abs(), args.top) if "total" in effects else None,
+               agreement={f"norm_vs_{kind}": ob.ranking_agreement(norms, e.abs(), args.top) for kind, e in
+                          effects.items()})
+    if "total" in effects:
+        out["agreement"]["direct_vs_total"] = ob.ranking_agreement(effects["direct"].abs(), effects["total"].abs(),
+                                                                   args.top)
+    # ln_final's scale s at the reference's last token (the factor between norm-scaled and weights-only features)
+    out["final_norm_scale"] = float(ob.logit_feature(model, obs, ref).norm() / ob.logit_feature(model, obs).norm())
+    out["reference"] = dict(tokens=ref.prompts, text=[[model.tokenizer.token_str(i) for i in p] for p in ref.prompts],
+                            slots=ref.slots, templates=[g["template"] for g in task["groups"]])
+    if sum(len(g["pos"]) for g in task["groups"]) > 1:
+        out["classifier"] = classify(model, task, feats["attn"], out["top_by_norm"], args.train_examples)
+    out["paths"] = path_results(model, obs, args.path or [], ref, args.exact_norms)
+    if args.search_paths:
+        say(f"{obs.name}: greedy path search, {args.search_paths} step(s) of width {args.top}")
+        out["search"] = ob.search_paths(model, obs, ref, args.search_paths, args.top, args.exact_norms)
     return out, feats["attn"]
 
 
+def path_results(model, obs, paths, ref, exact):
+    """Each path's feature vector with where every component acted (`locate`'s steps: the token it writes at and
+    the token it reads, and an MLP's linearization point τ between the two reference prompts), so that a result
+    can be reproduced from the JSON alone."""
+    out = {}
+    for path in paths:
+        y, steps = ob.feature_vector(model, obs, path, ref, exact, trace=True)
+        out[path] = dict(norm=float(y.norm()), vector=y.tolist(), steps=steps)
+    return out
+
+
 def classify(model, task, head_feats, heads, k):
-    """AUC of each head's ObProp feature (no training data) vs a mean-difference vector from k names per class, as
-    classifiers of the name's class from x̂ at the name token (what the head reads), on the remaining names."""
-    (pos_names, neg_names), position = task["names"], task["position"]
-    if not 0 < k < min(len(pos_names), len(neg_names)):
-        raise MinisvError(f"--train-examples {k} leaves no test names ({len(pos_names)} positive, {len(neg_names)} "
-                          f"negative single-token names); use a smaller value or more names")
+    """AUC of each head's ObProp feature (no training data) vs a mean-difference vector from k examples per class
+    and template, as classifiers of the class from x̂ at the name token (what the head reads; the last token for
+    prompts without a template), on the other examples."""
     hooks = sorted({f"blocks.{l}.ln1.hook_normalized" for l, _ in heads})
-    pos, neg = (ob.last_token_acts(model, prompts, hooks, at=[position] * len(prompts))
-                for prompts in (task["pos"], task["neg"]))
+    train, test = {"pos": [], "neg": []}, {"pos": [], "neg": []}
+    for g in task["groups"]:
+        n_pos, n_neg = (len(g["pos"]), len(g["neg"])) if g["names"] is None else map(len, g["names"])
+        if not 0 < k < min(n_pos, n_neg):
+            raise MinisvError(f"--train-examples {k} leaves no test examples ({n_pos} positive, {n_neg} negative "
+                              f"prompts from {g['template'] or 'the prompts'!r}); use a smaller value or more examples")
+        for side in ("pos", "neg"):
+            at = None if g["position"] is None else [g["position"]] * len(g[side])
+            acts = ob.last_token_acts(model, g[side], hooks, at=at)
+            train[side].append({h: x[:k].float() for h, x in acts.items()})
+            test[side].append({h: x[k:].float() for h, x in acts.items()})
     rows = []
     for l, h in heads:
-        x_pos, x_neg = (acts[f"blocks.{l}.ln1.hook_normalized"].float() for acts in (pos, neg))
-        mean_difference = x_pos[:k].mean(0) - x_neg[:k].mean(0)
-        rows.append(dict(head=[l, h], auc_obprop=ob.auc(x_pos[k:] @ head_feats[l, h], x_neg[k:] @ head_feats[l, h]),
-                         auc_mean_difference=ob.auc(x_pos[k:] @ mean_difference, x_neg[k:] @ mean_difference)))
-    return dict(train_examples=k, test_names=[len(pos_names) - k, len(neg_names) - k], heads=rows)
+        hook = f"blocks.{l}.ln1.hook_normalized"
+        (x_pos, x_neg), (t_pos, t_neg) = ([torch.cat([a[hook] for a in part[side]]) for side in ("pos", "neg")]
+                                          for part in (train, test))
+        mean_difference = x_pos.mean(0) - x_neg.mean(0)
+        y = head_feats[l, h]
+        rows.append(dict(head=[l, h], auc_obprop=ob.auc(t_pos @ y, t_neg @ y),
+                         auc_mean_difference=ob.auc(t_pos @ mean_difference, t_neg @ mean_difference)))
+    return dict(train_examples=k, test_names=[len(t_pos), len(t_neg)], heads=rows)
+
+
+def corpus_rows(model, args):
+    """Rows [N, ctx] of the corpus, at most --corpus-tokens tokens."""
+    bos = model.tokenizer.bos_id if model.tokenizer is not None and model.tokenizer.add_bos else None
+    if args.corpus is not None and args.corpus.endswith(data.TOKEN_SUFFIXES):
+        rows = data.load_tokens(args.corpus, args.ctx, bos)
+    elif model.tokenizer is None:
+        raise MinisvError("the corpus needs the model's tokenizer; this model has none (give pre-tokenized .bin/.npy)")
+    else:
+        texts = data.default_corpus() if args.corpus is None else data.read_texts(args.corpus)
+        rows = data.token_rows(model.tokenizer, texts, args.ctx, bos=model.tokenizer.add_bos)
+    rows = rows[:-(-args.corpus_tokens // args.ctx)]
+    if len(rows) * (args.ctx - 1) < 3:
+        raise MinisvError(f"the corpus gives {len(rows)} row(s) of {args.ctx} tokens: too few scored tokens for a "
+                          f"slope; give more text or a larger --corpus-tokens")
+    return rows
 
 
 def couple(model, tasks, results, head_feats, args, say):
-    """At the first observable's top heads: the predicted coupling of its features to every other observable's,
-    next to the best-fit slope of their scores over corpus tokens (one batched pass scores every feature)."""
-    from minisv import data
-    if model.tokenizer is None:
-        raise MinisvError("the corpus needs the model's tokenizer; this model has none")
-    texts = data.default_corpus() if args.corpus is None else data.read_texts(args.corpus)
-    rows = data.token_rows(model.tokenizer, texts, args.ctx, bos=model.tokenizer.add_bos)
-    rows = rows[:-(-args.corpus_tokens // args.ctx)]
-    heads = results[0]["top_by_norm"]
-    say(f"scoring {len(heads)} heads x {len(tasks)} observables on {rows.numel()} corpus tokens ({len(rows)} rows)")
-    stacks, where = {}, {}      # hook name -> features read there; (l, h) -> (hook name, first row)
-    for l, h in heads:
-        stack = stacks.setdefault(f"blocks.{l}.ln1.hook_normalized", [])
-        where[l, h] = f"blocks.{l}.ln1.hook_normalized", len(stack)
-        stack += [f[l, h] for f in head_feats]
-    scores = ob.feature_scores(model, {name: torch.stack(s) for name, s in stacks.items()}, rows)
+    """Over every head: the predicted coupling of the first observable's feature to every other observable's,
+    next to the best-fit slope of their scores over corpus tokens (one batched pass scores every feature), with
+    Pearson/Spearman correlations overall and by |cosine| of the two features."""
+    rows = corpus_rows(model, args)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    say(f"scoring {L * H} heads x {len(tasks)} observables on {rows.numel()} corpus tokens ({len(rows)} rows)")
+    # features read at ln1 of layer l, ordered (observable, head): [len(tasks)·H, D]
+    features = {f"blocks.{l}.ln1.hook_normalized": torch.cat([f[l] for f in head_feats]) for l in range(L)}
+    scores = ob.feature_scores(model, features, rows)
+    weights_only = [ob.single_features(model, t["obs"])["attn"] for t in tasks]     # no norm scales at all
     out = []
     for j in range(1, len(tasks)):
-        table = []
-        for l, h in heads:
-            name, i = where[l, h]
-            slope, r2 = ob.fit_slope(scores[name][i], scores[name][i + j])
-            y1, y2 = head_feats[0][l, h], head_feats[j][l, h]
-            table.append(dict(head=[l, h], predicted=ob.coupling(y1, y2), slope=slope, r2=r2, cosine=ob.cosine(y1, y2)))
+        heads = []
+        for l in range(L):
+            s = scores[f"blocks.{l}.ln1.hook_normalized"]
+            for h in range(H):
+                slope, r2 = ob.fit_slope(s[h], s[j * H + h])
+                y1, y2 = head_feats[0][l, h], head_feats[j][l, h]
+                heads.append(dict(head=[l, h], predicted=ob.coupling(y1, y2), slope=slope, r2=r2,
+                                  cosine=ob.cosine(y1, y2),
+                                  predicted_weights_only=ob.coupling(weights_only[0][l, h], weights_only[j][l, h])))
         y1, y2 = (ob.logit_feature(model, t["obs"]) for t in (tasks[0], tasks[j]))
-        out.append(dict(source=tasks[0]["obs"].name, target=tasks[j]["obs"].name, tokens=scores[name].shape[1],
-                        observables_cosine=ob.cosine(y1, y2), heads=table))
+        out.append(dict(source=tasks[0]["obs"].name, target=tasks[j]["obs"].name, tokens=s.shape[1],
+                        observables_cosine=ob.cosine(y1, y2), summary=agreement_by_cosine(heads),
+                        scale_ratio=results[j]["final_norm_scale"] / results[0]["final_norm_scale"],
+                        top_heads=[heads[l * H + h] for l, h in results[0]["top_by_norm"]], heads=heads))
     return out
+
+
+def agreement_by_cosine(heads):
+    """Pearson and Spearman correlation of predicted coupling vs empirical slope over the heads, overall and in
+    bins of |cosine| between the two features (where the prediction should be good: a feature pair with cosine
+    near 0 has a coupling near 0 and a noisy slope)."""
+    bins = [("all", 0.0, 1.01), ("|cos| >= 0.9", 0.9, 1.01), ("0.5 <= |cos| < 0.9", 0.5, 0.9),
+            ("|cos| < 0.5", 0.0, 0.5)]
+    out = []
+    for name, lo, hi in bins:
+        chosen = [x for x in heads if lo <= abs(x["cosine"]) < hi]
+        row = dict(bin=name, heads=len(chosen), pearson=None, spearman=None)
+        if len(chosen) >= 3:
+            p, s = (torch.tensor([x[k] for x in chosen], dtype=torch.float64) for k in ("predicted", "slope"))
+            row.update(pearson=pearson(p, s), spearman=pearson(p.argsort().argsort().double(),
+                                                               s.argsort().argsort().double()))
+        out.append(row)
+    return out
+
+
+def pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+# ------------------------------------------------------------------------- printing
+def head(x):
+    return f"{x[0]}.{x[1]}"
+
+
+def step_name(step):
+    return f"attn {step['layer']}.{step['head']}" if step["kind"] == "attn" else f"mlp {step['layer']}"
 
 
 def print_results(results, couplings, args):
     basis = "exact norms at one prompt pair" if args.exact_norms else "no data"
     for r in results:
-        a = r["agreement"]
-        print(f"\n{r['observable']}   top {args.top} heads by feature norm ({basis}) vs by path patching ({r['pairs']} "
-              f"pair(s)): overlap {a['top_k_overlap']:.0%}, Spearman {a['spearman']:.2f} over all heads")
-        print(f"  {'rank':>4}  {'head':>6} {'‖y‖':>7}    {'head':>6} {'effect':>8}")
-        for i, ((l1, h1), (l2, h2)) in enumerate(zip(r["top_by_norm"], r["top_by_patching"])):
-            print(f"  {i + 1:>4}  {l1:>3}.{h1:<2} {r['feature_norms'][l1][h1]:7.3f}    "
-                  f"{l2:>3}.{h2:<2} {r['patching'][l2][h2]:+8.3f}")
+        total = r["total_patching"] is not None
+        also = f" and by total-effect patching ({r['total_pairs']} pair(s))" if total else ""
+        print(f"\n{r['observable']}   top {args.top} heads by feature norm ({basis}), by direct-path patching "
+              f"({r['pairs']} pair(s)){also}")
+        for name, a in r["agreement"].items():
+            print(f"  {name.replace('_', ' ')}: top-{args.top} overlap {a['top_k_overlap']:.0%}, Spearman "
+                  f"{a['spearman']:.2f} over all heads")
+        print(f"  {'rank':>4}  {'head':>6} {'‖y‖':>7}    {'head':>6} {'direct':>8}"
+              + (f"    {'head':>6} {'total':>8}" if total else ""))
+        for i in range(len(r["top_by_norm"])):
+            (l1, h1), (l2, h2) = r["top_by_norm"][i], r["top_by_patching"][i]
+            line = (f"  {i + 1:>4}  {l1:>3}.{h1:<2} {r['feature_norms'][l1][h1]:7.3f}    "
+                    f"{l2:>3}.{h2:<2} {r['patching'][l2][h2]:+8.3f}")
+            if total:
+                l3, h3 = r["top_by_total_patching"][i]
+                line += f"    {l3:>3}.{h3:<2} {r['total_patching'][l3][h3]:+8.3f}"
+            print(line)
+        print("  top MLPs by feature norm: " + ", ".join(f"mlp {m} ({r['mlp_feature_norms'][m]:.3f})"
+                                                        for m in r["top_mlps_by_norm"]))
         if "classifier" in r:
             c = r["classifier"]
-            print(f"  classifying the name from x̂ at its token ({c['test_names'][0]} vs {c['test_names'][1]} test "
-                  f"names; the mean difference is built from {c['train_examples']} per class):")
+            print(f"  classifying the class from x̂ at the name token (the last token without a template; "
+                  f"{c['test_names'][0]} vs {c['test_names'][1]} test prompts; the mean difference is built from "
+                  f"{c['train_examples']} examples per class and template):")
             print(f"  {'head':>6}  {'AUC ObProp':>10}  {'AUC mean-diff':>13}")
             for x in c["heads"]:
-                print(f"  {x['head'][0]:>3}.{x['head'][1]:<2}  {x['auc_obprop']:10.3f}  "
-                      f"{x['auc_mean_difference']:13.3f}")
+                print(f"  {head(x['head']):>6}  {x['auc_obprop']:10.3f}  {x['auc_mean_difference']:13.3f}")
             if any(x["auc_obprop"] < 0.5 for x in c["heads"]):
                 print("  (an ObProp AUC below 0.5: the head reads the name with the opposite sign, i.e. pushes the "
                       "observable the other way)")
+        words = r["reference"]["text"][0]
         for path, y in r["paths"].items():
-            print(f"  path {path}: ‖y‖ = {y['norm']:.4f}")
+            where = "; ".join(f"{step_name(s)} reads token {s['reads']} {words[s['reads']]!r}" for s in y["steps"])
+            print(f"  path {path}: ‖y‖ = {y['norm']:.4f}   ({where})")
+        if "search" in r:
+            print(f"  path search (score: contribution to n·ℓ(pos) − n·ℓ(neg) at the reference prompts; "
+                  f"@k = source token k of {words}):")
+            for line in search_tree(r["search"]):
+                print("    " + line)
     for c in couplings:
-        print(f"\ncoupling {c['source']} -> {c['target']} at the top heads (observables' cosine "
-              f"{c['observables_cosine']:.3f}; slopes over {c['tokens']} tokens)")
-        print(f"  {'head':>6}  {'predicted':>9}  {'slope':>7}  {'r²':>5}  {'cosine':>6}")
-        for x in c["heads"]:
-            print(f"  {x['head'][0]:>3}.{x['head'][1]:<2}  {x['predicted']:9.3f}  {x['slope']:7.3f}  {x['r2']:5.3f}  "
-                  f"{x['cosine']:6.3f}")
+        print(f"\ncoupling {c['source']} -> {c['target']} over all {len(c['heads'])} heads (observables' cosine "
+              f"{c['observables_cosine']:.3f}; slopes over {c['tokens']} tokens). Predicted: the norm-scaled "
+              f"features (= weights-only x {c['scale_ratio']:.3f}, the ratio of the two tasks' final-norm scales)")
+        for s in c["summary"]:
+            corr = "" if s["pearson"] is None else f"Pearson {s['pearson']:.3f}, Spearman {s['spearman']:.3f}"
+            print(f"  {s['bin']:<20} {s['heads']:>4} heads  {corr}")
+        print(f"  {'head':>6}  {'predicted':>9}  {'weights-only':>12}  {'slope':>7}  {'r²':>5}  {'cosine':>6}")
+        for x in c["top_heads"]:
+            print(f"  {head(x['head']):>6}  {x['predicted']:9.3f}  {x['predicted_weights_only']:12.3f}  "
+                  f"{x['slope']:7.3f}  {x['r2']:5.3f}  {x['cosine']:6.3f}")
+
+
+def search_tree(levels):
+    """The path search as indented lines: each path under the path it extends."""
+    lines = []
+
+    def walk(depth, parent):
+        for i, p in enumerate(levels[depth]):
+            if p["parent"] == parent:
+                lines.append(f"{'  ' * depth}{p['score']:+8.3f}  {p['path']}")
+                if depth + 1 < len(levels):
+                    walk(depth + 1, i)
+    walk(0, 0)
+    return lines
 
 
 # ------------------------------------------------------------------------- the HTML report
@@ -219,35 +406,83 @@ def table(header, rows):
     return f"<table class=t><tr>{cells(header, 'th')}</tr>{body}</table>"
 
 
+def scatter(heads, size=360, pad=40):
+    """Predicted coupling (x) vs empirical slope (y) of every head as an inline SVG, colored by |cosine| bin,
+    with the y = x line; hovering a dot names the head."""
+    xs, ys = [x["predicted"] for x in heads], [x["slope"] for x in heads]
+    lo, hi = min(xs + ys), max(xs + ys)
+    span = (hi - lo) or 1.0
+
+    def px(v):
+        return pad + (v - lo) / span * (size - 2 * pad)
+
+    def color(c):
+        return "#c0392b" if abs(c) >= 0.9 else "#e69f00" if abs(c) >= 0.5 else "#7f8c8d"
+    dots = "".join(f'<circle cx="{px(x["predicted"]):.1f}" cy="{size - px(x["slope"]):.1f}" r="3" '
+                   f'fill="{color(x["cosine"])}"><title>{head(x["head"])}: predicted {x["predicted"]:.3f}, slope '
+                   f'{x["slope"]:.3f}, cosine {x["cosine"]:.3f}</title></circle>' for x in heads)
+    line = f'<line x1="{px(lo)}" y1="{size - px(lo)}" x2="{px(hi)}" y2="{size - px(hi)}" stroke="#999"/>'
+    labels = (f'<text x="{size / 2}" y="{size - 8}" text-anchor="middle">predicted coupling</text>'
+              f'<text x="12" y="{size / 2}" transform="rotate(-90 12 {size / 2})" text-anchor="middle">empirical '
+              f'slope</text><text x="{pad}" y="{size - pad + 14}">{lo:.2f}</text>'
+              f'<text x="{size - pad}" y="{size - pad + 14}" text-anchor="end">{hi:.2f}</text>')
+    return (f'<svg width="{size}" height="{size}" viewBox="0 0 {size} {size}" font-size="11">'
+            f'<rect x="{pad}" y="{pad}" width="{size - 2 * pad}" height="{size - 2 * pad}" fill="none" stroke="#ccc"/>'
+            f'{line}{dots}{labels}</svg><p>red: |cos| ≥ 0.9, orange: 0.5–0.9, grey: &lt; 0.5; the line is y = x.</p>')
+
+
 def report_html(model_name, results, couplings):
     e, parts = html.escape, [f"<h1>Observable propagation on {html.escape(model_name)}</h1>"]
     for r in results:
-        a = r["agreement"]
-        parts += [f"<h2>{e(r['observable'])}</h2><p>Heads ranked by feature norm (from the weights, no data) and by"
-                  f" path patching over {r['pairs']} pair(s): top-{len(r['top_by_norm'])} overlap"
-                  f" {a['top_k_overlap']:.0%}, Spearman {a['spearman']:.3f} over all heads.</p>",
-                  table(["rank", "head by ‖y‖", "‖y‖", "head by patching", "effect"],
-                        [[str(i + 1), f"{l1}.{h1}", r["feature_norms"][l1][h1], f"{l2}.{h2}", r["patching"][l2][h2]]
-                         for i, ((l1, h1), (l2, h2)) in enumerate(zip(r["top_by_norm"], r["top_by_patching"]))]),
+        agreement = "; ".join(f"{k.replace('_', ' ')}: top-k overlap {a['top_k_overlap']:.0%}, Spearman "
+                              f"{a['spearman']:.3f}" for k, a in r["agreement"].items())
+        total = r["total_patching"] is not None
+        rows = [[str(i + 1), head(a), r["feature_norms"][a[0]][a[1]], head(b), r["patching"][b[0]][b[1]]]
+                + ([head(c), r["total_patching"][c[0]][c[1]]] if total else [])
+                for i, (a, b, c) in enumerate(zip(r["top_by_norm"], r["top_by_patching"],
+                                                  r["top_by_total_patching"] or r["top_by_norm"]))]
+        parts += [f"<h2>{e(r['observable'])}</h2><p>Heads ranked by feature norm (from the weights, no data), by "
+                  f"direct-path patching over {r['pairs']} pair(s)"
+                  + (f" and by total-effect activation patching over {r['total_pairs']} pair(s)" if total else "")
+                  + f". {e(agreement)} (over all heads).</p>",
+                  table(["rank", "head by ‖y‖", "‖y‖", "head by direct patching", "effect"]
+                        + (["head by total patching", "effect"] if total else []), rows),
+                  table(["MLP by ‖y‖", "‖y‖"],
+                        [[f"mlp {m}", r["mlp_feature_norms"][m]] for m in r["top_mlps_by_norm"]]),
                   heatmap(r["feature_norms"], "feature norm ‖y‖ (layer × head)"),
-                  heatmap(r["patching"], "path-patching effect (layer × head)")]
+                  heatmap(r["patching"], "direct-path patching effect (layer × head)")]
+        if total:
+            parts.append(heatmap(r["total_patching"], "total-effect patching effect (layer × head)"))
         if "classifier" in r:
             c = r["classifier"]
-            parts += [f"<p>Classifying the name from x̂ at its token: the head's ObProp feature (no training data) vs"
-                      f" the mean difference of {c['train_examples']} names per class; AUC on {c['test_names'][0]} +"
-                      f" {c['test_names'][1]} held-out names (below 0.5: the head pushes the other way).</p>",
+            parts += [f"<p>Classifying the class from x̂ at the name token (the last token without a template): the "
+                      f"head's ObProp feature (no training data) vs the mean difference of {c['train_examples']} "
+                      f"examples per class and template; AUC on "
+                      f"{c['test_names'][0]} + {c['test_names'][1]} held-out prompts (below 0.5: the head pushes the "
+                      f"other way).</p>",
                       table(["head", "AUC ObProp", "AUC mean difference"],
-                            [[f"{x['head'][0]}.{x['head'][1]}", x["auc_obprop"], x["auc_mean_difference"]]
-                             for x in c["heads"]])]
+                            [[head(x["head"]), x["auc_obprop"], x["auc_mean_difference"]] for x in c["heads"]])]
+        words = r["reference"]["text"][0]
+        parts.append(f"<p>Reference prompts (norm scales, MLP linearizations, default source tokens): "
+                     f"{' / '.join(e(repr(''.join(t))) for t in r['reference']['text'])}.</p>")
         if r["paths"]:
-            parts.append(table(["path", "‖y‖"], [[p, y["norm"]] for p, y in r["paths"].items()]))
+            parts.append(table(["path", "‖y‖", "tokens read"], [
+                [p, y["norm"], "; ".join(f"{step_name(s)}: {s['reads']} {words[s['reads']]!r}" for s in y["steps"])]
+                for p, y in r["paths"].items()]))
+        if "search" in r:
+            parts.append("<h3>Path search</h3><pre>" + e("\n".join(search_tree(r["search"]))) + "</pre>")
     for c in couplings:
-        parts += [f"<h2>Coupling {e(c['source'])} → {e(c['target'])}</h2><p>Predicted C(y1, y2) = y1·y2/‖y1‖² vs the"
-                  f" least-squares slope of the y2-scores on the y1-scores over {c['tokens']} corpus tokens. Cosine of"
-                  f" the two observables at the final residual: {c['observables_cosine']:.3f}.</p>",
-                  table(["head", "predicted", "empirical slope", "r²", "cosine"],
-                        [[f"{x['head'][0]}.{x['head'][1]}", x["predicted"], x["slope"], x["r2"], x["cosine"]]
-                         for x in c["heads"]])]
+        parts += [f"<h2>Coupling {e(c['source'])} → {e(c['target'])}</h2><p>Predicted C(y1, y2) = y1·y2/‖y1‖² of the "
+                  f"norm-scaled features (= weights-only × {c['scale_ratio']:.3f}) vs the least-squares slope of the "
+                  f"y2-scores on the y1-scores over {c['tokens']} corpus tokens, every head. Cosine of the two "
+                  f"observables at the final residual: {c['observables_cosine']:.3f}.</p>",
+                  table(["heads", "n", "Pearson", "Spearman"],
+                        [[s["bin"], str(s["heads"]), *(("–", "–") if s["pearson"] is None else
+                                                       (s["pearson"], s["spearman"]))] for s in c["summary"]]),
+                  scatter(c["heads"]),
+                  table(["head", "predicted", "weights-only", "empirical slope", "r²", "cosine"],
+                        [[head(x["head"]), x["predicted"], x["predicted_weights_only"], x["slope"], x["r2"],
+                          x["cosine"]] for x in c["top_heads"]])]
     style = ("body{font-family:sans-serif;margin:2em;max-width:70em}table.t{border-collapse:collapse;margin:.5em 0}"
              "table.t td,table.t th{border:1px solid #ccc;padding:.2em .6em;text-align:right}.map{display:inline-block;"
              "margin-right:2em;vertical-align:top}.map table{border-collapse:collapse;font-size:9px}.map td{width:14px;"
@@ -256,18 +491,26 @@ def report_html(model_name, results, couplings):
             + "\n".join(parts) + "</body></html>\n")
 
 
+# ------------------------------------------------------------------------- main
 def run(args):
     t0 = time.time()
 
     def say(message):   # progress, with the time since the start
         print(f"[{time.time() - t0:6.1f}s] {message}", flush=True)
-    for flag in ("pairs", "top", "corpus_tokens", "ctx", "train_examples"):
-        if getattr(args, flag) < 1:
-            raise MinisvError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.ctx is not None and args.ctx < 2:
+        raise MinisvError(f"--ctx {args.ctx} is too short: a slope needs rows of at least 2 tokens (the first "
+                          f"token of each row is skipped)")
+    cli.check_writable(args.html)
+    if args.json:
+        cli.check_writable(args.json)
+    device = cli.device(args.device)
     say(f"loading {args.model}")
-    model = minisv.load(args.model, device=args.device)
+    model = minisv.load(args.model, device=device)
     if args.top > model.cfg.n_layers * model.cfg.n_heads:
         raise MinisvError(f"--top {args.top} is more than the model's {model.cfg.n_layers * model.cfg.n_heads} heads")
+    args.ctx = args.ctx or min(128, model.cfg.n_ctx)
+    if args.ctx > model.cfg.n_ctx:
+        raise MinisvError(f"--ctx {args.ctx} is longer than the model's context of {model.cfg.n_ctx} tokens")
     for path in args.path or []:
         ob.parse_path(model, path)          # a bad path fails before the slow part
     tasks = build_tasks(model, args)
@@ -277,18 +520,13 @@ def run(args):
     write_text(args.html, report_html(args.model, results, couplings))
     if args.json:
         write_text(args.json, json.dumps(dict(model=args.model, settings=vars(args), observables=results,
-                                                couplings=couplings, seconds=round(time.time() - t0, 1)), indent=1))
+                                              couplings=couplings, seconds=round(time.time() - t0, 1)), indent=1))
     say(f"done: report {args.html}" + (f", results {args.json}" if args.json else ""))
     return 0
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except MinisvError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

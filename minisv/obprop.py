@@ -9,8 +9,9 @@ is ≈ y·x for one vector y, the path's *feature vector*. It is found by pullin
                  the sublayer reads γ⊙x̂ + β, so x̂'s feature is u = P(γ⊙y) (x̂ has zero mean under LayerNorm:
                  y's mean scores nothing and is dropped), and x's feature is
                  s·u               with the scale frozen: the paper's √d/‖x‖·γ⊙y approximation
-                 s·(u − x̃(x̃·u))   the exact Jacobian, x̃ = x̂/√d the unit radial direction: the approximation
-                                   only keeps u's radial part (cosine ≥ 0.999 on SmolLM2, 0.998 in the paper)
+                 s·(u − x̃(x̃·u))   the exact Jacobian, x̃ = x̂/√d the unit radial direction: it removes u's
+                                   radial part, which the frozen-scale approximation keeps (the two have cosine
+                                   ≥ 0.999 on SmolLM2, 0.998 in the paper)
     head h       y ← W_Vᵀ W_Oᵀ y = W_OVᵀ y                   the attention pattern scales the score, not the
                                                              direction; rotary does not touch V or O
     MLP          y ← ∇_z y·MLP(z)                           linearized at a point between a positive and a
@@ -21,23 +22,58 @@ reads head 9.1. Its feature vector lives where the path starts: in the normalize
 before the gain) of its earliest component, ln1's for a head and ln2's for an MLP. There every input has norm
 √d whatever the layer, so feature norms of different components compare directly, with no data at all.
 
-Norm scales come from a `Reference` (the last token of a positive and a negative prompt); without one s = 1,
-which rescales every path through the same norms alike (the ranking of single heads by ‖y‖ is then data-free).
+Every component acts at its own token (`locate`): the path's first component writes at the last token, where
+the observable is read; a head reads its upstream components at a source token, "attn 13.11@name" (a template
+slot), "@4" or "@-3" (positions), by default the token it attends to most at the reference prompts; an MLP
+reads and writes at one token. Norm scales and MLP linearizations come from a `Reference` (a positive and a
+negative prompt) at those tokens; without one s = 1, which rescales every path through the same norms alike
+(the ranking of single heads by ‖y‖ is then data-free).
 
-Validation is built in, because the method makes predictions: `frozen_gradient` (the propagated vector equals
-autograd's with patterns and norm scales frozen), `patch_heads` (feature-norm ranking vs path patching),
-`feature_scores` + `fit_slope` (predicted coupling vs the empirical slope on a corpus), and `auc`.
+The method makes predictions, and the rest of this file checks them: `patch_heads` (feature-norm ranking vs
+direct-path patching), `patch_heads_total` (vs total-effect activation patching), `feature_scores` +
+`fit_slope` (predicted coupling vs the empirical slope on a corpus), and `auc`. That the propagated vectors
+equal frozen autograd at the right tokens is tested against an independent implementation on transformers'
+models (tests/test_obprop.py).
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import MinisvError
 
-# The paper's gendered-pronoun study: (observable, template); the positive class is female names.
-PRONOUN_STUDY = [("' she' - ' he'", "So, [NAME] really is a great friend, isn't"),
-                 ("' her' - ' him'", "What do I think about [NAME]? Well, to be honest, I love")]
+# The paper's templates (3 per observable); `template_prompts` fills [NAME] with female (positive) and male names.
+SUBJECT_TEMPLATES = ["So, [NAME] really is a great friend, isn't", "Man, [NAME] is so funny, isn't",
+                     "Really, [NAME] always works so hard, doesn't"]
+OBJECT_TEMPLATES = ["What do I think about [NAME]? Well, to be honest, I love",
+                    "When it comes to [NAME], I gotta say, I really hate",
+                    "This is a present for [NAME]. Tomorrow, I'm gonna give it to"]
+OCCUPATION_TEMPLATES = ["My friend [NAME] is an excellent", "Recently, [NAME] has been recognized as a great",
+                        "His cousin [NAME] works hard at being a great"]
+# Well-known US politicians (the reference's YouGov lists, 20 per party): "NAME is a" -> ' Democrat' / ' Republican'.
+DEMOCRATS = ["Barack Obama", "Joe Biden", "Bernie Sanders", "Bill Clinton", "Hillary Clinton", "Kamala Harris",
+             "Jimmy Carter", "Al Gore", "Nancy Pelosi", "Elizabeth Warren", "John Kerry", "Andrew Cuomo",
+             "Chuck Schumer", "Pete Buttigieg", "Gavin Newsom", "Cory Booker", "Amy Klobuchar", "Al Franken",
+             "Ilhan Omar", "Adam Schiff"]
+REPUBLICANS = ["George W. Bush", "Mike Pence", "Donald Trump", "Mitt Romney", "Ted Cruz", "Mitch McConnell",
+               "Ron DeSantis", "Dick Cheney", "Chris Christie", "Sarah Palin", "Jeb Bush", "Bob Dole", "Marco Rubio",
+               "Rand Paul", "Paul Ryan", "Mike Huckabee", "Ben Carson", "Lindsey Graham", "Newt Gingrich",
+               "Nikki Haley"]
+# C vs Python: the same condition after a C or a Python header; C continues with ' {', Python with ':'.
+CONDITIONS = ["x > 0", "n == 1", "i < count", "count != 0", "a >= b", "flag", "x == y", "size > 10", "value < limit",
+              "total == 0", "index >= 0", "n % 2 == 0", "left < right", "done", "err != 0", "depth > max_depth",
+              "k == n", "score >= best", "len == 0", "x < 0"]
+C_PROMPTS = [f"#include <stdio.h>\n\nint main(void) {{\n    int x = 3;\n    if ({c})" for c in CONDITIONS]
+PYTHON_PROMPTS = [f"import sys\n\n\ndef main():\n    x = 3\n    if ({c})" for c in CONDITIONS]
+# A study: observables, each with its templates (filled with the two name classes) or its positive and negative
+# prompts. The first observable is the one every other is coupled with.
+STUDIES = {
+    "pronouns": [("' she' - ' he'", SUBJECT_TEMPLATES), ("' her' - ' him'", OBJECT_TEMPLATES)],
+    "occupations": [("' nurse' + ' teacher' + ' secretary' - ' programmer' - ' doctor' - ' engineer'",
+                     OCCUPATION_TEMPLATES), ("' she' - ' he'", SUBJECT_TEMPLATES)],
+    "party": [("' Democrat' - ' Republican'", [f"{n} is a" for n in DEMOCRATS], [f"{n} is a" for n in REPUBLICANS])],
+    "language": [("' {' - ':'", C_PROMPTS, PYTHON_PROMPTS)],
+}
 # Common US first names; `template_prompts` keeps those that are one token (with a leading space) for the model.
 FEMALE_NAMES = """Mary Patricia Jennifer Linda Elizabeth Barbara Susan Jessica Sarah Karen Lisa Nancy Betty Sandra
 Margaret Ashley Kimberly Emily Donna Michelle Carol Amanda Melissa Deborah Stephanie Dorothy Rebecca Sharon Laura
@@ -60,22 +96,25 @@ Chris Matt Nick Jake Alex Victor Ian Neil Simon Hugo Oscar Felix Owen Evan Conno
 # ------------------------------------------------------------------------- observables
 @dataclass
 class Observable:
-    """n·ℓ with n = Σ weights[i]·e[ids[i]]. ids: LongTensor [k]; weights: float [k]."""
+    """n·ℓ with n = Σ weights[i]·e[ids[i]]. ids: LongTensor [k]; weights: float [k]; warnings: what was assumed."""
     name: str
     ids: torch.Tensor
     weights: torch.Tensor
+    warnings: list = field(default_factory=list)
 
     def value(self, logits):
         """logits [..., V] -> n·ℓ [...]."""
         return logits[..., self.ids].float() @ self.weights.to(logits.device)
 
 
-_TERM = re.compile(r"""\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?('[^']*'|"[^"]*")\s*""")
+_TERM = re.compile(r"""\s*([+-])?\s*(?:((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*)?('[^']*'|"[^"]*")\s*""")
 
 
-def observable(model, spec) -> Observable:
-    """An observable from "' she' - ' he'" (quoted tokens joined by + and -, optional weights: "2*' she'"), or a
-    dict {token string or id: weight}. Every string must be exactly one token of this model."""
+def observable(model, spec, first_token=False) -> Observable:
+    """An observable from "' she' - ' he'" (quoted tokens joined by + and -, optional weights: "2*' she'",
+    "1e-1*' he'"), or a dict {token string or id: weight}. Every string must be exactly one token of this model;
+    with first_token, a string that splits stands for its first token (the reference's take_first_token), and
+    `warnings` says so."""
     if isinstance(spec, str):
         terms, pos = {}, 0
         while pos < len(spec):
@@ -92,15 +131,17 @@ def observable(model, spec) -> Observable:
     else:
         raise MinisvError(f"an observable is a string like \"' she' - ' he'\" or a dict {{token: weight}}, "
                           f"not {type(spec).__name__}")
-    ids = [_single_token(model, t) for t in terms]
+    warnings = []
+    ids = [_single_token(model, t, warnings if first_token else None) for t in terms]
     if not ids or all(w == 0 for w in terms.values()):
         raise MinisvError(f"observable {name!r} is zero; give at least one token with a nonzero weight")
     if len(set(ids)) < len(ids):
         raise MinisvError(f"observable {name!r} names the same token twice; merge the terms into one weight")
-    return Observable(name, torch.tensor(ids), torch.tensor(list(terms.values()), dtype=torch.float32))
+    return Observable(name, torch.tensor(ids), torch.tensor(list(terms.values()), dtype=torch.float32), warnings)
 
 
-def _single_token(model, token):
+def _single_token(model, token, warnings=None):
+    """The id of a one-token string (or an id); with a warnings list, a longer string gives its first token."""
     if isinstance(token, int):
         if not 0 <= token < model.cfg.vocab_size:
             raise MinisvError(f"token id {token} is outside the vocabulary [0, {model.cfg.vocab_size})")
@@ -109,6 +150,10 @@ def _single_token(model, token):
         raise MinisvError(f"this model has no tokenizer, so {token!r} cannot be looked up; give token ids, "
                           f"like {{5: 1, 7: -1}}")
     ids = model.tokenizer.encode(token)
+    if len(ids) > 1 and isinstance(warnings, list):
+        warnings.append(f"{token!r} is {len(ids)} tokens for this model; using its first, "
+                        f"{model.tokenizer.token_str(ids[0])!r}")
+        return ids[0]
     if len(ids) != 1:
         pieces = [model.tokenizer.token_str(i) for i in ids]
         raise MinisvError(f"{token!r} is not one token for this model (it tokenizes as {pieces}); use single-token "
@@ -116,35 +161,58 @@ def _single_token(model, token):
     return ids[0]
 
 
-# ------------------------------------------------------------------------- paths and reference points
+# ------------------------------------------------------------------------- paths, positions and reference points
+_COMPONENT = re.compile(r"\s*(attn|mlp)\s+(\d+)(?:\.(\d+))?\s*(?:@\s*(-?\d+|\[?[A-Za-z_]\w*\]?))?\s*")
+
+
 def parse_path(model, path):
-    """"attn 13.11 <- mlp 12 <- attn 9.1" (or a list of ("attn", 13, 11) / ("mlp", 12, None)) -> a list of
-    (kind, layer, head), from the component next to the logits back to the path's start. Each component must
-    come before the one it feeds (heads and MLPs of one parallel-block layer cannot feed each other)."""
+    """"attn 13.11@name <- mlp 12 <- attn 9.1@3" (or a list of ("attn", 13, 11, "name") / ("mlp", 12, None)) ->
+    a list of (kind, layer, head, source), from the component next to the logits back to the path's start.
+    A head's source is the token it reads its upstream components from: None (the default, resolved by
+    `locate` at a reference prompt), a position (negative counts from the end) or a template slot name
+    ("name" or "[NAME]"). An MLP acts where its reader reads, so it takes no source. Each component must come
+    before the one it feeds (heads and MLPs of one parallel-block layer cannot feed each other)."""
     parts = re.split(r"<-|←", path) if isinstance(path, str) else list(path)
     out = []
     for part in parts:
         if isinstance(part, str):
-            m = re.fullmatch(r"\s*(attn|mlp)\s+(\d+)(?:\.(\d+))?\s*", part)
+            m = _COMPONENT.fullmatch(part)
             if not m:
-                raise MinisvError(f"cannot read path component {part.strip()!r}: write 'attn LAYER.HEAD' or "
-                                  f"'mlp LAYER', joined by '<-' from the logits back, like 'attn 13.11 <- mlp 12'")
-            part = (m[1], int(m[2]), None if m[3] is None else int(m[3]))
-        kind, layer, head = part
-        L, H = model.cfg.n_layers, model.cfg.n_heads
-        if not 0 <= layer < L:
-            raise MinisvError(f"layer {layer} in path {path!r} is out of range: the model has layers 0..{L - 1}")
-        if kind not in ("attn", "mlp") or (kind == "mlp") != (head is None) or kind == "attn" and head not in range(H):
-            raise MinisvError(f"path component {part} needs 'attn LAYER.HEAD' with a head in 0..{H - 1}, "
-                              f"or 'mlp LAYER' without a head")
-        out.append((kind, layer, head))
+                raise MinisvError(f"cannot read path component {part.strip()!r}: write 'attn LAYER.HEAD' (optionally "
+                                  f"@TOKEN, a position or a template slot like @name) or 'mlp LAYER', joined by '<-' "
+                                  f"from the logits back, like 'attn 13.11@name <- mlp 12'")
+            source = m[4] if m[4] is None or not re.fullmatch(r"-?\d+", m[4]) else int(m[4])
+            part = (m[1], int(m[2]), None if m[3] is None else int(m[3]), source)
+        out.append(_check_component(model, path, part))
     if not out:
         raise MinisvError("empty path; give at least one component, like 'attn 13.11'")
-    order = [(l, 1 if k == "mlp" and not model.cfg.parallel else 0) for k, l, _ in out]
+    order = [(l, 1 if k == "mlp" and not model.cfg.parallel else 0) for k, l, _, _ in out]
     if any(a <= b for a, b in zip(order, order[1:])):
         raise MinisvError(f"path {path!r} is out of order: each component must come before the one it feeds "
                           f"(write from the logits back, later layers first)")
     return out
+
+
+def _check_component(model, path, part):
+    """One path component as (kind, layer, head, source), or a MinisvError saying what is wrong with it."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    usage = f"write ('attn', LAYER, HEAD) with a head in 0..{H - 1}, or ('mlp', LAYER)"
+    if not isinstance(part, (tuple, list)) or len(part) not in (2, 3, 4):
+        raise MinisvError(f"cannot read path component {part!r}: {usage}")
+    kind, layer, head, source = (*part, None, None)[:4]
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+    if kind not in ("attn", "mlp") or not is_int(layer) or (kind == "mlp") != (head is None) \
+            or (kind == "attn" and not (is_int(head) and 0 <= head < H)):
+        raise MinisvError(f"path component {tuple(part)} needs 'attn LAYER.HEAD' with a head in 0..{H - 1}, "
+                          f"or 'mlp LAYER' without a head")
+    if not 0 <= layer < L:
+        raise MinisvError(f"layer {layer} in path {path!r} is out of range: the model has layers 0..{L - 1}")
+    if source is not None and (kind == "mlp" or not (is_int(source) or isinstance(source, str))):
+        raise MinisvError(f"path component {tuple(part)}: only a head takes a source token (@position or @slot); an "
+                          f"MLP acts at the token its reader reads")
+    return kind, layer, head, source
 
 
 def _norm_name(model, kind, layer):
@@ -164,22 +232,85 @@ def _norm(model, name):
 
 @dataclass
 class Reference:
-    """Activations at the last token of a positive and a negative prompt, {hook name: [D]}: the inputs of every
-    norm (where norm scales and Jacobians are evaluated) and every MLP's x̂ (where MLPs are linearized)."""
-    pos: dict
-    neg: dict
+    """One or two reference prompts (a positive and a negative example) and their activations at every token,
+    where norm scales are evaluated, MLPs linearized and a head's default source token chosen.
+    prompts: token-id lists; acts: per prompt {hook name: [T, D]} (every norm's input and output x̂);
+    patterns: [L, H, T, T] attention weights, averaged over the prompts when they line up (else the first's);
+    slots: {slot name: position} of template slots like [NAME], shared by the prompts."""
+    prompts: list
+    acts: list
+    patterns: torch.Tensor
+    slots: dict
 
-    def mid(self, name):
-        return (self.pos[name] + self.neg[name]) / 2
+    @property
+    def length(self):
+        return len(self.prompts[0])
+
+    def at(self, name, t):
+        """The activation `name` at position t (of the first prompt) in every prompt: [P, D]. Prompts of different
+        lengths line up only at their last token."""
+        lengths = [len(p) for p in self.prompts]
+        if t != lengths[0] - 1 and len(set(lengths)) > 1:
+            raise MinisvError(f"the reference prompts have {lengths} tokens: only their last tokens line up, so a "
+                              f"path cannot use token {t}; give prompts of equal length (a template does that)")
+        return torch.stack([a[name][t - lengths[0] + len(p)] for a, p in zip(self.acts, self.prompts)])
+
+    def mid(self, name, t=-1):
+        return self.at(name, t % self.length).mean(0)
 
 
-def reference(model, pos, neg=None) -> Reference:
-    """A Reference from token ids (lists or [T] tensors). With one prompt, every rule is evaluated exactly there."""
+def reference(model, pos, neg=None, slots=None) -> Reference:
+    """A Reference from token ids (lists or [T] tensors) and optional {slot name: position}. With one prompt,
+    every rule is evaluated exactly there."""
     L, mid = model.cfg.n_layers, "pre" if model.cfg.parallel else "mid"     # ln2 reads resid_mid, or resid_pre
-    names = {f"blocks.{L - 1}.hook_resid_post"} | {f"blocks.{l}.{n}" for l in range(L) for n in
-                                                   ("hook_resid_pre", f"hook_resid_{mid}", "ln2.hook_normalized")}
-    acts = [last_token_acts(model, [p], names) for p in (pos, neg) if p is not None]
-    return Reference(*({n: a[0].float() for n, a in x.items()} for x in (acts[0], acts[-1])))
+    names = [f"blocks.{L - 1}.hook_resid_post"] + [f"blocks.{l}.{n}" for l in range(L) for n in (
+        "hook_resid_pre", f"hook_resid_{mid}", "ln1.hook_normalized", "ln2.hook_normalized", "attn.hook_pattern")]
+    prompts = [torch.as_tensor(p).tolist() for p in (pos, neg) if p is not None]
+    if any(len(p) == 0 for p in prompts):
+        raise MinisvError("a reference prompt is empty; give at least one token")
+    device, acts = model.embed.weight.device, []
+    with torch.no_grad():
+        for p in prompts:
+            _, cache = model.run_with_cache(torch.tensor(p, device=device), names=names)
+            acts.append({n: x[0].float() for n, x in cache.items()})
+    grids = [torch.stack([a.pop(f"blocks.{l}.attn.hook_pattern") for l in range(L)]) for a in acts]   # [L, H, T, T]
+    patterns = torch.stack(grids).mean(0) if len({len(p) for p in prompts}) == 1 else grids[0]
+    return Reference(prompts, acts, patterns, {k.strip("[]").lower(): v for k, v in (slots or {}).items()})
+
+
+def locate(model, path, ref=None):
+    """Where each component of a path acts: a list of dicts {kind, layer, head, writes, reads}, from the logits
+    back. The path's first component writes at the last token (where the observable is read); a head writes at
+    its query token and reads at its source token, where the next component writes; an MLP reads and writes at
+    one token. A head's source is the one given in the path, or by default the token it attends to most at the
+    reference prompts (the reference code's rule). Without a reference, positions are None."""
+    steps, t = [], None if ref is None else ref.length - 1
+    for kind, layer, head, source in parse_path(model, path):
+        reads = t
+        if kind == "attn" and ref is not None:
+            reads = _source(ref, layer, head, t, source)
+        elif kind == "attn" and source is not None:
+            raise MinisvError(f"attn {layer}.{head}@{source}: a source token needs reference prompts to point into")
+        steps.append(dict(kind=kind, layer=layer, head=head, writes=t, reads=reads))
+        t = reads
+    return steps
+
+
+def _source(ref, layer, head, t, source):
+    """The source position a head reads at from query position t (see `locate`)."""
+    if source is None:
+        return int(ref.patterns[layer, head, t, :t + 1].argmax())
+    if isinstance(source, str):
+        key = source.strip("[]").lower()
+        if key not in ref.slots:
+            raise MinisvError(f"attn {layer}.{head}@{source}: no template slot {source!r} in the reference prompts "
+                              f"(slots: {sorted(ref.slots) or 'none; use a --template with [NAME]'})")
+        source = ref.slots[key]
+    s = source + ref.length if source < 0 else source
+    if not 0 <= s <= t:
+        raise MinisvError(f"attn {layer}.{head}@{source}: a head at token {t} can only read tokens 0..{t} of the "
+                          f"{ref.length}-token reference prompt")
+    return s
 
 
 @torch.no_grad()
@@ -214,13 +345,13 @@ def _to_normalized(norm, y):
     return u - u.mean(-1, keepdim=True) if norm.bias is not None else u
 
 
-def _to_residual(model, norm_name, input_hook, u, ref, exact):
-    """Feature of x̂ -> feature of the norm's input x (the residual stream) at the reference point. u: [D]"""
+def _to_residual(model, norm_name, input_hook, u, ref, exact, t=-1):
+    """Feature of x̂ -> feature of the norm's input x (the residual stream) at position t of the reference. u: [D]"""
     if ref is None:
         if exact:
             raise MinisvError("the exact norm Jacobian needs a reference point: pass ref=reference(model, tokens)")
         return u
-    h = ref.mid(input_hook)
+    h = ref.mid(input_hook, t)
     if _norm(model, norm_name).bias is not None:
         h = h - h.mean()
     s = torch.rsqrt(h.pow(2).mean() + model.cfg.norm_eps)
@@ -231,7 +362,7 @@ def _to_residual(model, norm_name, input_hook, u, ref, exact):
 
 
 def logit_feature(model, obs, ref=None, exact=False):
-    """The observable pulled back to the final residual stream (the input of ln_final): [D]."""
+    """The observable pulled back to the final residual stream (the input of ln_final) at the last token: [D]."""
     W_U = model.unembed.weight
     y = W_U[obs.ids.to(W_U.device)].float().T @ obs.weights.to(W_U.device)      # W_Uᵀ n, from the k rows n selects
     u = _to_normalized(model.ln_final, y)
@@ -248,45 +379,60 @@ def head_features(model, layer, y):
     return _to_normalized(model.blocks[layer].ln1, torch.einsum("he,hed->hd", u, W_V))
 
 
-def mlp_feature(model, layer, y, ref, return_t=False):
-    """∇ y·MLP as a feature of ln2's x̂: [D]. The MLP is linearized at x̂(t) = x̂_neg + t(x̂_pos − x̂_neg), the point
-    on the segment between the reference's two examples where y·MLP is halfway between its values at the ends
-    (the decision boundary between them; the reference code finds t for a level with an optimizer, we bisect)."""
+def mlp_feature(model, layer, y, ref, t=-1, return_t=False):
+    """∇ y·MLP as a feature of ln2's x̂ at position t of the reference: [D]. The MLP is linearized at
+    x̂(τ) = x̂_neg + τ(x̂_pos − x̂_neg), the point on the segment between the reference's two examples where y·MLP is
+    halfway between its values at the ends (the decision boundary between them; the reference code finds τ for a
+    level with an optimizer, we bisect). With one reference prompt that point is the prompt's own x̂."""
     if ref is None:
         raise MinisvError(f"MLP {layer} is linearized at a point between two examples: pass "
                           f"ref=reference(model, pos_tokens, neg_tokens)")
     block, name = model.blocks[layer], f"blocks.{layer}.ln2.hook_normalized"
-    a, b = ref.pos[name], ref.neg[name]
+    points = ref.at(name, t % ref.length)
+    a, b = points[0], points[-1]
     dtype = block.mlp.proj.weight.dtype
 
     def f(xhat):    # y·MLP(γ⊙x̂ + β)
         z = xhat * block.ln2.weight.float() + (block.ln2.bias.float() if block.ln2.bias is not None else 0)
         return model.apply_mlp(layer, z.to(dtype)).float() @ y
 
-    with torch.no_grad():
-        fa, fb, lo, hi = f(a), f(b), 0.0, 1.0
-        level, rising = (fa + fb) / 2, fa >= fb
-        for _ in range(30):     # f(b + t(a−b)) is continuous, and the level lies between its values at t = 0, 1
-            t = (lo + hi) / 2
-            lo, hi = (t, hi) if (f(b + t * (a - b)) < level) == rising else (lo, t)
-    point = (b + (lo + hi) / 2 * (a - b)).requires_grad_(True)
+    with torch.no_grad():   # f(b + τ(a−b)) is continuous, and the level lies between its values at τ = 0, 1:
+        lo, hi = 0.0, 1.0       # narrow [lo, hi] around a crossing, 32 sub-intervals at a time (to 32⁻⁴ ≈ 1e-6)
+        for step in range(4):
+            taus = torch.linspace(lo, hi, 33, device=a.device)
+            values = f(b + taus[:, None] * (a - b))                                            # [33]
+            if step == 0:
+                level, rising = (values[0] + values[-1]) / 2, values[-1] >= values[0]
+            below = (values < level) == rising
+            i = 32 if below.all() else int(below.long().argmin())              # the first τ past the level
+            lo, hi = float(taus[max(i - 1, 0)]), float(taus[i])
+    tau = (lo + hi) / 2
+    point = (b + tau * (a - b)).requires_grad_(True)
     with torch.enable_grad():
         grad = torch.autograd.grad(f(point), point)[0]
     u = grad - grad.mean() if block.ln2.bias is not None else grad
-    return (u, (lo + hi) / 2) if return_t else u
+    return (u, tau) if return_t else u
 
 
-def feature_vector(model, obs, path, ref=None, exact=False):
-    """The feature vector [D] of a path (see `parse_path`) for an observable, in the x̂ of the path's start.
-    ref: where norm scales are taken and MLPs linearized (needed for MLPs and for exact=True; without it s = 1).
-    exact: exact norm Jacobians instead of frozen scales."""
-    path = parse_path(model, path)
+def feature_vector(model, obs, path, ref=None, exact=False, trace=False):
+    """The feature vector [D] of a path (see `parse_path`) for an observable, in the x̂ of the path's start at the
+    token it reads (see `locate`). Each rule is evaluated at its own token: the final norm at the last token, a
+    head's OV circuit anywhere (it is the same matrix at every token; the attention weight scales the path's
+    score, not its direction, and is left out as for single heads), an MLP linearized and a norm scale taken at
+    the token where the component acts. ref: the reference prompts (needed for MLPs and for exact=True;
+    without it s = 1). exact: exact norm Jacobians instead of frozen scales. trace: also return `locate`'s
+    steps, with each MLP's linearization point τ added."""
+    steps = locate(model, path, ref)
     y = logit_feature(model, obs, ref, exact)
-    for i, (kind, layer, head) in enumerate(path):
-        u = head_features(model, layer, y)[head] if kind == "attn" else mlp_feature(model, layer, y, ref)
-        if i == len(path) - 1:
-            return u
-        y = _to_residual(model, *_norm_name(model, kind, layer), u, ref, exact)
+    for i, step in enumerate(steps):
+        kind, layer = step["kind"], step["layer"]
+        if kind == "attn":
+            u = head_features(model, layer, y)[step["head"]]
+        else:
+            u, step["tau"] = mlp_feature(model, layer, y, ref, step["reads"], return_t=True)
+        if i < len(steps) - 1:
+            y = _to_residual(model, *_norm_name(model, kind, layer), u, ref, exact, step["reads"])
+    return (u, steps) if trace else u
 
 
 def single_features(model, obs, ref=None, exact=False):
@@ -297,6 +443,51 @@ def single_features(model, obs, ref=None, exact=False):
         heads = torch.stack([head_features(model, l, y) for l in range(L)])
     mlps = torch.stack([mlp_feature(model, l, y, ref) for l in range(L)]) if ref is not None else None
     return {"attn": heads, "mlp": mlps}
+
+
+def search_paths(model, obs, ref, steps, width, exact=False):
+    """Greedy path search with positions (the reference's patch_get_max_paths, scored by feature·activation
+    instead of by patching). From the observable at the last token, every path in the beam is extended backwards
+    by every earlier component: a head at each source token s it can read, or an MLP at the path's token. A
+    path's score is its contribution to n·ℓ(pos) − n·ℓ(neg), y·(x̂_pos − x̂_neg) at its start, times the attention
+    weight of every head on it (y·x̂_pos with one reference prompt, or prompts of different lengths). The `width`
+    paths of largest |score| are kept at each of `steps` lengths. Returns one list per length of {path, score,
+    parent}: path is written with every source (@position) so that feature_vector reproduces it, parent is the
+    index of the path it extends in the previous list."""
+    L, H, T = model.cfg.n_layers, model.cfg.n_heads, ref.length
+    pair = len(ref.prompts) == 2 and len(ref.prompts[1]) == T
+
+    def activation(name):       # [T, D]: x̂_pos − x̂_neg, or x̂_pos
+        return ref.acts[0][name] - ref.acts[1][name] if pair else ref.acts[0][name]
+    beam = [dict(path="", y=logit_feature(model, obs, ref, exact), reads=T - 1, bound=(L, 0), weight=1.0, parent=None)]
+    levels = []
+    for _ in range(steps):
+        candidates = []
+        for i, p in enumerate(beam):
+            r = p["reads"]
+            for l in range(L):
+                if (l, 0) < p["bound"]:     # every head of layer l, at every source token s <= r
+                    u = head_features(model, l, p["y"])                                             # [H, D]
+                    a = ref.patterns[l, :, r, :r + 1]                                               # [H, r+1]
+                    score = p["weight"] * a * (u @ activation(f"blocks.{l}.ln1.hook_normalized")[:r + 1].T)
+                    candidates += [(float(score[h, s]), i, "attn", l, h, s, u[h], float(a[h, s]))
+                                   for h in range(H) for s in range(r + 1)]
+                if (l, 0 if model.cfg.parallel else 1) < p["bound"]:
+                    u = mlp_feature(model, l, p["y"], ref, r)
+                    score = p["weight"] * float(u @ activation(f"blocks.{l}.ln2.hook_normalized")[r])
+                    candidates.append((score, i, "mlp", l, None, r, u, 1.0))
+        candidates.sort(key=lambda c: -abs(c[0]))
+        level = []
+        for score, i, kind, l, h, s, u, a in candidates[:width]:
+            parent = beam[i]
+            name = f"attn {l}.{h}@{s}" if kind == "attn" else f"mlp {l}"
+            level.append(dict(path=f"{parent['path']} <- {name}" if parent["path"] else name, score=score, parent=i,
+                              y=_to_residual(model, *_norm_name(model, kind, l), u, ref, exact, s), reads=s,
+                              bound=(l, 0 if kind == "attn" or model.cfg.parallel else 1),
+                              weight=parent["weight"] * a))
+        levels.append([dict(path=p["path"], score=p["score"], parent=p["parent"]) for p in level])
+        beam = level
+    return levels
 
 
 def coupling(y1, y2):
@@ -310,58 +501,6 @@ def cosine(y1, y2):
 
 
 # ------------------------------------------------------------------------- validation
-def frozen_gradient(model, tokens, obs, path):
-    """Autograd's answer to what `feature_vector` computes by hand, for one prompt ([T] token ids): the gradient
-    of the observable at the last token w.r.t. x̂ at the path's start, with (1) attention patterns detached,
-    (2) every norm's scale detached, and (3) the gradient confined to the path: each later component's norm
-    reads `resid.detach() + (out − out.detach())`, where out is the previous path component's output (one head's
-    share of it, for a head), so values are unchanged and only that output carries gradient. The gradient is
-    summed over positions: a head gives position j the share pattern[last, j] of its feature, and pattern rows
-    sum to 1. It equals feature_vector(model, obs, path, reference(model, tokens)) when the path's only head,
-    if any, is its start: every later component then acts at the last token, where ObProp takes its norm scales
-    and linearizes its MLPs (past a second head, autograd scales each position by its own norm). Returns [D]."""
-    path = parse_path(model, path)[::-1]          # computation order: the path's start first
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    acts, fns = {}, {f"blocks.{l}.attn.hook_pattern": lambda x, n: x.detach() for l in range(L)}
-
-    def keep(x, name):
-        acts[name] = x
-
-    def frozen_norm(norm_name, input_hook, out_hook):
-        def fn(x, name):
-            h = acts[input_hook].detach() + acts[out_hook] - acts[out_hook].detach()
-            h = h.float() - h.float().mean(-1, keepdim=True) if _norm(model, norm_name).bias is not None else h.float()
-            return (h * torch.rsqrt(h.detach().pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps)).to(x.dtype)
-        return fn
-
-    def leaf(x, name):
-        acts["leaf"] = x.detach().requires_grad_(True)
-        return acts["leaf"]
-
-    def one_head(head):
-        mask = torch.zeros(H, 1, device=model.embed.weight.device)
-        mask[head] = 1
-        return lambda z, name: z.detach() + (z - z.detach()) * mask.to(z.dtype)
-
-    reader = [(*_norm_name(model, kind, layer), kind, layer, head) for kind, layer, head in path]
-    reader.append(("ln_final", f"blocks.{L - 1}.hook_resid_post", None, None, None))
-    prev_out = None
-    for i, (norm_name, input_hook, kind, layer, head) in enumerate(reader):
-        if i == 0:
-            fns[norm_name + ".hook_normalized"] = leaf
-        else:
-            fns[input_hook], fns[norm_name + ".hook_normalized"] = keep, frozen_norm(norm_name, input_hook, prev_out)
-        if kind == "attn":
-            fns[f"blocks.{layer}.attn.hook_z"] = one_head(head)
-        if kind is not None:
-            prev_out = f"blocks.{layer}.hook_{kind}_out"
-            fns[prev_out] = keep
-    with torch.enable_grad(), model.hooks(fns):
-        value = obs.value(model(torch.as_tensor(tokens).view(1, -1).to(model.embed.weight.device))[0, -1])
-        grad = torch.autograd.grad(value, acts["leaf"])[0][0].float().sum(0)
-    return grad - grad.mean() if _norm(model, reader[0][0]).bias is not None else grad
-
-
 @torch.no_grad()
 def patch_heads(model, obs, pos_prompts, neg_prompts):
     """Path patching of every head's direct path to the logits, mean over prompt pairs: [L, H]. For pair b, head
@@ -385,6 +524,50 @@ def patch_heads(model, obs, pos_prompts, neg_prompts):
     def value(x):    # n·ℓ = (W_Uᵀ n)·ln_final(x), without the full [.., V] logits
         return model.apply_norm("ln_final", x).float() @ w
     return (value(resid)[:, None, None] - value(patched)).mean(0)
+
+
+@torch.no_grad()
+def patch_heads_total(model, obs, pos_prompts, neg_prompts):
+    """Total-effect activation patching of every head, mean over prompt pairs: [L, H]. For pair b, head (l, h)'s
+    output at *every* position of the positive prompt is replaced by its output on the negative prompt, and all
+    later layers recompute (so the effect includes every path through the head, not only its direct one):
+        effect = n·ℓ(pos) − n·ℓ(pos with z^{l,h} ← z^{l,h}_neg).
+    The two prompts of a pair must have the same length (token positions are patched one to one). One forward
+    per layer, from that layer on, over a batch of H copies of the pairs (copy h patches head h)."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if len(pos_prompts) != len(neg_prompts) or not pos_prompts:
+        raise MinisvError(f"patching needs pairs: got {len(pos_prompts)} positive and {len(neg_prompts)} negative "
+                          f"prompts")
+    if any(len(p) != len(n) for p, n in zip(pos_prompts, neg_prompts)):
+        raise MinisvError("total-effect patching swaps a head's output token by token, so the prompts of a pair need "
+                          "the same length; use a template, or direct-path patching only")
+    rows = [torch.as_tensor(p).tolist() for p in pos_prompts + neg_prompts]
+    B, width, device = len(pos_prompts), max(len(r) for r in rows), model.embed.weight.device
+    tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    mask = None if all(len(r) == width for r in rows) else \
+        torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    w = model.unembed.weight[obs.ids.to(device)].float().T @ obs.weights.to(device)                 # W_Uᵀ n
+
+    def value(resid):    # n·ℓ at the last token = (W_Uᵀ n)·ln_final(x), without the full [.., V] logits
+        return model.apply_norm("ln_final", resid[:, -1]).float() @ w
+    resid, cache = model.run_with_cache(tokens, names=names, attention_mask=mask, stop_at_layer=L)
+    clean = value(resid[:B])                                                                       # [B]
+    effects = torch.zeros(L, H, device=device)
+    heads = torch.arange(H, device=device).repeat_interleave(B)                     # copy h·B + b patches head h
+    for l in range(L):
+        z_neg = cache[f"blocks.{l}.attn.hook_z"][B:].repeat(H, 1, 1, 1)                 # [H·B, T, H, E]
+
+        def patch(z, name):
+            z = z.clone()
+            z[torch.arange(len(z)), :, heads] = z_neg[torch.arange(len(z)), :, heads]
+            return z
+        with model.hooks({f"blocks.{l}.attn.hook_z": patch}):
+            start = tokens[:B].repeat(H, 1) if l == 0 else cache[f"blocks.{l}.hook_resid_pre"][:B].repeat(H, 1, 1)
+            out = model(start, start_at_layer=l, stop_at_layer=L,
+                        attention_mask=None if mask is None else mask[:B].repeat(H, 1))
+        effects[l] = (clean.repeat(H) - value(out)).view(H, B).mean(1)
+    return effects
 
 
 def ranking_agreement(predicted, measured, k):
