@@ -361,3 +361,29 @@ def test_check_layer(pair):
         with pytest.raises(MinisvError, match=rf"^transcoder layer {bad!r} is out of range: this model has {n} "
                                               rf"layers, use 0\.\.{n - 1}$".replace("'", "'")):
             model.check_layer(bad, what="transcoder layer")
+
+
+def test_every_hook_transformer_lens_also_has_matches_it(pair, tmp_path):
+    """TransformerLens itself on the same checkpoint (a test-only reference: skipped where it is not installed)."""
+    pytest.importorskip("transformer_lens")
+    import copy
+    import transformers as tf
+    from tokenizers import Tokenizer, models
+    from transformer_lens.model_bridge import TransformerBridge
+    family, model, ref = pair
+    # TransformerLens insists on a tokenizer: a word-level one over the 96 ids will do
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t2"))
+    tf.PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t0", eos_token="t1", unk_token="t2") \
+        .save_pretrained(tmp_path)
+    bridge = TransformerBridge.boot_transformers(model.cfg.name, hf_model=copy.deepcopy(ref), device="cpu",
+                                                 tokenizer=tf.AutoTokenizer.from_pretrained(tmp_path))
+    x = tokens(2, 9)
+    with torch.no_grad():
+        _, theirs = bridge.run_with_cache(x)
+        _, ours = model.run_with_cache(x)
+    missing = model.hook_names - set(theirs.keys())
+    assert all(".hook_rot_" in n for n in missing) and (family != "llama" or not missing), sorted(missing)[:5]
+    for name in model.hook_names - missing:
+        a, b = theirs[name], ours[name]
+        assert a.shape == b.shape and (a[b.isinf()] < -1e30).all(), name    # masked: -inf or TL's float min
+        assert torch.allclose(a[b.isfinite()], b[b.isfinite()], atol=1e-5), name
