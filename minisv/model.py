@@ -266,16 +266,17 @@ class Model(nn.Module):
             return F.linear(x, torch.cat([m.weight for m in parts]), bias)
         fused = self._fused.get(key)
         if fused is None or [t.data_ptr() for t in params] != fused[2]:
-            weight = torch.cat([m.weight.detach() for m in parts])
-            bias = torch.cat([m.bias.detach() for m in parts]) if parts[0].bias is not None else None
-            row = 0
-            for m in parts:
-                n = m.weight.shape[0]
-                m.weight.data = weight[row:row + n]
-                if bias is not None:
-                    m.bias.data = bias[row:row + n]
-                row += n
-            fused = self._fused[key] = (weight, bias, [t.data_ptr() for t in params])
+            with torch.inference_mode(False):    # a weight born under inference_mode could never see autograd
+                weight = torch.cat([m.weight.detach() for m in parts])
+                bias = torch.cat([m.bias.detach() for m in parts]) if parts[0].bias is not None else None
+                row = 0
+                for m in parts:
+                    n = m.weight.shape[0]
+                    m.weight.data = weight[row:row + n]
+                    if bias is not None:
+                        m.bias.data = bias[row:row + n]
+                    row += n
+                fused = self._fused[key] = (weight, bias, [t.data_ptr() for t in params])
         return F.linear(x, fused[0], fused[1])
 
     def _attention(self, l, x, rope, mask, kv_cache):

@@ -305,6 +305,21 @@ def test_fused_projections_follow_weight_edits_dtype_moves_and_gradients(pair):
                               rtol=1e-5, atol=1e-9)
 
 
+def test_fused_weights_first_built_under_inference_mode_still_support_autograd(pair):
+    import copy
+    _, model, _ = pair
+    model, x = copy.deepcopy(model), tokens(1, 5)
+    with torch.inference_mode():
+        before = model(x)
+    with torch.no_grad():
+        model.blocks[0].attn.v.weight[:3] = 0        # in place, outside inference mode
+        assert not torch.allclose(model(x), before)
+    v = torch.zeros(model.cfg.d_model, requires_grad=True)
+    with model.hooks({"blocks.1.hook_resid_pre": lambda a, name: a + v}):
+        model(x)[0, -1, 0].backward()
+    assert v.grad.abs().sum() > 0
+
+
 def test_kv_cache_grows_and_matches_a_full_forward(pair):
     """One token at a time through a KVCache that starts empty (buffers double as they fill) == one forward."""
     from minisv import KVCache
