@@ -193,7 +193,7 @@ class Model(nn.Module):
         if x.numel() == 0:
             raise MinisvError(f"empty input (shape {tuple(x.shape)}): give at least one token — did the prompt "
                               f"encode to nothing?")
-        if from_tokens and (x.is_floating_point() or x.is_complex() or x.dim() > 2):
+        if from_tokens and (x.dtype not in (torch.long, torch.int32) or x.dim() not in (1, 2)):
             raise MinisvError(f"expected integer token ids [B, T], got a {str(x.dtype).removeprefix('torch.')} "
                               f"tensor of shape {tuple(x.shape)} (to run from a residual stream, pass "
                               f"start_at_layer)")

@@ -356,6 +356,9 @@ def test_one_line_errors_for_empty_float_and_oversized_inputs(pair):
         model(torch.tensor([]))                         # what torch.tensor(encode("")) gives
     with pytest.raises(MinisvError, match="expected integer token ids.*pass start_at_layer"):
         model(torch.ones(1, 3))
+    for wrong in (torch.tensor(5), torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 1, 3, dtype=torch.long)):
+        with pytest.raises(MinisvError, match="expected integer token ids"):
+            model(wrong)
     with pytest.raises(MinisvError, match="expected a float residual stream"):
         model(tokens(1, 3), start_at_layer=1)
     with pytest.raises(MinisvError, match="start_at_layer <= stop_at_layer"):
