@@ -90,15 +90,30 @@ class Model(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self._hooks = {}           # hook name -> list of callbacks, in the order they were added
+        self._fused = {}           # "blocks.3.attn." -> (weight, bias, data pointers): see _fused_linear
         self.positions = None      # LongTensor [B, T]: absolute positions of the tokens in the current forward
         self.hook_names = self._all_hook_names()
 
     def _all_hook_names(self):
-        per_layer = ["hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-                     "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "ln2.hook_normalized", "mlp.hook_pre",
-                     "mlp.hook_post", "hook_mlp_out", "hook_resid_post"] + ([] if self.cfg.parallel else ["hook_resid_mid"])
-        names = ["hook_embed", "ln_final.hook_normalized"] + (["hook_pos_embed"] if self.pos_embed is not None else [])
-        return set(names + [f"blocks.{l}.{n}" for l in range(self.cfg.n_layers) for n in per_layer])
+        cfg = self.cfg
+        per_layer = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
+                     "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out",
+                     "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out",
+                     "hook_resid_post"]
+        per_layer += ["attn.hook_rot_q", "attn.hook_rot_k"] if cfg.rotary_dim else []
+        per_layer += ["mlp.hook_pre_linear"] if cfg.family == "llama" else []
+        per_layer += [] if cfg.parallel else ["hook_resid_mid"]
+        names = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
+        names += ["hook_pos_embed"] if self.pos_embed is not None else []
+        return set(names + [f"blocks.{l}.{n}" for l in range(cfg.n_layers) for n in per_layer])
+
+    def check_layer(self, layer, what="layer"):
+        """`layer` if it indexes one of this model's blocks, else a MinisvError; `what` names where the number
+        came from ("transcoder layer", "layer in path 'mlp 40'")."""
+        n = self.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise MinisvError(f"{what} {layer!r} is out of range: this model has {n} layers, use 0..{n - 1}")
+        return layer
 
     # ---------------------------------------------------------------- hooks
     @contextmanager
@@ -139,30 +154,33 @@ class Model(nn.Module):
         return out, cache
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x, *, stop_at_layer=None, start_at_layer=0, attention_mask=None, kv_cache=None):
-        """x: token ids [B, T] (or [T]) -> logits [B, T, V]; or, with start_at_layer=L, the residual stream
-        [B, T, D] entering block L. stop_at_layer=L returns the residual entering block L instead of logits
-        (before that block's hook_resid_pre runs, so `start_at_layer=L` picks up exactly there).
-        attention_mask [B, T_total]: 1 for real tokens, 0 for left padding. kv_cache: a KVCache, extended in place."""
-        if start_at_layer == 0:
-            tokens = x if x.dim() == 2 else x[None]
-            self._check_tokens(tokens, kv_cache)
-            B, T = tokens.shape
-        else:
-            resid = x if x.dim() == 3 else x[None]
-            B, T = resid.shape[:2]
+    def forward(self, x, *, start_at_layer=None, stop_at_layer=None, attention_mask=None, kv_cache=None):
+        """x: token ids [B, T] (or [T]) -> logits [B, T, V].
+        start_at_layer=L: x is instead the residual stream [B, T, D] (or [T, D]) entering block L, as in
+        TransformerLens (L = 0 too; integer token ids are still accepted at L = 0). stop_at_layer=L returns the
+        residual entering block L instead of logits (before that block's hook_resid_pre runs, so
+        `start_at_layer=L` picks up exactly there). attention_mask [B, T_total]: 1 for real tokens, 0 for left
+        padding. kv_cache: a KVCache, extended in place."""
         past = kv_cache.length if kv_cache is not None else 0
+        start, stop = start_at_layer or 0, self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        if not 0 <= start <= stop <= self.cfg.n_layers:
+            raise MinisvError(f"need 0 <= start_at_layer <= stop_at_layer <= {self.cfg.n_layers}, got "
+                              f"start_at_layer={start_at_layer}, stop_at_layer={stop_at_layer}")
+        from_tokens = start_at_layer is None or start == 0 and not x.is_floating_point()
+        x = self._check_input(x, from_tokens, past)
+        B, T = x.shape[:2]
         if attention_mask is None:
             self.positions = torch.arange(past, past + T, device=x.device).expand(B, T)
         else:   # left padding: a row's first real token is position 0
             self.positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
         mask = self._attention_mask(attention_mask, T, past, x.device)
-        if start_at_layer == 0:
-            resid = self._hook("hook_embed", self.embed(tokens))
+        resid = x
+        if from_tokens:
+            resid = self._hook("hook_embed", self.embed(x))
             if self.pos_embed is not None:
                 resid = resid + self._hook("hook_pos_embed", self.pos_embed(self.positions))
-        rope = self._rotary(self.positions) if self.cfg.rotary_dim else None
-        for l in range(start_at_layer, self.cfg.n_layers if stop_at_layer is None else stop_at_layer):
+        rope = self._rotary(self.positions, resid.dtype) if self.cfg.rotary_dim else None
+        for l in range(start, stop):
             resid = self._block(l, resid, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
@@ -170,17 +188,27 @@ class Model(nn.Module):
             return resid
         return self.unembed(self.apply_norm("ln_final", resid))
 
-    def _check_tokens(self, tokens, kv_cache):
-        if tokens.dtype not in (torch.long, torch.int, torch.int32):
-            raise MinisvError(f"expected integer token ids, got a {tokens.dtype} tensor (to start from a residual, "
-                              f"pass start_at_layer)")
-        total = tokens.shape[1] + (kv_cache.length if kv_cache is not None else 0)
-        if total > self.cfg.n_ctx:
-            raise MinisvError(f"input of {total} tokens is longer than the model's context of {self.cfg.n_ctx}; "
-                              f"shorten the prompt")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
-            raise MinisvError(f"token id {int(tokens.max() if tokens.max() >= self.cfg.vocab_size else tokens.min())}"
+    def _check_input(self, x, from_tokens, past):
+        """x as [B, T] token ids or a [B, T, D] residual; a one-line MinisvError for anything else."""
+        if x.numel() == 0:
+            raise MinisvError(f"empty input (shape {tuple(x.shape)}): give at least one token — did the prompt "
+                              f"encode to nothing?")
+        if from_tokens and (x.dtype not in (torch.long, torch.int32) or x.dim() not in (1, 2)):
+            raise MinisvError(f"expected integer token ids [B, T], got a {str(x.dtype).removeprefix('torch.')} "
+                              f"tensor of shape {tuple(x.shape)} (to run from a residual stream, pass "
+                              f"start_at_layer)")
+        if not from_tokens and (not x.is_floating_point() or x.dim() not in (2, 3) or
+                                x.shape[-1] != self.cfg.d_model):
+            raise MinisvError(f"with start_at_layer, expected a float residual stream [B, T, {self.cfg.d_model}], "
+                              f"got a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}")
+        x = x[None] if x.dim() == (1 if from_tokens else 2) else x
+        if x.shape[1] + past > self.cfg.n_ctx:
+            raise MinisvError(f"input of {x.shape[1] + past} tokens is longer than the model's context of "
+                              f"{self.cfg.n_ctx}; shorten the prompt")
+        if from_tokens and (x.min() < 0 or x.max() >= self.cfg.vocab_size):
+            raise MinisvError(f"token id {int(x.max() if x.max() >= self.cfg.vocab_size else x.min())}"
                               f" is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return x
 
     def _attention_mask(self, attention_mask, T, past, device):
         """None when plain causal attention suffices (SDPA's is_causal fast path), else bool [B, 1, T, past+T]."""
@@ -208,59 +236,93 @@ class Model(nn.Module):
         return self._hook(p + "hook_resid_post", resid)
 
     def apply_norm(self, prefix, x):
-        """The norm named `prefix` ("ln_final", "blocks.3.ln2") applied to x: LayerNorm (x - mean)/std or
-        RMSNorm x/rms, computed in fp32 like the reference; hook_normalized sees the result before the learned
-        scale (and bias), as in TransformerLens."""
-        norm = self.get_submodule(prefix)
-        h = x.float()
-        if norm.bias is not None:
-            h = h - h.mean(-1, keepdim=True)
-        h = self._hook(prefix + ".hook_normalized", (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
-                                                                       + self.cfg.norm_eps)).to(x.dtype))
-        return h * norm.weight + norm.bias if norm.bias is not None else norm.weight * h
+        """The norm named `prefix` ("ln_final", "blocks.3.ln2") applied to x [..., D]: LayerNorm (x - mean)/σ or
+        RMSNorm x/σ, σ = sqrt(mean(x²) + eps) over the (centred) features [..., 1], in (at least) fp32 like
+        the reference.
+        As in TransformerLens, hook_scale sees σ (attribution methods freeze it) and hook_normalized the result
+        before the learned scale (and bias). torch's fused norm runs unless someone hooks σ itself."""
+        norm, eps = self.get_submodule(prefix), self.cfg.norm_eps
+        h = x.to(torch.promote_types(x.dtype, torch.float32))                       # fp16/bf16 -> fp32
+        if prefix + ".hook_scale" in self._hooks:
+            if norm.bias is not None:
+                h = h - h.mean(-1, keepdim=True)
+            h = h / self._hook(prefix + ".hook_scale", (h.pow(2).mean(-1, keepdim=True) + eps).sqrt())
+        elif norm.bias is not None:
+            h = F.layer_norm(h, h.shape[-1:], eps=eps)
+        else:
+            h = F.rms_norm(h, h.shape[-1:], eps=eps)      # h * rsqrt(mean(h²) + eps), as Llama computes it
+        h = self._hook(prefix + ".hook_normalized", h.to(x.dtype))
+        return torch.addcmul(norm.bias, h, norm.weight) if norm.bias is not None else norm.weight * h
+
+    def _fused_linear(self, key, x, parts):
+        """x [..., D] through the Linears `parts` (same input, e.g. q, k, v) as ONE matmul -> [..., sum of their
+        outputs]; one big matmul runs faster than several small ones. The stacked weight is built on first use,
+        and the parts' parameters then become views into it, so in-place edits (attn.q.weight[0] = 0) reach it.
+        It is rebuilt when a parameter no longer views it (re-assigned, moved by .to()). If a part needs a
+        gradient, a differentiable torch.cat is used instead."""
+        params = [t for m in parts for t in (m.weight, m.bias) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            bias = torch.cat([m.bias for m in parts]) if parts[0].bias is not None else None
+            return F.linear(x, torch.cat([m.weight for m in parts]), bias)
+        fused = self._fused.get(key)
+        if fused is None or [t.data_ptr() for t in params] != fused[2]:
+            with torch.inference_mode(False):    # a weight born under inference_mode could never see autograd
+                weight = torch.cat([m.weight.detach() for m in parts])
+                bias = torch.cat([m.bias.detach() for m in parts]) if parts[0].bias is not None else None
+                row = 0
+                for m in parts:
+                    n = m.weight.shape[0]
+                    m.weight.data = weight[row:row + n]
+                    if bias is not None:
+                        m.bias.data = bias[row:row + n]
+                    row += n
+                fused = self._fused[key] = (weight, bias, [t.data_ptr() for t in params])
+        return F.linear(x, fused[0], fused[1])
 
     def _attention(self, l, x, rope, mask, kv_cache):
         cfg, attn, p = self.cfg, self.blocks[l].attn, f"blocks.{l}.attn."
         B, T, _ = x.shape
-        q = self._hook(p + "hook_q", attn.q(x).view(B, T, cfg.n_heads, cfg.d_head))
-        k = self._hook(p + "hook_k", attn.k(x).view(B, T, cfg.n_kv_heads, cfg.d_head))
-        v = self._hook(p + "hook_v", attn.v(x).view(B, T, cfg.n_kv_heads, cfg.d_head))
+        H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        qkv = self._fused_linear(p, x, (attn.q, attn.k, attn.v)).view(B, T, H + 2 * K, E)
+        q, k, v = (self._hook(p + n, t) for n, t in zip(("hook_q", "hook_k", "hook_v"), qkv.split([H, K, K], 2)))
         if rope is not None:
-            q, k = _apply_rotary(q, rope, cfg.rotary_dim), _apply_rotary(k, rope, cfg.rotary_dim)
+            q = self._hook(p + "hook_rot_q", _apply_rotary(q, rope))
+            k = self._hook(p + "hook_rot_k", _apply_rotary(k, rope))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # [B, H or K, T, E]
         if kv_cache is not None:
             k, v = kv_cache.update(l, k, v)
-        if p + "hook_pattern" in self._hooks:    # materialize the pattern only when someone looks at it
-            group = cfg.n_heads // cfg.n_kv_heads
-            k_, v_ = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            scores = q @ k_.transpose(-1, -2) / cfg.d_head ** 0.5                 # [B, H, T, T_total]
+        if p + "hook_pattern" in self._hooks or p + "hook_attn_scores" in self._hooks:
+            # materialize scores and pattern only when someone looks at them
+            k_, v_ = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)
+            scores = q @ k_.transpose(-1, -2) / E ** 0.5                           # [B, H, T, T_total]
             causal = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            pattern = self._hook(p + "hook_pattern", scores.masked_fill(~causal, float("-inf")).softmax(-1))
-            z = pattern @ v_
+            scores = self._hook(p + "hook_attn_scores", scores.masked_fill(~causal, float("-inf")))
+            z = self._hook(p + "hook_pattern", scores.softmax(-1)) @ v_
         else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=K != H)
         z = self._hook(p + "hook_z", z.transpose(1, 2))                            # [B, T, H, E]
-        return attn.o(z.reshape(B, T, cfg.n_heads * cfg.d_head))
+        return attn.o(z.reshape(B, T, H * E))
 
     def apply_mlp(self, l, x):
         """Block l's MLP on its (normed) input x [..., D] -> [..., D]; public so methods can linearize it."""
         mlp, p, act = self.blocks[l].mlp, f"blocks.{l}.mlp.", ACTIVATIONS[self.cfg.act]
-        if mlp.gate is not None:   # SwiGLU: hook_pre is the gate's pre-activation, as in TransformerLens
-            post = act(self._hook(p + "hook_pre", mlp.gate(x))) * mlp.fc(x)
+        if mlp.gate is not None:   # SwiGLU: hook_pre is the gate's pre-activation, hook_pre_linear the "up" one
+            gate, up = self._fused_linear(p, x, (mlp.gate, mlp.fc)).chunk(2, -1)
+            post = act(self._hook(p + "hook_pre", gate)) * self._hook(p + "hook_pre_linear", up)
         else:
             post = act(self._hook(p + "hook_pre", mlp.fc(x)))
         return mlp.proj(self._hook(p + "hook_post", post))
 
-    def _rotary(self, positions):
-        """cos, sin [B, T, rotary_dim] for NeoX-style ("halves") rotary, computed in fp32."""
+    def _rotary(self, positions, dtype):
+        """(cos, sin) [B, T, 1, rotary_dim] for NeoX-style ("halves") rotary, computed in fp32 and cast to the
+        residual's dtype, with the first half of sin negated (see _apply_rotary)."""
         rd = self.cfg.rotary_dim
         inv_freq = 1.0 / self.cfg.rope_base ** (torch.arange(0, rd, 2, device=positions.device).float() / rd)
         if self.cfg.rope_llama3 is not None:
             inv_freq = _llama3_scaling(inv_freq, *self.cfg.rope_llama3)
-        angles = positions[..., None].float() * inv_freq                           # [B, T, rd/2]
-        angles = torch.cat([angles, angles], -1)
-        return angles.cos(), angles.sin()
+        angles = positions[..., None, None].float() * inv_freq                     # [B, T, 1, rd/2]
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
@@ -276,46 +338,69 @@ class Model(nn.Module):
         rows = [r.tolist() if isinstance(r, torch.Tensor) else list(r) for r in rows]
         if any(len(r) == 0 for r in rows):
             raise MinisvError("cannot generate from an empty prompt; give at least one token")
-        width = max(len(r) for r in rows)
+        width, n_ctx = max(len(r) for r in rows), self.cfg.n_ctx
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise MinisvError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+        if width + max_new_tokens > n_ctx:
+            raise MinisvError(f"a {width}-token prompt plus max_new_tokens={max_new_tokens} exceeds the model's "
+                              f"context of {n_ctx} tokens; " + (f"lower max_new_tokens to at most {n_ctx - width}"
+                                                               if width < n_ctx else "shorten the prompt"))
         device = self.embed.weight.device
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        padded = bool((mask == 0).any())
+        # 1 for real tokens, 0 for left padding, allocated once for the prompt and every new token
+        mask = torch.ones(len(rows), width + max_new_tokens, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            mask[i, :width - len(r)] = 0
+        padded = any(len(r) < width for r in rows)
+        # Pythia pads its embedding past the tokenizer's vocabulary: never sample ids that cannot be decoded
+        usable = getattr(self.tokenizer, "vocab_size", self.cfg.vocab_size)
         eos = getattr(self.tokenizer, "eos_id", None) if stop_at_eos else None
-        cache, out = KVCache(self.cfg.n_layers), []
+        cache, out = KVCache(self.cfg.n_layers, capacity=width + max_new_tokens), []
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logits = self(ids, kv_cache=cache, attention_mask=mask if padded else None)[:, -1].float()
-            nxt = _sample(logits, temperature, top_k, top_p, generator)
+        for step in range(max_new_tokens):
+            logits = self(ids, kv_cache=cache, attention_mask=mask[:, :width + step] if padded else None)
+            nxt = _sample(logits[:, -1, :usable].float(), temperature, top_k, top_p, generator)
             out.append(nxt)
             if eos is not None:
                 done |= nxt == eos
                 if done.all():
                     break
-            ids, mask = nxt[:, None], torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+            ids = nxt[:, None]
         new = torch.stack(out, 1).tolist() if out else [[] for _ in rows]
         new = [r[:r.index(eos) + 1] if eos in r else r for r in new]
         return new[0] if single else new
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far: [B, K, T_seen, E] each."""
-    def __init__(self, n_layers):
-        self.kv, self.length = [None] * n_layers, 0
+    """Keys and values of every layer for the tokens seen so far, in buffers [B, K, capacity, E] that grow
+    (doubling) only when full, so a generation step writes its new entries in place instead of copying the past."""
+    def __init__(self, n_layers, capacity=0):
+        self.kv, self.length, self.capacity = [None] * n_layers, 0, capacity
 
     def update(self, l, k, v):
-        if self.kv[l] is not None:
-            k, v = torch.cat([self.kv[l][0], k], 2), torch.cat([self.kv[l][1], v], 2)
-        self.kv[l] = (k, v)
-        return k, v
+        """Store layer l's k, v [B, K, T, E] after the tokens seen so far; return all of them [B, K, seen+T, E]."""
+        end = self.length + k.shape[2]
+        if self.kv[l] is None or self.kv[l][0].shape[2] < end:
+            size = max(end, self.capacity, 2 * self.kv[l][0].shape[2] if self.kv[l] is not None else 0)
+            grown = tuple(t.new_empty(*t.shape[:2], size, t.shape[3]) for t in (k, v))
+            if self.kv[l] is not None:
+                for new, old in zip(grown, self.kv[l]):
+                    new[:, :, :self.length] = old[:, :, :self.length]
+            self.kv[l] = grown
+        keys, values = self.kv[l]
+        keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
+        return keys[:, :, :end], values[:, :, :end]
 
 
-def _apply_rotary(x, rope, rd):
-    """Rotate the first rd dims of each head of x [B, T, H, E]: pairs (i, i + rd/2) turn by angle_i·position."""
-    cos, sin = (t[:, :, None, :].to(x.dtype) for t in rope)
-    r, rest = x[..., :rd], x[..., rd:]
-    r1, r2 = r.chunk(2, -1)
-    return torch.cat([r * cos + torch.cat([-r2, r1], -1) * sin, rest], -1)
+def _apply_rotary(x, rope):
+    """Rotate the first rd dims of each head of x [B, T, H, E]: pairs (i, i + rd/2) turn by angle_i·position.
+    With rope = (cos, sin) from Model._rotary (first half of sin negated) that is x·cos + swap_halves(x)·sin,
+    bit for bit the reference's x·cos + rotate_half(x)·sin, with one kernel fewer."""
+    cos, sin = rope
+    rd = cos.shape[-1]
+    r1, r2 = x[..., :rd].chunk(2, -1)
+    rotated = x[..., :rd] * cos + torch.cat([r2, r1], -1) * sin
+    return rotated if rd == x.shape[-1] else torch.cat([rotated, x[..., rd:]], -1)
 
 
 def _llama3_scaling(inv_freq, factor, low_freq_factor, high_freq_factor, original_n_ctx):

@@ -1,16 +1,20 @@
 """Forward speed, caching overhead, load time and peak memory: minisv vs transformers on SmolLM2-135M (CPU, fp32).
 
-    python tests/bench/bench_forward.py [--batch 4] [--seq 256] [--repeats 5]
+    python tests/bench/bench_forward.py [--batch 4] [--seq 256] [--repeats 7] [--threads 2]
 
 Both models load the same GGUF and run the same token batch in the same process, alternating, so the
-ratios are measured side by side. Loads run in fresh subprocesses so each one's peak RSS is its own.
+ratios are measured side by side (medians of interleaved rounds). The forward is timed twice: with the CPU
+otherwise idle, and while a busy-looping process this script starts (and stops) competes for one core.
+Loads run in fresh subprocesses so each one's peak RSS is its own.
 """
 import argparse
 import importlib.util
 import os
+import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -35,9 +39,9 @@ def timed_load(code):
     return float(out[-2]), float(out[-1])
 
 
-def best_times(fns, repeats):
-    """Best-of-`repeats` seconds for each function, measured in interleaved rounds so that drift in the
-    machine's speed (other load, thermal) hits all of them alike."""
+def median_times(fns, repeats):
+    """Median seconds of each function over `repeats` interleaved rounds, so that drift in the machine's
+    speed (other load, thermal) hits all of them alike."""
     for fn in fns:
         fn()   # warm-up
     times = [[] for _ in fns]
@@ -46,17 +50,31 @@ def best_times(fns, repeats):
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
-    return [min(ts) for ts in times]
+    return [statistics.median(ts) for ts in times]
+
+
+@contextmanager
+def busy_core():
+    """A process spinning on one core for the duration of the block."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average before: {os.getloadavg()[0]:.2f}")
 
     loads = {name: timed_load(code) for name, code in LOAD.items()}
     for name, (sec, mb) in loads.items():
@@ -69,13 +87,18 @@ def main():
     model = minisv.load("smollm2", device="cpu")
     x = torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq))
     names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        t_ref, t_ours, t_cache = best_times([lambda: ref(x), lambda: model(x),
-                                             lambda: model.run_with_cache(x, names=names)], args.repeats)
     tokens = args.batch * args.seq
-    print(f"forward {args.batch}x{args.seq}: transformers {tokens / t_ref:8.0f} tok/s   minisv {tokens / t_ours:8.0f} "
-          f"tok/s   ratio {t_ref / t_ours:.2f}x")
-    print(f"run_with_cache(every resid_pre): {tokens / t_cache:8.0f} tok/s   overhead {100 * (t_cache / t_ours - 1):+.1f}%")
+    with torch.no_grad():
+        t_ref, t_ours, t_cache = median_times([lambda: ref(x), lambda: model(x),
+                                               lambda: model.run_with_cache(x, names=names)], args.repeats)
+        print(f"forward {args.batch}x{args.seq}, no added load: transformers {tokens / t_ref:6.0f} tok/s   minisv "
+              f"{tokens / t_ours:6.0f} tok/s   ratio {t_ref / t_ours:.2f}x")
+        print(f"run_with_cache(every resid_pre): {tokens / t_cache:6.0f} tok/s   overhead "
+              f"{100 * (t_cache / t_ours - 1):+.1f}%")
+        with busy_core():
+            t_ref, t_ours = median_times([lambda: ref(x), lambda: model(x)], args.repeats)
+        print(f"forward {args.batch}x{args.seq}, one core busy: transformers {tokens / t_ref:6.0f} tok/s   minisv "
+              f"{tokens / t_ours:6.0f} tok/s   ratio {t_ref / t_ours:.2f}x")
 
 
 if __name__ == "__main__":
