@@ -154,7 +154,7 @@ def prompt_pairs(task, n):
 def analyse(model, task, args, say):
     """Feature norms vs both kinds of patching, the MLP ranking, the low-data classifier comparison, the requested
     paths and the path search, for one observable."""
-    obs, H, first = task["obs"], model.cfg.n_heads, task["groups"][0]
+    obs, first = task["obs"], task["groups"][0]
     slots = {"name": first["position"]} if first["position"] is not None else None
     ref = ob.reference(model, first["pos"][0], first["neg"][0], slots)  # where MLPs are linearized, norms evaluated
     feats = ob.single_features(model, obs, ref, args.exact_norms)

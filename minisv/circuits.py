@@ -341,8 +341,7 @@ class Circuit:
 
 def _check(model, layer, tc):
     cfg = tc.cfg
-    if not 0 <= layer < model.cfg.n_layers:
-        raise MinisvError(f"transcoder for layer {layer}, but the model has layers 0..{model.cfg.n_layers - 1}")
+    model.check_layer(layer, "transcoder layer")
     if cfg.d_in != model.cfg.d_model or cfg.d_out != model.cfg.d_model:
         raise MinisvError(f"the layer-{layer} transcoder maps {cfg.d_in} -> {cfg.d_out} dims but the model's d_model "
                           f"is {model.cfg.d_model}; it was trained for another model")

@@ -195,7 +195,7 @@ def parse_path(model, path):
 
 def _check_component(model, path, part):
     """One path component as (kind, layer, head, source), or a MinisvError saying what is wrong with it."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    H = model.cfg.n_heads
     usage = f"write ('attn', LAYER, HEAD) with a head in 0..{H - 1}, or ('mlp', LAYER)"
     if not isinstance(part, (tuple, list)) or len(part) not in (2, 3, 4):
         raise MinisvError(f"cannot read path component {part!r}: {usage}")
@@ -207,8 +207,7 @@ def _check_component(model, path, part):
             or (kind == "attn" and not (is_int(head) and 0 <= head < H)):
         raise MinisvError(f"path component {tuple(part)} needs 'attn LAYER.HEAD' with a head in 0..{H - 1}, "
                           f"or 'mlp LAYER' without a head")
-    if not 0 <= layer < L:
-        raise MinisvError(f"layer {layer} in path {path!r} is out of range: the model has layers 0..{L - 1}")
+    model.check_layer(layer, f"layer in path {path!r}:")
     if source is not None and (kind == "mlp" or not (is_int(source) or isinstance(source, str))):
         raise MinisvError(f"path component {tuple(part)}: only a head takes a source token (@position or @slot); an "
                           f"MLP acts at the token its reader reads")

@@ -288,9 +288,8 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
     device, d, n_steps = model.embed.weight.device, model.cfg.d_model, cfg.tokens // cfg.batch_tokens
     if n_steps < 1:
         raise MinisvError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_tokens}; train for more tokens")
-    bad = [l for l in cfg.layers if not 0 <= l < model.cfg.n_layers]
-    if bad:
-        raise MinisvError(f"layer {bad[0]} does not exist; this model has layers 0..{model.cfg.n_layers - 1}")
+    for layer in cfg.layers:
+        model.check_layer(layer)
     torch.manual_seed(cfg.seed)
     convention = "normalized" if cfg.hook_in.endswith("hook_normalized") else "raw"
     tcs = {l: Transcoder(TranscoderConfig(d, d, cfg.d_sae, cfg.architecture, cfg.k, cfg.skip, cfg.model, l,

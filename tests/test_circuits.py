@@ -247,7 +247,7 @@ def test_bad_targets_and_transcoders_are_clear_errors(setup):
     wrong = Transcoder(TranscoderConfig(16, 16, 8, "relu"))
     with pytest.raises(MinisvError, match="d_model"):
         Circuit(model, {0: wrong}, tokens)
-    with pytest.raises(MinisvError, match="layers 0..2"):
+    with pytest.raises(MinisvError, match="transcoder layer 5 is out of range.*0..2"):
         Circuit(model, {5: tcs[0]}, tokens)
     if family == "llama":
         with pytest.raises(MinisvError, match="RMSNorm"):

@@ -380,7 +380,7 @@ def test_script_bad_input_exits_2(tiny_llama, token_file, tmp_path, capsys):
     path, _ = tiny_llama
     with pytest.raises(SystemExit) as e:
         script(script_args(path, token_file, tmp_path / "run") + ["--layer", "7"])
-    assert e.value.code == 2 and "error: layer 7 does not exist" in capsys.readouterr().err
+    assert e.value.code == 2 and "error: layer 7 is out of range" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         script(script_args(path, token_file, tmp_path / "run", "--resume"))
     assert e.value.code == 2 and "nothing to resume" in capsys.readouterr().err
