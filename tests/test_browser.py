@@ -20,6 +20,7 @@ from minisv.report import circuit_html, dashboards_html
 from test_obprop import planted            # fixture: the tiny llama with a planted head (ObProp report)
 from test_report import tiny_circuit, tiny_dashboards
 from test_steering import chat_model_dir   # fixture: a tiny chat llama with a byte tokenizer (steering report)
+from test_training import script_args, tiny_llama, token_file   # fixtures: a tiny llama and tokens (training report)
 
 ROOT = Path(__file__).resolve().parent.parent
 # A token string that runs code if a report ever inserts it unescaped: the error catcher then reports it.
@@ -49,6 +50,8 @@ PAGES = {
     "dashboards": ("dashboard_report", [FIRST_CARD, r"<h2>tokens that activate it", r'<span class="chip">&lt;img']),
     "circuit": ("circuit_report", [r"<svg[^>]*>.*<line .*<rect .*</svg>", r"<h2>path tree</h2><pre>\S",
                                    r"&lt;img src=x"]),
+    "training": ("training_report", [r"<h2>metrics \(held out\)</h2><table>", r"<h2>training curves</h2>.*<svg[^>]*>.*<(?:polyline|path) ",
+                                     r"<h2>firing frequencies</h2>.*<svg"]),
     "obprop": ("obprop_report", [r"<h2>Coupling ", r'<div class="map"><h4>feature norm', r"<td>1\.2</td>"]),
 }
 
@@ -153,4 +156,12 @@ def obprop_report(planted, tmp_path_factory):
                      "--pos-names", "Mary,Anna,Lisa,Emma,Julia,Rose", "--neg-names", "John,Mark,Paul,Tom,Jack,Bill",
                      "--pairs", "3", "--top", "3", "--train-examples", "2", "--corpus", str(out / "corpus.txt"),
                      "--corpus-tokens", "200", "--ctx", "16", "--html", str(out / "report.html")])
+    return out / "report.html"
+
+
+@pytest.fixture(scope="module")
+def training_report(tiny_llama, token_file, tmp_path_factory):
+    import train_transcoder
+    out = tmp_path_factory.mktemp("training") / "run"
+    train_transcoder.main(script_args(tiny_llama[0], token_file, out, "--eval-every", "3"))
     return out / "report.html"
