@@ -125,8 +125,8 @@ def read_train_file(path):
     for n, line in lines:
         try:
             item = json.loads(line)
-            as_list = lambda x: [x] if isinstance(x, str) else list(x)
-            entry = (item["prompt"], as_list(item.get("promote", [])), as_list(item.get("suppress", [])))
+            entry = (item["prompt"], *([c] if isinstance(c, str) else list(c)
+                                       for c in (item.get("promote", []), item.get("suppress", []))))
             ok = isinstance(entry[0], str) and all(isinstance(c, str) for c in entry[1] + entry[2])
         except (ValueError, KeyError, TypeError):
             ok = False

@@ -257,10 +257,10 @@ def _prepare(model, datapoints, first=0):
         for r, w in enumerate(chosen):
             mask[r, slice(None) if w is None else w] = True
         mask = mask.to(device)
-    as_tensor = lambda x, dtype=torch.float: torch.tensor(x, dtype=dtype, device=device)
-    return _Batch(tokens, rows, cols, nxt, as_tensor(kinds, torch.bool)[rows],
-                  as_tensor([len(c) for _, c in pairs], torch.long), as_tensor(targets),
-                  as_tensor(signs)[:, None, None], mask, labels)
+    lengths = torch.tensor([len(c) for _, c in pairs], device=device)
+    return _Batch(tokens, rows, cols, nxt, torch.tensor(kinds, device=device)[rows], lengths,
+                  torch.tensor(targets, dtype=torch.float, device=device),
+                  torch.tensor(signs, device=device)[:, None, None], mask, labels)
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -335,8 +335,8 @@ def optimize_vector(model, datapoints, layer, lr=0.01, max_iters=50, coldness=0.
     targets); or when the summed loss moves less than converge_tol (None: never) `patience` times in a row.
     The returned vector is the one whose losses info reports. callback(step, loss, norm) is called after each
     evaluation. Returns (vector [D], info): iters (Adam steps taken), loss (summed), losses (per completion, of
-    every datapoint), norm, stop, history (summed loss of each evaluation); with affine_rank also matrix M and
-    factors (L, R)."""
+    every datapoint), norm, stop, history (summed loss of each evaluation, of its step's group); with affine_rank
+    also matrix M and factors (L, R)."""
     cfg = LossConfig(_check_layers(model, layer), _check(coldness, "coldness", 0), one_minus, normalize_length,
                      clamp if clamp is None else _check(clamp, "clamp", -math.inf))
     if not datapoints:
@@ -354,6 +354,8 @@ def optimize_vector(model, datapoints, layer, lr=0.01, max_iters=50, coldness=0.
             raise MinisvError(f"{name} must be an integer >= {low}, got {value!r}")
     if target_loss is not None:
         _check(target_loss, "target_loss", -math.inf)
+    elif target_sum:
+        raise MinisvError("target_sum=True compares the summed loss with target_loss: set target_loss")
     size = batch_size or len(datapoints)
     batches = [_prepare(model, datapoints[i:i + size], i) for i in range(0, len(datapoints), size)]
     own = [b.targets for b in batches]
@@ -376,7 +378,9 @@ def optimize_vector(model, datapoints, layer, lr=0.01, max_iters=50, coldness=0.
         L, R = (starting_affine_norm * F.normalize(torch.randn(affine_rank, D, generator=gen), dim=-1)
                 for _ in range(2))
         params += [L.to(device).requires_grad_(), R.to(device).requires_grad_()]
-    matrix = lambda: params[1].T @ params[2] if affine_rank else None
+
+    def matrix():       # M = Lᵀ R, rebuilt at every step so that the step's graph reaches L and R
+        return params[1].T @ params[2] if affine_rank else None
     prefixes = [_prefix(model, b, cfg.layers) for b in batches]
     optimizer = torch.optim.Adam(params, lr=lr)
     history, hits, still, prev, step = [], 0, 0, None, 0

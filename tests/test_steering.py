@@ -305,6 +305,8 @@ def test_bad_input_is_a_clear_error(pair):
             optimize_vector(model, [dp], layer, max_iters=1)
     with pytest.raises(MinisvError, match="satisfice"):
         optimize_vector(model, [DATAPOINT], 1, satisfice=True, max_iters=1)
+    with pytest.raises(MinisvError, match="target_sum"):
+        optimize_vector(model, [DATAPOINT], 1, target_sum=True, max_iters=1)
     with pytest.raises(MinisvError, match="shape"):
         steer(model, torch.zeros(7), 1).__enter__()
 
