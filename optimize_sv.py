@@ -141,6 +141,7 @@ def read_train_file(path):
 
 def run(args):
     start = time.time()
+    args.layer = list(dict.fromkeys(args.layer))      # each layer once, in the order given
     clamp_train = None if args.clamp_at_inference else args.clamp
     clamp_eval = args.clamp if args.clamp is not None or not args.clamp_at_inference else 1.0
     data, default_run = training_data(args)
@@ -162,22 +163,26 @@ def run(args):
     if longest + args.max_new_tokens > model.cfg.n_ctx:
         raise MinisvError(f"--max-new-tokens {args.max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
                           f"the model's context of {model.cfg.n_ctx} tokens; lower --max-new-tokens")
+    if max(args.layer) >= model.cfg.n_layers:
+        raise MinisvError(f"--layer {max(args.layer)} is out of range: this model has {model.cfg.n_layers} layers, "
+                          f"use 0..{model.cfg.n_layers - 1}")
     print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; {len(datapoints)} training "
           f"prompt(s), {sum(len(d.promote) + len(d.suppress) for d in datapoints)} completion(s)", flush=True)
 
-    n = len(eval_prompts)
-    rate = (lambda texts: success_rate(texts[:n], success)) if success else None
-    unsteered = [model.tokenizer.decode(g) for g in
-                 model.generate([encode(model, p) for p in prompts], args.max_new_tokens)]
-    columns, results = [("unsteered", unsteered)], []
+    columns, results = [], []
     for layer in args.layer:
         result, gens = train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval,
                                           vector_paths[layer], chat)
-        plus, minus = (f"+{args.scale:g}v", gens[args.scale]), (f"−{args.scale:g}v", gens[-args.scale])
-        result["rates"] = {name: rate(texts) for name, texts in (columns[0], plus, minus)} if rate else {}
         results.append(result)
         tag = "" if len(args.layer) == 1 else f" L{layer}"
-        columns += [(name + tag, texts) for name, texts in (plus, minus)]
+        columns += [(f"+{args.scale:g}v{tag}", gens[args.scale]), (f"−{args.scale:g}v{tag}", gens[-args.scale])]
+    unsteered = [model.tokenizer.decode(g) for g in
+                 model.generate([encode(model, p) for p in prompts], args.max_new_tokens)]
+    columns.insert(0, ("unsteered", unsteered))
+    n = len(eval_prompts)
+    for r, plus, minus in zip(results, columns[1::2], columns[2::2]):
+        r["rates"] = {name.split(" ")[0]: success_rate(texts[:n], success)
+                      for name, texts in (columns[0], plus, minus)} if success else {}
     logps = log_probs(model, args, prompts, datapoints[0], results) if len(results) == 1 else None
     names = eval_prompts + [f"[training] {data[0][0]}"]
     print_table(names, columns, logps)
