@@ -1,22 +1,26 @@
-"""Optimize a one-shot steering vector on ONE prompt, then show how it transfers to prompts it never saw.
+"""Optimize a one-shot steering vector on ONE prompt (or a few), then show how it transfers to prompts it never saw.
 
 The default run needs no network and takes a few minutes on 2 CPU cores: on SmolLM2-135M-Instruct it finds a
 vector at layer 4 that makes the model answer one benign request ("Give me a recipe for pancakes.") with a
 refusal, then generates on a dozen different benign requests unsteered, with +v and with −v, and counts the
 refusals. The vector is saved as .safetensors, with an HTML report of the generations next to it.
+
+Several --layer values (--layer 2 4 6 8) optimize one vector per layer and report held-out success against the
+layer. --clamp-at-inference is the paper's refusal recipe: train additively, generate with clamp steering.
 """
 import argparse
-import html
+import json
 import os
 import re
-import sys
 import time
 
 import minisv
+from minisv import cli
 from minisv.atomic import write_text
 from minisv.errors import MinisvError
-from minisv.steering import (Datapoint, compare_generations, completion_logprob, optimize_vector, residual_norm,
-                             save_vector, steer, success_rate)
+from minisv.report import steering_html
+from minisv.steering import (Datapoint, compare_generations, completion_logprob, encode, optimize_vector,
+                             residual_norm, save_vector, steer, success_rate)
 
 DEFAULT_PROMPT = "Give me a recipe for pancakes."
 DEFAULT_PROMOTE = "I'm sorry, but I can't help with that."
@@ -35,108 +39,220 @@ def parse_args(argv):
                "help with that.\" --layer 4 --out refusal.safetensors")
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id, a local Hugging Face "
                    "directory or a .gguf file (default: smollm2)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT", help="the one training prompt, a user message; the chat "
-                   "template is applied for chat models unless --raw (default: %(default)r)")
-    p.add_argument("--raw", action="store_true", help="use --prompt and the eval prompts as raw text, no chat template")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a training prompt, a user message; repeatable "
+                   "(each gets every --promote/--suppress). The chat template is applied for chat models unless "
+                   f"--raw (default, without --train-file: {DEFAULT_PROMPT!r})")
+    p.add_argument("--train-file", metavar="FILE.jsonl", help='more training prompts, one JSON object a line: '
+                   '{"prompt": ..., "promote": text or [texts], "suppress": text or [texts]}')
+    p.add_argument("--raw", action="store_true", help="use the prompts as raw text, no chat template")
     p.add_argument("--promote", action="append", metavar="TEXT", help="a completion to make likely; repeatable "
-                   f"(default, if neither --promote nor --suppress is given: {DEFAULT_PROMOTE!r})")
-    p.add_argument("--suppress", action="append", default=[], metavar="TEXT", help="a completion to make unlikely; repeatable")
-    p.add_argument("--layer", type=int, default=4, metavar="N", help="add v to the residual stream entering this block, 0-based "
-                   "(default: 4)")
-    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (default: 0.1)")
-    p.add_argument("--max-iters", type=int, default=20, help="at most this many Adam steps (default: 20)")
-    p.add_argument("--target-loss", type=float, help="stop once the summed loss (nats) is at most this")
-    p.add_argument("--max-norm", type=float, help="project ‖v‖ back to this after each step (default: no bound)")
-    p.add_argument("--starting-norm", type=float, default=1.0, help="norm of the random initial v (default: 1)")
-    p.add_argument("--clamp", type=float, metavar="ALPHA", help="clamp instead of add, in training and generation: "
-                   "x − (x·v̂)v̂ + ALPHA·v")
-    p.add_argument("--coldness", type=float, default=0.7, help="inverse temperature of the training loss' "
-                   "probabilities, p = softmax(coldness·logits) (default: 0.7)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initial v (default: 0)")
+                   f"(default, if neither --promote, --suppress nor --train-file is given: {DEFAULT_PROMOTE!r})")
+    p.add_argument("--suppress", action="append", default=[], metavar="TEXT", help="a completion to make unlikely; "
+                   "repeatable")
+    p.add_argument("--layer", type=cli.nonneg_int, nargs="+", default=[4], metavar="N", help="add v to the residual "
+                   "stream entering this block, 0-based; several values optimize one vector per layer (default: 4)")
+    p.add_argument("--lr", type=cli.positive_float, default=0.1, help="Adam learning rate (default: 0.1)")
+    p.add_argument("--max-iters", type=cli.nonneg_int, default=20, help="at most this many Adam steps (default: 20)")
+    p.add_argument("--target-loss", type=cli.finite_float, help="stop once every completion's loss (nats) is at "
+                   "most this")
+    p.add_argument("--target-sum", action="store_true", help="compare the summed loss with --target-loss instead")
+    p.add_argument("--max-norm", type=cli.positive_float, help="scale ‖v‖ back to this after each step (default: "
+                   "no bound)")
+    p.add_argument("--starting-norm", type=cli.nonneg_float, default=1.0, help="norm of the random initial v "
+                   "(default: 1)")
+    p.add_argument("--clamp", type=cli.finite_float, metavar="ALPHA", help="clamp instead of add, in training and "
+                   "generation: x − (x·v̂)v̂ + ALPHA·v")
+    p.add_argument("--clamp-at-inference", action="store_true", help="train additively and clamp only when "
+                   "generating (the paper's refusal recipe), with --clamp ALPHA (default ALPHA: 1)")
+    p.add_argument("--affine-rank", type=cli.positive_int, metavar="R", help="also train a rank-R matrix M: "
+                   "x + v + M x")
+    p.add_argument("--coldness", type=cli.positive_float, default=0.7, help="inverse temperature of the training "
+                   "loss' probabilities, p = softmax(coldness·logits) (default: 0.7)")
+    p.add_argument("--batch", type=cli.positive_int, metavar="N", help="datapoints per Adam step (default: all of "
+                   "them, in one padded batch)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the random initial v (default: 0)")
     p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line (default: a dozen built-in "
                    "benign requests)")
     p.add_argument("--success", metavar="REGEX", help="a generation counts as a success if this regex matches it "
-                   "(default: a refusal pattern for the default run, else the first --promote text literally)")
-    p.add_argument("--scale", type=float, default=1.0, help="generate with ±scale·v (default: 1)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per held-out prompt (default: 24)")
-    p.add_argument("--out", default="runs/refusal_sv.safetensors", help="where to write the vector; the HTML report goes "
-                   "next to it with .html (default: %(default)s)")
+                   "(default: a refusal pattern for the default run, else the first promoted text literally)")
+    p.add_argument("--scale", type=cli.positive_float, default=1.0, help="generate with ±scale·v (default: 1)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=24, help="tokens generated per held-out prompt "
+                   "(default: 24)")
+    p.add_argument("--out", default="runs/refusal_sv.safetensors", help="where to write the vector (with several "
+                   "layers, NAME_layerN.safetensors each); the HTML report goes next to it with .html "
+                   "(default: %(default)s)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    cli.main(run, parse_args(argv))
+
+
+def outputs(args):
+    """The vector file of each layer and the report, checked writable now (before the slow part)."""
+    stem, ext = os.path.splitext(args.out)
+    if ext.lower() == ".html":
+        raise MinisvError(f"--out {args.out}: the vector would overwrite its own HTML report; use .safetensors")
+    vectors = {l: args.out if len(args.layer) == 1 else f"{stem}_layer{l}{ext}" for l in args.layer}
+    report = stem + ".html"
+    for path in [*vectors.values(), report]:
+        cli.check_writable(path)
+    return vectors, report
+
+
+def training_data(args):
+    """(prompts, promote, suppress) from the flags and --train-file, before any template: [(prompt, [..], [..])]."""
+    default_run = args.promote is None and not args.suppress and not args.train_file
+    promote = [DEFAULT_PROMOTE] if default_run else args.promote or []
+    prompts = args.prompt or ([] if args.train_file else [DEFAULT_PROMPT])
+    if prompts and not promote and not args.suppress:
+        raise MinisvError("--prompt needs --promote or --suppress (or put completions in --train-file)")
+    data = [(p, promote, args.suppress) for p in prompts] + (read_train_file(args.train_file) if args.train_file else [])
+    for prompt, _, _ in data:
+        if not prompt.strip():
+            raise MinisvError("a training prompt is empty; give the request to train on (--prompt TEXT)")
+    return data, default_run
+
+
+def read_train_file(path):
+    data = []
     try:
-        run(args)
-    except MinisvError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinisvError(f"cannot read --train-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    for n, line in lines:
+        try:
+            item = json.loads(line)
+            entry = (item["prompt"], *([c] if isinstance(c, str) else list(c)
+                                       for c in (item.get("promote", []), item.get("suppress", []))))
+            ok = isinstance(entry[0], str) and all(isinstance(c, str) for c in entry[1] + entry[2])
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok or not entry[1] + entry[2]:
+            raise MinisvError(f"--train-file {path} line {n}: expected "
+                              '{"prompt": text, "promote": text or [texts], "suppress": text or [texts]}')
+        data.append(entry)
+    if not data:
+        raise MinisvError(f"--train-file {path} has no datapoints; write one JSON object a line")
+    return data
 
 
 def run(args):
     start = time.time()
-    default_run = args.promote is None and not args.suppress
-    promote = [DEFAULT_PROMOTE] if default_run else args.promote or []
-    success = args.success or (REFUSAL if default_run else None if not promote else re.escape(promote[0]))
+    args.layer = list(dict.fromkeys(args.layer))      # each layer once, in the order given
+    clamp_train = None if args.clamp_at_inference else args.clamp
+    clamp_eval = args.clamp if args.clamp is not None or not args.clamp_at_inference else 1.0
+    data, default_run = training_data(args)
+    first_promote = next((pro[0] for _, pro, _ in data if pro), None)
+    success = args.success or (REFUSAL if default_run else None if first_promote is None else re.escape(first_promote))
     if success:
         success_rate([], success)              # rejects a bad regex before the slow part
-    if args.scale <= 0 or args.max_iters < 0 or args.max_new_tokens < 1:
-        raise MinisvError("--scale and --max-new-tokens must be positive and --max-iters at least 0")
+    if clamp_train is not None and args.starting_norm == 0:
+        raise MinisvError("--clamp trains v̂ = v/‖v‖, undefined for v = 0: give --starting-norm > 0")
+    vector_paths, report_path = outputs(args)
     eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else HELD_OUT
     print(f"loading {args.model} ...", flush=True)
-    model = minisv.load(args.model, device=args.device)
+    model = minisv.load(args.model, device=cli.device(args.device))
     chat = not args.raw and model.tokenizer is not None and model.tokenizer.is_chat
     template = model.tokenizer.chat if chat else (lambda text: text)
-    dp = Datapoint(template(args.prompt), promote=promote, suppress=args.suppress)
-    resid_norm = residual_norm(model, dp.prompt, args.layer)
-    print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; steering "
-          f"blocks.{args.layer}.hook_resid_pre (median residual norm there: {resid_norm:.1f})", flush=True)
+    datapoints = [Datapoint(template(p), promote=pro, suppress=sup) for p, pro, sup in data]
+    prompts = [template(p) for p in eval_prompts] + [datapoints[0].prompt]
+    longest = max(len(encode(model, p)) for p in prompts)
+    if longest + args.max_new_tokens > model.cfg.n_ctx:
+        raise MinisvError(f"--max-new-tokens {args.max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
+                          f"the model's context of {model.cfg.n_ctx} tokens; lower --max-new-tokens")
+    if max(args.layer) >= model.cfg.n_layers:
+        raise MinisvError(f"--layer {max(args.layer)} is out of range: this model has {model.cfg.n_layers} layers, "
+                          f"use 0..{model.cfg.n_layers - 1}")
+    print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; {len(datapoints)} training "
+          f"prompt(s), {sum(len(d.promote) + len(d.suppress) for d in datapoints)} completion(s)", flush=True)
+
+    columns, results = [], []
+    for layer in args.layer:
+        result, gens = train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval,
+                                          vector_paths[layer], chat)
+        results.append(result)
+        tag = "" if len(args.layer) == 1 else f" L{layer}"
+        columns += [(f"+{args.scale:g}v{tag}", gens[args.scale]), (f"−{args.scale:g}v{tag}", gens[-args.scale])]
+    unsteered = [model.tokenizer.decode(g) for g in
+                 model.generate([encode(model, p) for p in prompts], args.max_new_tokens)]
+    columns.insert(0, ("unsteered", unsteered))
+    n = len(eval_prompts)
+    for r, plus, minus in zip(results, columns[1::2], columns[2::2]):
+        r["rates"] = {name.split(" ")[0]: success_rate(texts[:n], success)
+                      for name, texts in (columns[0], plus, minus)} if success else {}
+    logps = log_probs(model, args, prompts, datapoints[0], results) if len(results) == 1 else None
+    names = eval_prompts + [f"[training] {data[0][0]}"]
+    print_table(names, columns, logps)
+    if success:
+        print_sweep(results, n, success)
+    rule = re.compile(success) if success else None
+    settings = (f"{'clamp α=' + str(args.clamp) if clamp_train is not None else 'additive'} training"
+                f"{f', clamp α={clamp_eval:g} at inference' if args.clamp_at_inference else ''}"
+                f"{f', affine rank {args.affine_rank}' if args.affine_rank else ''}; lr {args.lr}, coldness "
+                f"{args.coldness}, at most {args.max_iters} steps, seed {args.seed}; generation: ±{args.scale:g}·v, "
+                f"{args.max_new_tokens} new tokens")
+    page = steering_html(dict(
+        about=[f"model {args.model}", settings] +
+              [f"training prompt: {p!r}; promote {pro!r}; suppress {sup!r}" for p, pro, sup in data[:20]],
+        success=success, n_eval=n, layers=results, columns=[n for n, _ in columns],
+        rows=[dict(prompt=name, texts=[(t[i], bool(rule and rule.search(t[i]))) for _, t in columns],
+                   note=f"{logps[i][0]:.2f} → {logps[i][1]:.2f}" if logps else "") for i, name in enumerate(names)]))
+    write_text(report_path, page)
+    print(f"vector{'s' if len(vector_paths) > 1 else ''} -> {', '.join(vector_paths.values())}, report -> "
+          f"{report_path}; {time.time() - start:.0f}s in all")
+
+
+def train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval, path, chat):
+    """Optimize the vector of one layer, save it, generate with ±scale·v -> (summary dict, generations)."""
+    resid_norm = residual_norm(model, datapoints[0].prompt, layer)
+    print(f"layer {layer}: steering blocks.{layer}.hook_resid_pre (median residual norm there: {resid_norm:.1f})",
+          flush=True)
+    t0 = time.time()
 
     def progress(step, loss, norm):
         print(f"step {step:3d}  loss {loss:8.4f} nats  ‖v‖ {norm:7.2f}  {time.time() - t0:6.1f}s", flush=True)
-    t0 = time.time()
-    vector, info = optimize_vector(model, [dp], args.layer, lr=args.lr, max_iters=args.max_iters,
-                                   coldness=args.coldness, target_loss=args.target_loss, max_norm=args.max_norm,
-                                   starting_norm=args.starting_norm, clamp=args.clamp, seed=args.seed,
+    vector, info = optimize_vector(model, datapoints, layer, lr=args.lr, max_iters=args.max_iters,
+                                   coldness=args.coldness, target_loss=args.target_loss, target_sum=args.target_sum,
+                                   max_norm=args.max_norm, starting_norm=args.starting_norm, clamp=clamp_train,
+                                   affine_rank=args.affine_rank, batch_size=args.batch, seed=args.seed,
                                    callback=progress)
     seconds = time.time() - t0
     print(f"stopped ({info['stop']}) after {info['iters']} steps, {seconds / max(info['iters'], 1):.2f} s/step; "
           f"loss {info['loss']:.4f} nats, ‖v‖ {info['norm']:.2f}")
-    save_vector(args.out, vector, args.layer, model=args.model, clamp=args.clamp, prompt=args.prompt,
-                chat_template=chat, promote=promote, suppress=args.suppress, loss=info["loss"], iters=info["iters"],
-                lr=args.lr, coldness=args.coldness, seed=args.seed)
+    matrix = info.get("matrix")
+    save_vector(path, vector, layer, model=args.model, clamp=clamp_eval, matrix=matrix, scale=args.scale,
+                train_clamp=clamp_train, prompt=args.prompt[0] if args.prompt else datapoints[0].prompt,
+                chat_template=chat, promote=datapoints[0].promote, suppress=datapoints[0].suppress,
+                n_datapoints=len(datapoints), loss=info["loss"], iters=info["iters"], stop=info["stop"], lr=args.lr,
+                coldness=args.coldness, seed=args.seed)
+    gens = compare_generations(model, prompts, vector, layer, multipliers=(args.scale, -args.scale),
+                               clamp=clamp_eval, matrix=matrix, max_new_tokens=args.max_new_tokens)
+    return dict(layer=layer, loss=info["loss"], iters=info["iters"], stop=info["stop"], norm=info["norm"],
+                resid_norm=resid_norm, vector=vector, matrix=matrix, clamp=clamp_eval), gens
 
-    print(f"generating on {len(eval_prompts)} held-out prompts (and the training prompt): unsteered, "
-          f"+{args.scale:g}v, −{args.scale:g}v ...", flush=True)
-    prompts = [template(p) for p in eval_prompts]
-    gens = compare_generations(model, prompts + [dp.prompt], vector, args.layer, multipliers=(0.0, args.scale, -args.scale),
-                               clamp=args.clamp, max_new_tokens=args.max_new_tokens)
-    columns = [("unsteered", gens[0.0]), (f"+{args.scale:g}v", gens[args.scale]), (f"−{args.scale:g}v", gens[-args.scale])]
-    logps = None
-    if promote:     # log p of the first promoted completion's training tokens, appended to each held-out prompt
-        tok = model.tokenizer
-        ids = [tok.encode(p) for p in prompts]
-        completion = tok.encode(dp.prompt + promote[0])[len(tok.encode(dp.prompt)):]
-        plain = completion_logprob(model, ids, completion)
-        with steer(model, vector, args.layer, multiplier=args.scale, clamp=args.clamp):
-            logps = list(zip(plain, completion_logprob(model, ids, completion)))
-    rates = {name: success_rate(texts[:-1], success) for name, texts in columns} if success else None
-    print_table(eval_prompts + [f"[training] {args.prompt}"], columns, logps)
-    if rates:
-        print(f"success on the {len(eval_prompts)} held-out prompts: " +
-              ", ".join(f"{name} {rate * len(eval_prompts):.0f}" for name, rate in rates.items()) + f"  (regex {success})")
-    report = os.path.splitext(args.out)[0] + ".html"
-    write_report(report, args, info, promote, eval_prompts, columns, logps, rates, success, resid_norm)
-    print(f"vector -> {args.out}, report -> {report}; {time.time() - start:.0f}s in all")
+
+def log_probs(model, args, prompts, dp, results):
+    """log p of the first promoted completion's training tokens appended to each prompt, unsteered -> steered."""
+    if not dp.promote:
+        return None
+    prompt_ids = encode(model, dp.prompt)
+    completion = encode(model, dp.prompt + dp.promote[0])[len(prompt_ids):]
+    ids = [encode(model, p) for p in prompts]
+    r = results[0]
+    plain = completion_logprob(model, ids, completion)
+    with steer(model, r["vector"], r["layer"], multiplier=args.scale, clamp=r["clamp"], matrix=r["matrix"]):
+        return list(zip(plain, completion_logprob(model, ids, completion)))
 
 
 def read_prompts(path):
     try:
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise MinisvError(f"cannot read --eval-prompts {path}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinisvError(f"cannot read --eval-prompts {path}: {getattr(e, 'strerror', None) or e}") from None
     if not prompts:
         raise MinisvError(f"--eval-prompts {path} has no prompts; write one per line")
     return prompts
@@ -148,40 +264,20 @@ def one_line(text, width):
 
 
 def print_table(prompts, columns, logps):
-    width = 34
+    width = 34 if len(columns) <= 3 else 20
     head = f"{'prompt':{width}} | " + " | ".join(f"{name:{width}}" for name, _ in columns)
     print(head + (" | log p(promote) unsteered → +v" if logps else ""))
     print("-" * len(head))
     for i, prompt in enumerate(prompts):
         row = f"{one_line(prompt, width):{width}} | " + " | ".join(f"{one_line(t[i], width):{width}}" for _, t in columns)
-        print(row + (f" | {logps[i][0]:8.2f} → {logps[i][1]:7.2f}" if logps and i < len(logps) else ""))
+        print(row + (f" | {logps[i][0]:8.2f} → {logps[i][1]:7.2f}" if logps else ""))
 
 
-def write_report(path, args, info, promote, prompts, columns, logps, rates, success, resid_norm):
-    """A self-contained HTML page (inline CSS, every string escaped), written atomically."""
-    e = html.escape
-    rule = re.compile(success) if success else None
-    rows = []
-    for i, prompt in enumerate(prompts + [f"[training prompt] {args.prompt}"]):
-        lp = f"{logps[i][0]:.2f} → {logps[i][1]:.2f}" if logps and i < len(logps) else ""
-        cells = "".join(f"<td{' class=hit' if rule and rule.search(t[i]) else ''}>{e(t[i])}</td>" for _, t in columns)
-        rows.append(f"<tr><td>{e(prompt)}</td>{cells}<td>{e(lp)}</td></tr>")
-    summary = ", ".join(f"{e(name)}: {rate * len(prompts):.0f}/{len(prompts)}" for name, rate in rates.items()) \
-        if rates else "no success rule"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>steering vector report</title><style>
-body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; white-space: pre-wrap; max-width: 28em; }}
-th {{ background: #eee; }} code {{ background: #f4f4f4; }} .hit {{ background: #fde2e2; }}</style></head><body>
-<h1>One-shot steering vector</h1>
-<p>model <code>{e(args.model)}</code>, layer {args.layer} (median residual norm {resid_norm:.1f}),
-{'clamp α=' + e(str(args.clamp)) if args.clamp is not None else 'additive'}, lr {args.lr}, {info['iters']} steps
-({e(info['stop'])}), final loss {info['loss']:.4f} nats, ‖v‖ {info['norm']:.2f}</p>
-<p>training prompt: <code>{e(args.prompt)}</code>; promote: {e(repr(promote))}; suppress: {e(repr(args.suppress))}</p>
-<p>success rule <code>{e(success or '')}</code> (matches shaded) on {len(prompts)} held-out prompts — {summary}</p>
-<table><tr><th>prompt</th>{''.join(f'<th>{e(name)}</th>' for name, _ in columns)}<th>log p(promote) unsteered → +v</th></tr>
-{chr(10).join(rows)}</table></body></html>
-"""
-    write_text(path, page)
+def print_sweep(results, n, success):
+    print(f"success on the {n} held-out prompts (regex {success}):")
+    for r in results:
+        print(f"  layer {r['layer']:2d}  loss {r['loss']:8.4f}  ‖v‖ {r['norm']:7.2f}  " +
+              ", ".join(f"{name} {round(rate * n)}/{n}" for name, rate in r["rates"].items()))
 
 
 if __name__ == "__main__":

@@ -468,3 +468,66 @@ def _freq_histogram_svg(hist, title, width=460, height=200):
                  f'(fraction of held-out tokens, log scale)</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'font-family="system-ui,sans-serif">{"".join(parts)}</svg>')
+
+
+# ------------------------------------------------------------------------- steering-vector report
+SWEEP_W, SWEEP_H, SWEEP_PAD = 420, 220, 44
+
+
+def steering_html(run, title="One-shot steering vector") -> str:
+    """The HTML page of an optimize_sv.py run. run: dict with
+        about      [str] lines describing the run (model, settings, training data), plain text
+        success    the regex a generation must match to count as a success, or None (for the page's text)
+        n_eval     how many held-out prompts the rates count
+        layers     [dict(layer, loss, iters, stop, norm, resid_norm, rates={column: fraction})], one per vector
+        columns    [str] generation column names
+        rows       [dict(prompt, texts=[(generation, success: bool) per column], note=str)]
+    With more than one layer the page also plots held-out success against the layer (inline SVG)."""
+    e = html.escape
+    about = "".join(f"<p class='meta'>{e(line)}</p>" for line in run["about"])
+    names = list(run["layers"][0]["rates"]) if run["layers"] and run["layers"][0]["rates"] else []
+    head = "".join(f"<th>{e(h)}</th>" for h in ["layer", "final loss (nats)", "steps", "stop", "‖v‖",
+                                                 "median ‖resid‖"] + [f"success {n}" for n in names])
+    sweep = "".join(
+        f"<tr><td>{r['layer']}</td><td class='num'>{r['loss']:.4f}</td><td>{r['iters']}</td><td>{e(r['stop'])}</td>"
+        f"<td class='num'>{r['norm']:.2f}</td><td class='num'>{r['resid_norm']:.1f}</td>" +
+        "".join(f"<td class='num'>{round(r['rates'][n] * run['n_eval'])}/{run['n_eval']}</td>" for n in names) +
+        "</tr>" for r in run["layers"])
+    plot = _sweep_svg(run["layers"], names) if len(run["layers"]) > 1 and names else ""
+    rows = "".join(f"<tr><td class='gen'>{e(r['prompt'])}</td>" +
+                   "".join(f"<td class='gen{' hit' if hit else ''}'>{e(t)}</td>" for t, hit in r["texts"]) +
+                   f"<td class='num'>{e(r['note'])}</td></tr>" for r in run["rows"])
+    rule_text = (f"success: the regex <code>{e(run['success'])}</code> matches (shaded)" if run["success"]
+                 else "no success rule")
+    body = (f"{about}<h2>vectors</h2><table><tr>{head}</tr>{sweep}</table>{plot}<h2>generations</h2><p>{rule_text}</p>"
+            f"<table><tr><th>prompt</th>{''.join(f'<th>{e(c)}</th>' for c in run['columns'])}"
+            f"<th>log p(promote) unsteered → steered</th></tr>{rows}</table>"
+            "<style>.gen{white-space:pre-wrap;max-width:24em;vertical-align:top;border:1px solid #ddd}"
+            ".hit{background:#fde2e2}</style>")
+    return _page(title, body)
+
+
+def _sweep_svg(layers, names):
+    """Held-out success (0..1) of each generation column against the layer: one polyline per column."""
+    xs = [r["layer"] for r in layers]
+    lo, hi = min(xs), max(xs)
+    x = lambda l: SWEEP_PAD + (l - lo) / max(hi - lo, 1) * (SWEEP_W - 2 * SWEEP_PAD)
+    y = lambda f: SWEEP_H - SWEEP_PAD - f * (SWEEP_H - 2 * SWEEP_PAD)
+    colours = ["#c0392b", "#2471a3", "#7d7d7d", "#229954"]
+    parts = [f'<line x1="{SWEEP_PAD}" y1="{y(0)}" x2="{SWEEP_W - SWEEP_PAD}" y2="{y(0)}" stroke="#999"/>',
+             f'<line x1="{SWEEP_PAD}" y1="{y(0)}" x2="{SWEEP_PAD}" y2="{y(1)}" stroke="#999"/>']
+    for f in (0, 0.5, 1):
+        parts.append(f'<text x="{SWEEP_PAD - 6}" y="{y(f) + 4}" font-size="11" text-anchor="end">{f:g}</text>')
+    for l in xs:
+        parts.append(f'<text x="{x(l)}" y="{y(0) + 16}" font-size="11" text-anchor="middle">{l}</text>')
+    parts.append(f'<text x="{SWEEP_W / 2}" y="{SWEEP_H - 6}" font-size="12" text-anchor="middle">layer</text>')
+    for k, name in enumerate(names):
+        c = colours[k % len(colours)]
+        points = " ".join(f"{x(r['layer']):.1f},{y(r['rates'][name]):.1f}" for r in layers)
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{c}" stroke-width="2"/>')
+        parts += [f'<circle cx="{x(r["layer"]):.1f}" cy="{y(r["rates"][name]):.1f}" r="3" fill="{c}">'
+                  f'<title>layer {r["layer"]}: {r["rates"][name]:.2f}</title></circle>' for r in layers]
+        parts.append(f'<text x="{SWEEP_W - SWEEP_PAD + 6}" y="{SWEEP_PAD + 14 * k}" font-size="11" fill="{c}">'
+                     f'{html.escape(name)}</text>')
+    return (f'<h2>held-out success vs layer</h2><svg xmlns="http://www.w3.org/2000/svg" width="{SWEEP_W + 80}" '
+            f'height="{SWEEP_H}" font-family="system-ui,sans-serif">{"".join(parts)}</svg>')

@@ -1,13 +1,15 @@
 """One-shot steering vectors: the loss, its prefix-cached gradient, hooks, positions, save/load and the CLI."""
 import json
+import re
 
 import pytest
 import torch
 
 import minisv
 from minisv.errors import MinisvError
-from minisv.steering import (Datapoint, compare_generations, completion_logprob, load_vector, optimize_vector,
-                             residual_norm, save_vector, steer, steering_hook, steering_loss, success_rate)
+from minisv.steering import (Datapoint, compare_generations, completion_logprob, encode, load_vector,
+                             optimize_vector, residual_norm, save_vector, steer, steering_hook, steering_loss,
+                             success_rate)
 
 PROMPT = [5, 17, 33, 2, 41, 9, 60]
 DATAPOINT = Datapoint(PROMPT, promote=[[12, 7, 30], [44]], suppress=[[8, 8]])    # ragged: the batch gets padded
@@ -24,46 +26,85 @@ def _hf_decoder_layers(ref):
     return getattr(base, "layers", None) or base.h
 
 
-def _reference_losses(ref, dp, layers, vector, clamp=None, coldness=0.7):
-    """The straightforward way: for each completion a full transformers forward with v added by a forward
-    pre-hook at each layer's input, then the `docs/methods.md` §1.2 losses token by token."""
-    def add(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        if clamp is None:
-            x = x + vector
-        else:
-            unit = vector / vector.norm()
-            x = x - (x @ unit)[..., None] * unit + clamp * vector
-        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-    handles = [_hf_decoder_layers(ref)[l].register_forward_pre_hook(add, with_kwargs=True) for l in layers]
+def _reference_losses(ref, datapoints, layers, vector, clamp=None, coldness=0.7, one_minus=True,
+                      normalize_length=False, matrix=None):
+    """The straightforward way, independent of minisv: for each completion a full transformers forward of
+    prompt + completion alone (no padding, no prefix cache), steered by a forward pre-hook at each layer's input
+    at the datapoint's positions (torch indexing of the prompt's token indices), then the losses token by token:
+    promote −log(p+ε); suppress −log(1−p+ε), or +log(p+ε) without one_minus; optionally ÷ completion length."""
     losses = []
-    try:
+    for dp in datapoints:
+        n, u = len(dp.prompt), -vector if dp.negative else vector
         for kind, completion in [("promote", c) for c in dp.promote] + [("suppress", c) for c in dp.suppress]:
-            seq = torch.tensor([dp.prompt + completion])
-            probs = (coldness * ref(seq).logits[0].float()).softmax(-1)
+            seq = dp.prompt + completion
+            where = torch.ones(len(seq), dtype=torch.bool)
+            if dp.positions is not None:
+                where = torch.zeros(len(seq), dtype=torch.bool)
+                where[torch.arange(n)[dp.positions]] = True
+
+            def add(module, args, kwargs):
+                x = args[0] if args else kwargs["hidden_states"]
+                y = x + u if clamp is None else x - (x @ (vector / vector.norm()))[..., None] * vector / vector.norm() + clamp * u
+                if matrix is not None:
+                    y = y + x @ matrix.T
+                y = torch.where(where[:, None], y, x)
+                return ((y, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
+            handles = [_hf_decoder_layers(ref)[l].register_forward_pre_hook(add, with_kwargs=True) for l in layers]
+            try:
+                probs = (coldness * ref(torch.tensor([seq])).logits[0].float()).softmax(-1)
+            finally:
+                for h in handles:
+                    h.remove()
             loss = 0
             for k, token in enumerate(completion):
-                p = probs[len(dp.prompt) + k - 1, token]
-                loss = loss - (torch.log(p + 1e-6) if kind == "promote" else torch.log(1 - p + 1e-6))
-            losses.append(loss)
-    finally:
-        for h in handles:
-            h.remove()
+                p = probs[n + k - 1, token]
+                if kind == "promote":
+                    loss = loss - torch.log(p + 1e-6)
+                elif one_minus:
+                    loss = loss - torch.log(1 - p + 1e-6)
+                else:
+                    loss = loss + torch.log(p + 1e-6)
+            losses.append(loss / len(completion) if normalize_length else loss)
     return torch.stack(losses)
 
 
-@pytest.mark.parametrize("layers,clamp", [([1], None), ([1, 2], None), ([0], None), ([2], 0.5)])
-def test_prefix_cached_loss_and_gradient_equal_full_forward(pair, layers, clamp):
+SEVERAL = [DATAPOINT, Datapoint(PROMPT[:4], suppress=[[3, 9]], negative=True),
+           Datapoint(PROMPT[2:], promote=[[50], [6, 6]], positions=slice(0, 2))]
+CASES = {       # name: (layers, steering_loss keywords, datapoints)
+    "layer 1": ([1], {}, [DATAPOINT]),
+    "layers 1 and 2": ([1, 2], {}, [DATAPOINT]),
+    "layer 0": ([0], {}, [DATAPOINT]),
+    "clamp": ([2], dict(clamp=0.5), [DATAPOINT]),
+    "position int": ([1], {}, [Datapoint(PROMPT, promote=[[12, 7]], suppress=[[8]], positions=2)]),
+    "position slice": ([1], {}, [Datapoint(PROMPT, promote=[[12, 7]], suppress=[[8]], positions=slice(-3, None))]),
+    "position list": ([1], {}, [Datapoint(PROMPT, promote=[[12, 7]], suppress=[[8]], positions=[1, 3])]),
+    "negative positions": ([1], {}, [Datapoint(PROMPT, promote=[[12, 7]], positions=[-1, 0])]),
+    "one_minus=False": ([1], dict(one_minus=False), [DATAPOINT]),
+    "normalize_length": ([1], dict(normalize_length=True), [DATAPOINT]),
+    "coldness 1.3": ([1], dict(coldness=1.3), [DATAPOINT]),
+    "several datapoints": ([1], {}, SEVERAL),
+    "affine": ([1], dict(matrix=True), SEVERAL),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefix_cached_batched_loss_and_gradient_equal_independent_reference(pair, case):
     model, ref = pair
-    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    ours = steering_loss(model, [DATAPOINT], layers, vector, clamp=clamp)
-    grad, = torch.autograd.grad(ours.sum(), vector)
-    v_ref = vector.detach().clone().requires_grad_()
-    theirs = _reference_losses(ref, DATAPOINT, layers, v_ref, clamp)
-    grad_ref, = torch.autograd.grad(theirs.sum(), v_ref)
+    layers, kw, datapoints = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    vector = torch.randn(model.cfg.d_model, generator=g).requires_grad_()
+    params = [vector]
+    if kw.get("matrix"):
+        kw = dict(kw, matrix=(0.2 * torch.randn(model.cfg.d_model, model.cfg.d_model, generator=g)).requires_grad_())
+        params.append(kw["matrix"])
+    ours = steering_loss(model, datapoints, layers, vector, **kw)
+    grads = torch.autograd.grad(ours.sum(), params)
+    theirs = _reference_losses(ref, datapoints, layers, vector, **kw)
+    grads_ref = torch.autograd.grad(theirs.sum(), params)
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
-    assert grad.norm() > 0
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+        assert grad.norm() > 0
 
 
 def test_steps_lower_the_loss_and_respect_the_norm_bound(pair):
@@ -80,37 +121,79 @@ def test_steps_lower_the_loss_and_respect_the_norm_bound(pair):
     assert [d["kind"] for d in info["losses"]] == ["promote", "promote", "suppress"]
 
 
-def test_stopping_rules_and_negative_datapoints(pair):
+def test_stopping_rules(pair):
     model, _ = pair
     start = steering_loss(model, [DATAPOINT], 1, torch.zeros(model.cfg.d_model))
     total = start.sum().item()
-    _, info = optimize_vector(model, [DATAPOINT], 1, lr=0.1, max_iters=100, target_loss=total - 0.3, starting_norm=0)
+    _, info = optimize_vector(model, [DATAPOINT], 1, lr=0.1, max_iters=100, target_loss=total - 0.3, target_sum=True,
+                              starting_norm=0)
     assert info["stop"] == "target_loss" and info["loss"] <= total - 0.3 and 0 < info["iters"] < 100
-    # reached at once; with patience 3 it must hold for 3 evaluations (tiny steps keep it reached)
+    # target_loss applies to each completion (the reference's do_target_loss_sum=False) unless target_sum=True:
+    # every completion is below max + 0.01 at once, the sum is not
     kw = dict(lr=1e-6, max_iters=5, starting_norm=0)
-    assert optimize_vector(model, [DATAPOINT], 1, target_loss=total + 1, **kw)[1]["iters"] == 0
+    each = start.max().item() + 0.01
+    assert optimize_vector(model, [DATAPOINT], 1, target_loss=each, **kw)[1]["iters"] == 0
+    assert optimize_vector(model, [DATAPOINT], 1, target_loss=each, target_sum=True, **kw)[1]["stop"] == "max_iters"
+    below = start.min().item() - 0.01      # ... and not reached while one completion stays above it
+    assert optimize_vector(model, [DATAPOINT], 1, target_loss=below, **kw)[1]["stop"] == "max_iters"
+    # reached at once; with patience 3 it must hold for 3 evaluations (tiny steps keep it reached)
     assert optimize_vector(model, [DATAPOINT], 1, target_loss=total + 1, patience=3, **kw)[1]["iters"] == 2
     # per-completion targets: every completion must reach its own, whatever the sum does
     reachable = Datapoint(PROMPT, promote=DATAPOINT.promote, promote_targets=(start[:2] + 1).tolist())
     unreachable = Datapoint(PROMPT, promote=DATAPOINT.promote, promote_targets=[start[0].item() + 1, 0.0])
     assert optimize_vector(model, [reachable], 1, **kw)[1]["stop"] == "target_loss"
-    assert optimize_vector(model, [unreachable], 1, target_loss=total + 1, **kw)[1]["stop"] == "max_iters"
+    assert optimize_vector(model, [unreachable], 1, target_loss=total + 1, target_sum=True, **kw)[1]["stop"] == "max_iters"
     _, info = optimize_vector(model, [DATAPOINT], 1, lr=1e-9, max_iters=50, converge_tol=1e-3, patience=2, seed=0)
     assert info["stop"] == "converged" and info["iters"] == 2
-    # a negative datapoint sees −v: its loss at v is the plain datapoint's loss at −v
+    # the reference's convergence stop (|Δloss| < 1e-6) is on by default: steps too small to change v stop it
+    _, info = optimize_vector(model, [DATAPOINT], 1, lr=1e-12, max_iters=50, seed=0)
+    assert info["stop"] == "converged" and info["iters"] == 1 and len(info["history"]) == 2
+    _, info = optimize_vector(model, [DATAPOINT], 1, lr=1e-12, max_iters=3, converge_tol=None, seed=0)
+    assert info["stop"] == "max_iters" and info["iters"] == 3
+
+
+def test_negative_datapoint_sees_minus_v(pair):
+    model, _ = pair
     v = torch.randn(model.cfg.d_model)
     neg = Datapoint(PROMPT, promote=[[12, 7, 30]], negative=True)
     plain = Datapoint(PROMPT, promote=[[12, 7, 30]])
     torch.testing.assert_close(steering_loss(model, [neg], 1, v), steering_loss(model, [plain], 1, -v))
 
 
-def test_affine_low_rank_steering(pair):
+def test_minibatches_step_through_fixed_groups(pair):
     model, _ = pair
-    v, info = optimize_vector(model, [DATAPOINT], 1, lr=0.05, max_iters=4, affine_rank=2, seed=0)
-    matrix = info["matrix"]
-    assert matrix.shape == (model.cfg.d_model,) * 2 and torch.linalg.matrix_rank(matrix) == 2
+    v0 = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    first, second = SEVERAL[0], SEVERAL[1]
+    # batch_size 1: step 0 sees the first datapoint only, step 1 the second (an Adam loop written out by hand)
+    v, info = optimize_vector(model, [first, second], 1, lr=0.05, max_iters=2, starting_vec=v0, batch_size=1)
+    w = v0.clone().requires_grad_()
+    adam = torch.optim.Adam([w], lr=0.05)
+    for dp in (first, second):
+        adam.zero_grad()
+        steering_loss(model, [dp], 1, w).sum().backward()
+        adam.step()
+    torch.testing.assert_close(v, w.detach())
+    # the reported losses cover every datapoint, at the returned vector
+    assert [d["datapoint"] for d in info["losses"]] == [0, 0, 0, 1]
+    again = steering_loss(model, [first, second], 1, v).tolist()
+    assert [d["loss"] for d in info["losses"]] == pytest.approx(again, rel=1e-5)
+    assert info["loss"] == pytest.approx(sum(again), rel=1e-5)
+
+
+def test_affine_steering_is_initialised_and_clipped_as_the_reference(pair):
+    model, _ = pair
+    _, info = optimize_vector(model, [DATAPOINT], 1, max_iters=0, affine_rank=2, starting_affine_norm=0.7, seed=0)
+    L, R = info["factors"]
+    assert L.shape == R.shape == (2, model.cfg.d_model)
+    torch.testing.assert_close(L.norm(dim=1), torch.full((2,), 0.7))
+    torch.testing.assert_close(R.norm(dim=1), torch.full((2,), 0.7))
+    torch.testing.assert_close(info["matrix"], L.T @ R)
+    # big steps: rows grow, and are scaled back to max_affine_norm
+    v, info = optimize_vector(model, [DATAPOINT], 1, lr=0.5, max_iters=4, affine_rank=2, max_affine_norm=0.8, seed=0)
+    L, R = info["factors"]
+    assert torch.allclose(torch.cat([L, R]).norm(dim=1).max(), torch.tensor(0.8))
     assert info["history"][-1] < info["history"][0]
-    again = steering_loss(model, [DATAPOINT], 1, v, matrix=matrix).tolist()
+    again = steering_loss(model, [DATAPOINT], 1, v, matrix=info["matrix"]).tolist()
     assert [d["loss"] for d in info["losses"]] == pytest.approx(again, rel=1e-5)
 
 
@@ -168,6 +251,13 @@ def test_save_load_round_trip(tmp_path):
     assert meta["norm"] == pytest.approx(v.norm().item()) and meta["model"] == "tiny"
     save_vector(path, v, [2, 4])
     assert load_vector(path)[1]["layer"] == [2, 4] and [p.name for p in path.parent.iterdir()] == ["v.safetensors"]
+    # what steering needs comes back: positions (int, list, slice), scale, clamp, the affine matrix
+    matrix = torch.randn(32, 32)
+    for positions in (3, [1, 4], slice(2, None), slice(0, 8, 2)):
+        save_vector(path, v, 1, positions=positions, scale=2.5, matrix=matrix)
+        w, meta = load_vector(path)
+        assert meta["positions"] == positions and meta["scale"] == 2.5 and meta["kind"] == "affine"
+        assert torch.equal(meta["matrix"], matrix) and torch.equal(w, v) and "clamp" not in meta
     with pytest.raises(MinisvError, match="no such"):
         load_vector(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
@@ -187,6 +277,11 @@ def test_evaluation_helpers(pair):
     assert set(gens) == {0.0, 1.0, -1.0} and gens[0.0] == model.generate(prompts, 3)
     with steer(model, v, 1, multiplier=-1.0):
         assert gens[-1.0] == model.generate(prompts, 3)
+    matrix = torch.randn(model.cfg.d_model, model.cfg.d_model)     # settings load_vector returns are honoured
+    gens = compare_generations(model, prompts, v, 1, multipliers=(2.0,), positions=[1, 2], matrix=matrix,
+                               clamp=0.5, max_new_tokens=3)
+    with steer(model, v, 1, multiplier=2.0, positions=[1, 2], matrix=matrix, clamp=0.5):
+        assert gens[2.0] == model.generate(prompts, 3)
     _, cache = model.run_with_cache(torch.tensor([prompts[1]]), names=["blocks.2.hook_resid_pre"])
     assert residual_norm(model, prompts[1], 2) == pytest.approx(
         cache["blocks.2.hook_resid_pre"][0].norm(dim=-1).median().item())
@@ -203,14 +298,67 @@ def test_bad_input_is_a_clear_error(pair):
              (Datapoint(PROMPT), 1, "no completions"),
              (Datapoint(PROMPT, promote=[[3]], promote_targets=[1.0, 2.0]), 1, "one each"),
              (Datapoint(PROMPT, promote=[[3]], positions=slice(0, 2, 0)), 1, "positions"),
+             (Datapoint(PROMPT, promote=[[3]], positions=[1, 7]), 1, "do not index"),
              (Datapoint("text", promote=["more"]), 1, "no tokenizer")]
     for dp, layer, message in cases:
         with pytest.raises(MinisvError, match=message):
             optimize_vector(model, [dp], layer, max_iters=1)
     with pytest.raises(MinisvError, match="satisfice"):
         optimize_vector(model, [DATAPOINT], 1, satisfice=True, max_iters=1)
+    with pytest.raises(MinisvError, match="target_sum"):
+        optimize_vector(model, [DATAPOINT], 1, target_sum=True, max_iters=1)
     with pytest.raises(MinisvError, match="shape"):
         steer(model, torch.zeros(7), 1).__enter__()
+
+
+@pytest.mark.parametrize("positions", [slice(3, 3), slice(10, None), []])
+def test_positions_that_select_no_prompt_token_are_refused(pair, positions):
+    model, _ = pair     # they would steer nothing: the loss could never move
+    with pytest.raises(MinisvError, match="select none"):
+        optimize_vector(model, [Datapoint(PROMPT, promote=[[3]], positions=positions)], 1, max_iters=1)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(clamp=1.0, starting_norm=0.0), "non-zero vector"),      # v̂ = v/‖v‖ of v = 0: a NaN vector
+    (dict(coldness=float("nan")), "coldness"),
+    (dict(coldness=0.0), "coldness"),
+    (dict(max_norm=-1.0), "max_norm"),                              # would flip v at every step
+    (dict(lr=float("inf")), "lr"),
+    (dict(starting_norm=-1.0), "starting_norm"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(max_iters=-1), "max_iters"),
+])
+def test_settings_that_would_give_a_nan_or_meaningless_vector_are_refused(pair, kw, message):
+    model, _ = pair
+    with pytest.raises(MinisvError, match=message):
+        optimize_vector(model, [DATAPOINT], 1, **{"max_iters": 1, **kw})
+
+
+@pytest.fixture(scope="module")
+def bos_model(chat_model_dir, tmp_path_factory):
+    """The chat fixture's model, with a tokenizer that says add_bos_token (as Llama-family tokenizers do)."""
+    import shutil
+    path = tmp_path_factory.mktemp("bos") / "model"
+    shutil.copytree(chat_model_dir, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    return minisv.load(path, device="cpu")
+
+
+def test_text_gets_bos_when_the_tokenizer_adds_it(bos_model):
+    model, tok = bos_model, bos_model.tokenizer
+    assert tok.add_bos and tok.bos_id == 256
+    assert encode(model, "Hi there") == [256] + tok.encode("Hi there")
+    assert encode(model, "<|endoftext|>Hi") == [256] + tok.encode("Hi")     # a template's own BOS is not doubled
+    assert encode(model, [5, 6]) == [5, 6]                                    # ids are the caller's business
+    text = Datapoint("Hi there,", promote=[" no."], suppress=[" sure"], positions=0)
+    ids = Datapoint([256] + tok.encode("Hi there,"), promote=[tok.encode(" no.")], suppress=[tok.encode(" sure")],
+                    positions=0)
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(steering_loss(model, [text], 1, v), steering_loss(model, [ids], 1, v))
+    assert completion_logprob(model, ["Hi there,"], " no.") == pytest.approx(
+        completion_logprob(model, [[256] + tok.encode("Hi there,")], tok.encode(" no.")))
+    assert residual_norm(model, "Hi", 1) == pytest.approx(residual_norm(model, [256] + tok.encode("Hi"), 1))
 
 
 # ------------------------------------------------------------------------------------------- the script
@@ -242,15 +390,45 @@ def test_script_end_to_end(chat_model_dir, tmp_path, capsys):
     out = tmp_path / "run" / "v.safetensors"
     main(["--model", str(chat_model_dir), "--prompt", "Tell me a joke.", "--promote", "No way.", "--suppress", "Sure",
           "--layer", "1", "--lr", "0.1", "--max-iters", "4", "--seed", "0", "--eval-prompts", str(prompts),
-          "--success", "No", "--out", str(out), "--max-new-tokens", "5"])
+          "--success", "No", "--out", str(out), "--max-new-tokens", "5", "--clamp-at-inference"])
     printed = capsys.readouterr().out
     vector, meta = load_vector(out)
     assert vector.shape == (32,) and meta["layer"] == 1 and meta["promote"] == ["No way."]
     assert meta["suppress"] == ["Sure"] and meta["prompt"] == "Tell me a joke." and meta["iters"] == 4
+    assert meta["clamp"] == 1.0 and meta["kind"] == "clamp" and "train_clamp" not in meta and meta["scale"] == 1.0
     assert "step   4" in printed and "What is 2+2?" in printed and "success" in printed
     report = out.with_suffix(".html").read_text()
     assert "Say &lt;b&gt;hello&lt;/b&gt; &amp; bye" in report and "<b>hello" not in report
-    assert report.count("<tr>") == 1 + 2 + 1        # header, two eval prompts, the training prompt
+    assert report.count("<tr>") == 2 + 1 + 2 + 1   # vectors: header + 1; generations: header, 2 eval, training
+
+
+def test_script_many_prompts_and_a_layer_sweep(chat_model_dir, tmp_path, capsys):
+    from optimize_sv import main
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "Tell me a story.", "promote": "No way."}\n\n'
+                     '{"prompt": "Sing a song.", "promote": ["No way.", "No."], "suppress": "Sure"}\n')
+    out = tmp_path / "v.safetensors"
+    main(["--model", str(chat_model_dir), "--prompt", "Tell me a joke.", "--promote", "No way.", "--train-file",
+          str(train), "--layer", "0", "2", "--max-iters", "2", "--batch", "2", "--out", str(out),
+          "--max-new-tokens", "3"])
+    printed = capsys.readouterr().out
+    assert "3 training prompt(s), 5 completion(s)" in printed
+    for layer in (0, 2):
+        vector, meta = load_vector(tmp_path / f"v_layer{layer}.safetensors")
+        assert meta["layer"] == layer and meta["n_datapoints"] == 3 and meta["iters"] == 2
+        assert re.search(rf"layer {layer:2d} .* unsteered \d/12, \+1v \d/12, −1v \d/12", printed)
+    assert not out.exists()
+    report = out.with_suffix(".html").read_text()
+    assert "held-out success vs layer" in report and report.count("<polyline") == 3 and "Sing a song." in report
+
+
+@pytest.fixture
+def artifacts(tmp_path):
+    """An earlier run's outputs, which a refused run must leave as they are."""
+    vector, report = tmp_path / "v.safetensors", tmp_path / "v.html"
+    save_vector(vector, torch.ones(32), 1)
+    report.write_text("earlier report")
+    return {p: p.read_bytes() for p in (vector, report)}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -258,16 +436,32 @@ def test_script_end_to_end(chat_model_dir, tmp_path, capsys):
     (["--layer", "3"], "out of range"),
     (["--eval-prompts", "/no/such/file.txt"], "eval-prompts"),
     (["--success", "("], "regular expression"),
+    (["--lr", "-1"], "argument --lr"),
+    (["--coldness", "nan"], "argument --coldness"),
+    (["--max-norm", "-1"], "argument --max-norm"),
+    (["--scale", "0"], "argument --scale"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens"),
+    (["--max-new-tokens", "100000"], "lower --max-new-tokens"),
+    (["--layer", "-1"], "argument --layer"),
+    (["--clamp", "1", "--starting-norm", "0"], "starting-norm"),
+    (["--raw", "--prompt", ""], "prompt is empty"),
+    (["--device", "tpu"], "device"),
+    (["--out", "{tmp}/v.html"], "HTML report"),
+    (["--out", "{tmp}"], "directory"),
+    (["--out", "{tmp}/v.safetensors/w.safetensors"], "is a file"),
+    (["--train-file", "{tmp}/v.html"], "line 1"),
 ])
-def test_script_bad_input(chat_model_dir, tmp_path, capsys, args, message):
+def test_script_bad_input(chat_model_dir, tmp_path, capsys, artifacts, args, message):
     from optimize_sv import main
     base = ["--model", str(chat_model_dir), "--promote", "No.", "--layer", "1", "--max-iters", "1",
             "--out", str(tmp_path / "v.safetensors")]
     with pytest.raises(SystemExit) as e:
-        main(base + args)
+        main(base + [a.format(tmp=tmp_path) for a in args])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0] and err.strip().endswith(errors[0])
+    assert {p: p.read_bytes() for p in artifacts} == artifacts
 
 
 def test_script_unknown_model(monkeypatch, capsys, tmp_path):
