@@ -17,6 +17,7 @@ import time
 import minisv
 from minisv import cli
 from minisv.atomic import write_text
+from minisv.control_vector import save_control_vector
 from minisv.errors import MinisvError
 from minisv.report import steering_html
 from minisv.steering import (Datapoint, compare_generations, completion_logprob, encode, optimize_vector,
@@ -81,6 +82,9 @@ def parse_args(argv):
     p.add_argument("--out", default="runs/refusal_sv.safetensors", help="where to write the vector (with several "
                    "layers, NAME_layerN.safetensors each); the HTML report goes next to it with .html "
                    "(default: %(default)s)")
+    p.add_argument("--gguf", metavar="PATH", help="also write the vector as a llama.cpp control vector (GGUF; "
+                   "with several layers, PATH_layerN.gguf each): llama.cpp adds direction.N to the output of block "
+                   "N, i.e. minisv's blocks.{N+1}.hook_resid_pre, so --layer must be at least 2; additive only")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     return p.parse_args(argv)
 
@@ -96,9 +100,18 @@ def outputs(args):
         raise MinisvError(f"--out {args.out}: the vector would overwrite its own HTML report; use .safetensors")
     vectors = {l: args.out if len(args.layer) == 1 else f"{stem}_layer{l}{ext}" for l in args.layer}
     report = stem + ".html"
-    for path in [*vectors.values(), report]:
+    controls = {}
+    if args.gguf:
+        if args.clamp is not None or args.affine_rank:
+            raise MinisvError("--gguf: a llama.cpp control vector is only added; it has no clamp or affine form")
+        if min(args.layer) < 2:
+            raise MinisvError(f"--gguf: layer {min(args.layer)} cannot be exported (llama.cpp adds direction.N after "
+                              f"block N >= 1, which is hook_resid_pre of layer 2 or later)")
+        gstem, gext = os.path.splitext(args.gguf)
+        controls = {l: args.gguf if len(args.layer) == 1 else f"{gstem}_layer{l}{gext}" for l in args.layer}
+    for path in [*vectors.values(), report, *controls.values()]:
         cli.check_writable(path)
-    return vectors, report
+    return vectors, report, controls
 
 
 def training_data(args):
@@ -151,7 +164,7 @@ def run(args):
         success_rate([], success)              # rejects a bad regex before the slow part
     if clamp_train is not None and args.starting_norm == 0:
         raise MinisvError("--clamp trains v̂ = v/‖v‖, undefined for v = 0: give --starting-norm > 0")
-    vector_paths, report_path = outputs(args)
+    vector_paths, report_path, control_paths = outputs(args)
     eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else HELD_OUT
     print(f"loading {args.model} ...", flush=True)
     model = minisv.load(args.model, device=cli.device(args.device))
@@ -163,16 +176,15 @@ def run(args):
     if longest + args.max_new_tokens > model.cfg.n_ctx:
         raise MinisvError(f"--max-new-tokens {args.max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
                           f"the model's context of {model.cfg.n_ctx} tokens; lower --max-new-tokens")
-    if max(args.layer) >= model.cfg.n_layers:
-        raise MinisvError(f"--layer {max(args.layer)} is out of range: this model has {model.cfg.n_layers} layers, "
-                          f"use 0..{model.cfg.n_layers - 1}")
+    for layer in args.layer:
+        model.check_layer(layer, "--layer")
     print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; {len(datapoints)} training "
           f"prompt(s), {sum(len(d.promote) + len(d.suppress) for d in datapoints)} completion(s)", flush=True)
 
     columns, results = [], []
     for layer in args.layer:
         result, gens = train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval,
-                                          vector_paths[layer], chat)
+                                          vector_paths[layer], control_paths.get(layer), chat)
         results.append(result)
         tag = "" if len(args.layer) == 1 else f" L{layer}"
         columns += [(f"+{args.scale:g}v{tag}", gens[args.scale]), (f"−{args.scale:g}v{tag}", gens[-args.scale])]
@@ -205,7 +217,7 @@ def run(args):
           f"{report_path}; {time.time() - start:.0f}s in all")
 
 
-def train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval, path, chat):
+def train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval, path, control_path, chat):
     """Optimize the vector of one layer, save it, generate with ±scale·v -> (summary dict, generations)."""
     resid_norm = residual_norm(model, datapoints[0].prompt, layer)
     print(f"layer {layer}: steering blocks.{layer}.hook_resid_pre (median residual norm there: {resid_norm:.1f})",
@@ -228,6 +240,8 @@ def train_and_generate(model, args, layer, datapoints, prompts, clamp_train, cla
                 chat_template=chat, promote=datapoints[0].promote, suppress=datapoints[0].suppress,
                 n_datapoints=len(datapoints), loss=info["loss"], iters=info["iters"], stop=info["stop"], lr=args.lr,
                 coldness=args.coldness, seed=args.seed)
+    if args.gguf:
+        save_control_vector(model, vector, layer, control_path)
     gens = compare_generations(model, prompts, vector, layer, multipliers=(args.scale, -args.scale),
                                clamp=clamp_eval, matrix=matrix, max_new_tokens=args.max_new_tokens)
     return dict(layer=layer, loss=info["loss"], iters=info["iters"], stop=info["stop"], norm=info["norm"],

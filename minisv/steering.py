@@ -141,10 +141,9 @@ def steer(model, vector, layer, multiplier=1.0, clamp=None, positions=None, matr
 
 def _check_layers(model, layer):
     layers = [layer] if isinstance(layer, int) else list(layer)
-    n = model.cfg.n_layers
-    if not layers or any(not isinstance(l, int) or not 0 <= l < n for l in layers):
-        raise MinisvError(f"layer {layer!r} is out of range: this model has {n} layers, use 0..{n - 1}")
-    return layers
+    if not layers:
+        raise MinisvError("no layer to steer: give at least one")
+    return [model.check_layer(l) for l in layers]
 
 
 # ------------------------------------------------------------------------------------------- tokenization

@@ -422,6 +422,18 @@ def test_script_many_prompts_and_a_layer_sweep(chat_model_dir, tmp_path, capsys)
     assert "held-out success vs layer" in report and report.count("<polyline") == 3 and "Sing a song." in report
 
 
+def test_script_exports_a_llama_cpp_control_vector(chat_model_dir, tmp_path, capsys):
+    from optimize_sv import main
+    from minisv.control_vector import load_control_vector
+    out, gguf = tmp_path / "v.safetensors", tmp_path / "v.gguf"
+    main(["--model", str(chat_model_dir), "--promote", "No way.", "--layer", "2", "--max-iters", "2", "--out", str(out),
+          "--gguf", str(gguf), "--max-new-tokens", "2"])
+    vector, _ = load_vector(out)
+    loaded = load_control_vector(gguf)
+    assert list(loaded) == [2]                          # read back at the hook_resid_pre it was trained for
+    torch.testing.assert_close(loaded[2], vector, rtol=0, atol=0)
+
+
 @pytest.fixture
 def artifacts(tmp_path):
     """An earlier run's outputs, which a refused run must leave as they are."""
@@ -450,6 +462,8 @@ def artifacts(tmp_path):
     (["--out", "{tmp}"], "directory"),
     (["--out", "{tmp}/v.safetensors/w.safetensors"], "is a file"),
     (["--train-file", "{tmp}/v.html"], "line 1"),
+    (["--gguf", "{tmp}/v.gguf"], "cannot be exported"),
+    (["--gguf", "{tmp}/v.gguf", "--layer", "2", "--clamp", "1"], "no clamp"),
 ])
 def test_script_bad_input(chat_model_dir, tmp_path, capsys, artifacts, args, message):
     from optimize_sv import main
