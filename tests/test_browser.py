@@ -45,7 +45,7 @@ FIRST_CARD = (r'^(?:(?!<details class="feat").)*<details class="feat" id="f\d+" 
 
 # One line per report: the fixture that writes it, and regexes its DOM must match once its scripts have run.
 PAGES = {
-    "steering": ("steering_report", [r"<h1>One-shot steering vector</h1>", r"<td>Say &lt;img src=x",
+    "steering": ("steering_report", [r"<h1>One-shot steering vector</h1>", r"<td[^>]*>Say &lt;img src=x",
                                      r"(?:<tr>.*){4}"]),
     "dashboards": ("dashboard_report", [FIRST_CARD, r"<h2>tokens that activate it", r'<span class="chip">&lt;img']),
     "circuit": ("circuit_report", [r"<svg[^>]*>.*<line .*<rect .*</svg>", r"<h2>path tree</h2><pre>\S",
