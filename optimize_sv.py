@@ -17,7 +17,7 @@ import time
 import minisv
 from minisv import cli
 from minisv.atomic import write_text
-from minisv.control_vector import save_control_vector
+from minisv.control_vector import exportable_layers, save_control_vector
 from minisv.errors import MinisvError
 from minisv.report import steering_html
 from minisv.steering import (Datapoint, compare_generations, completion_logprob, encode, optimize_vector,
@@ -104,9 +104,7 @@ def outputs(args):
     if args.gguf:
         if args.clamp is not None or args.affine_rank:
             raise MinisvError("--gguf: a llama.cpp control vector is only added; it has no clamp or affine form")
-        if min(args.layer) < 2:
-            raise MinisvError(f"--gguf: layer {min(args.layer)} cannot be exported (llama.cpp adds direction.N after "
-                              f"block N >= 1, which is hook_resid_pre of layer 2 or later)")
+        exportable_layers(args.layer)
         gstem, gext = os.path.splitext(args.gguf)
         controls = {l: args.gguf if len(args.layer) == 1 else f"{gstem}_layer{l}{gext}" for l in args.layer}
     for path in [*vectors.values(), report, *controls.values()]:

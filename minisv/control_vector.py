@@ -36,14 +36,22 @@ _ALIGN = 32                                   # GGUF's default alignment of the 
 _STRING, _INT32, _F32 = 8, 5, 0               # GGUF metadata value types; ggml tensor type F32
 
 
+def exportable_layers(layer, n_layers=None):
+    """The layers of `layer` (an int or a list of ints) if each has a control-vector form, 2 <= L < n_layers
+    (no upper bound without n_layers: a script checks before loading the model), else a MinisvError."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    n = n_layers if n_layers is not None else float("inf")
+    if not layers or any(not isinstance(l, int) or not 2 <= l < n for l in layers):
+        which = f"2..{n_layers - 1} for this {n_layers}-layer model" if n_layers is not None else "2 and later"
+        raise MinisvError(f"layer {layer!r} cannot be exported: llama.cpp adds direction.N after block N >= 1, "
+                          f"which is minisv's hook_resid_pre of layers {which}")
+    return layers
+
+
 def save_control_vector(model, vector, layer, path):
     """Write `vector` [d_model], steering blocks.{layer}.hook_resid_pre (layer: an int or a list of ints, the
     same vector at each), as a llama.cpp control vector GGUF at `path`."""
-    layers = [layer] if isinstance(layer, int) else list(layer)
-    n = model.cfg.n_layers
-    if not layers or any(not isinstance(l, int) or not 2 <= l < n for l in layers):
-        raise MinisvError(f"layer {layer!r} cannot be exported: llama.cpp adds direction.N after block N >= 1, "
-                          f"which is minisv's hook_resid_pre of layers 2..{n - 1} for this {n}-layer model")
+    layers = exportable_layers(layer, model.cfg.n_layers)
     vector = torch.as_tensor(vector).detach().float().cpu()
     if vector.shape != (model.cfg.d_model,) or not vector.isfinite().all():
         raise MinisvError(f"control vector must be {model.cfg.d_model} finite numbers (d_model), got shape "

@@ -36,3 +36,12 @@ def tiny(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(path)
     return request.param, path, ref
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronization (and stalls badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,12 +16,7 @@ from minisv.transcoder import Transcoder, TranscoderConfig
 BOS = 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def saved(tmp_path, family, mlp_mean, **config):
