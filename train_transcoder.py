@@ -94,6 +94,9 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available). Under torchrun any cuda "
                    "value means NCCL, each process on GPU number LOCAL_RANK")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA only)")
+    p.add_argument("--no-autocast", action="store_true", help="harvest and train in the model's dtype. By default "
+                   "both run under bf16 autocast where bf16 matmuls are fast: on CUDA and on CPUs with AMX units "
+                   "(Intel Sapphire Rapids and later, ~2× faster end to end); evaluation never does")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype for harvesting "
                    "activations (default: bfloat16 on CUDA, float32 on CPU); transcoder weights stay float32")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed for initialization, data order and the held-out "
@@ -221,7 +224,8 @@ def train_and_report(args, out, rank, device, started):
                       hook_in=sites[0], hook_out=sites[1])
     transcoders, summary = train(model, train_rows, cfg, out_dir=out, resume=args.resume, log=say,
                                  eval_rows=eval_rows[:max(1, 4096 // args.ctx)],
-                                 eval_every=args.eval_every or max(1, steps // 10), compile_step=args.compile)
+                                 eval_every=args.eval_every or max(1, steps // 10), compile_step=args.compile,
+                                 amp=not args.no_autocast)
     if rank != 0:
         return
     for layer, tc in transcoders.items():

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from .errors import MinisvError
 from .atomic import atomic_write
 from . import unpickle
+from .model import Model
 from .transcoder import Transcoder, TranscoderConfig, selected_preacts
 
 CHECKPOINT = "checkpoint.pt"
@@ -88,8 +89,16 @@ def _all_reduce(t):
 
 
 # ------------------------------------------------------------------------- activation streaming
+def fast_bf16(device):
+    """Whether bf16 matmuls beat float32 ones here: on CUDA, and on CPUs with AMX tile units (Intel Sapphire
+    Rapids and later: a [1024, 576] × [576, 9216] matmul runs ~10× faster than in float32). CPUs without AMX
+    emulate bf16 and run it slower than float32."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return device.type == "cuda" or bool(capabilities.get("amx_bf16"))
+
+
 @torch.no_grad()
-def harvest(model, tokens, hooks, batch_rows=64):
+def harvest(model, tokens, hooks, batch_rows=32):
     """tokens [R, T] -> {layer: (x [R, T, d_in], y [R, T, d_out])} for hooks {layer: (x name, y name)}, running
     the model only up to the deepest layer needed."""
     out = {l: ([], []) for l in hooks}
@@ -103,51 +112,81 @@ def harvest(model, tokens, hooks, batch_rows=64):
     return {l: (torch.cat(xs), torch.cat(ys)) for l, (xs, ys) in out.items()}
 
 
+def as_bf16(model):
+    """`model` itself if it is in bf16, else a bf16 copy of it (without its hooks), built on the meta device so
+    that nothing is allocated twice; the model is left untouched."""
+    if model.embed.weight.dtype == torch.bfloat16:
+        return model
+    with torch.device("meta"):
+        twin = Model(model.cfg, model.tokenizer)
+    twin.load_state_dict(model.state_dict(), assign=True)    # new parameters over the same tensors ...
+    return twin.to(torch.bfloat16)                           # ... then bf16 copies of them
+
+
 class ActivationStream:
     """Shuffled batches of (x, y) per layer, as a deterministic function of (seed, chunk, batch index).
-    `hooks` {layer: (x hook name, y hook name)} says what to harvest (the same name twice for an SAE)."""
+    `hooks` {layer: (x hook name, y hook name)} says what to harvest (the same name twice for an SAE).
 
-    def __init__(self, model, rows, hooks, batch_tokens, buffer_tokens, seed, bos_id=None, harvest_rows=64):
+    The token rows are walked in a fresh seeded order every epoch; chunk c takes just enough of the next rows to
+    hold `buffer_tokens` (rounded down to whole batches) trainable tokens, i.e. not counting BOS positions, so
+    no harvested token is wasted beyond the last row's overshoot. With `tokens`, the stream ends there and the
+    last chunk harvests only what is left."""
+
+    def __init__(self, model, rows, hooks, batch_tokens, buffer_tokens, seed, bos_id=None, tokens=None):
         self.model, self.rows, self.hooks, self.seed, self.bos_id = model, rows, hooks, seed, bos_id
         self.rank, self.world = _world()
         if batch_tokens % self.world:
             raise MinisvError(f"batch of {batch_tokens} tokens does not split evenly over {self.world} processes")
-        self.batch, self.harvest_rows = batch_tokens, harvest_rows
-        # rows per chunk: enough for the buffer and two batches, rounded up to a multiple of the processes
-        rows_needed = math.ceil(max(buffer_tokens, 2 * batch_tokens) / rows.shape[1])
-        self.chunk_rows = math.ceil(rows_needed / self.world) * self.world
-        self.device = model.embed.weight.device
+        self.batch = batch_tokens
+        self.per_chunk = max(1, buffer_tokens // batch_tokens)          # batches served by one chunk
+        self.n_batches = tokens // batch_tokens if tokens else None
+        self.usable = ((rows != bos_id).sum(1) if bos_id is not None else torch.full((len(rows),), rows.shape[1]))
+        if int(self.usable.sum()) == 0:
+            raise MinisvError("the training rows hold nothing but BOS tokens; give more text")
+        self.usable, self.orders, self.starts = self.usable.tolist(), {}, [0]
+
+    def _row(self, g):
+        """Row number at position g of the endless walk over the rows (each epoch in a fresh seeded order)."""
+        n = len(self.rows)
+        if g // n not in self.orders:
+            self.orders[g // n] = torch.randperm(n, generator=_generator(self.seed, 0, g // n)).tolist()
+        return self.orders[g // n][g % n]
+
+    def _batches_in(self, chunk):
+        return self.per_chunk if self.n_batches is None else min(self.per_chunk,
+                                                                 self.n_batches - chunk * self.per_chunk)
 
     def _row_ids(self, chunk):
-        """Row numbers of a chunk; each epoch walks the rows in a fresh seeded order."""
-        n = len(self.rows)
-        ids, orders = [], {}
-        for g in range(chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows):
-            epoch = g // n
-            if epoch not in orders:
-                orders[epoch] = torch.randperm(n, generator=_generator(self.seed, 0, epoch))
-            ids.append(int(orders[epoch][g % n]))
-        return torch.tensor(ids)
+        """Row numbers of a chunk: walk positions [starts[c], starts[c+1]), found by counting trainable tokens
+        (a multiple of the process count, so every process harvests an equal share)."""
+        while len(self.starts) <= chunk + 1:
+            c, g, have = len(self.starts) - 1, self.starts[-1], 0
+            while have < self._batches_in(c) * self.batch:
+                have += sum(self.usable[self._row(i)] for i in range(g, g + self.world))
+                g += self.world
+            self.starts.append(g)
+        return torch.tensor([self._row(g) for g in range(self.starts[chunk], self.starts[chunk + 1])])
 
     def chunk(self, c):
-        """The shuffled activations of chunk c: {layer: (x [n, d_in], y [n, d_out])}, identical on every rank."""
+        """The shuffled activations of chunk c: {layer: (x [n, d_in], y [n, d_out])}, n = its batches × batch,
+        identical on every rank."""
         tokens = self.rows[self._row_ids(c)]
         share = len(tokens) // self.world
-        acts = harvest(self.model, tokens[self.rank * share:(self.rank + 1) * share], self.hooks, self.harvest_rows)
+        acts = harvest(self.model, tokens[self.rank * share:(self.rank + 1) * share], self.hooks)
         if self.world > 1:      # everyone gets every rank's rows, in rank order = chunk order
             acts = {l: tuple(torch.cat(_all_gather(t)) for t in xy) for l, xy in acts.items()}
         acts = _without_bos(acts, tokens, self.bos_id)
         order = torch.randperm(len(next(iter(acts.values()))[0]), generator=_generator(self.seed, 1, c))
+        order = order[:self._batches_in(c) * self.batch]
         return {l: (x[order.to(x.device)], y[order.to(x.device)]) for l, (x, y) in acts.items()}
 
     def batches(self, chunk=0, offset=0):
-        """Yield (chunk, index, {layer: (x, y)}) forever from position (chunk, offset); each x, y is this rank's
-        slice [batch / world, d] of the global batch."""
+        """Yield (chunk, index, {layer: (x, y)}) from position (chunk, offset), forever or up to `tokens`; each
+        x, y is this rank's slice [batch / world, d] of the global batch."""
         part = self.batch // self.world
-        while True:
+        while self._batches_in(chunk) > 0:
             acts = self.chunk(chunk)
-            n = len(next(iter(acts.values()))[0]) // self.batch
-            for i in range(offset, n):
+            for i in range(offset, self._batches_in(chunk)):
                 lo = i * self.batch + self.rank * part
                 yield chunk, i, {l: (x[lo:lo + part], y[lo:lo + part]) for l, (x, y) in acts.items()}
             chunk, offset = chunk + 1, 0
@@ -211,12 +250,14 @@ def topk_loss(tc: Transcoder, x, y, dead, k_aux, aux_coef):
     n_dead = int(dead.sum())
     if n_dead:
         # dense over the dead latents only: k_aux is large (d_in / 2 per token), and four matmuls of
-        # [N, n_dead] × [n_dead, d] beat gathering and sorting N·k_aux rows (2-3× on CPU at 40% dead)
+        # [N, n_dead] × [n_dead, d] beat gathering N·k_aux rows (2-3× on CPU at 40% dead)
         ids = dead.nonzero().squeeze(1)                                       # [n_dead]
-        pre_dead = F.linear(x, tc.W_enc.t()[ids], tc.b_enc[ids])             # [N, n_dead], differentiable
+        # index_select, not W[ids]: its backward is an index_add, not a sorting, accumulating index_put (2× slower)
+        W_enc, b_enc, W_dec = (t.index_select(0, ids) for t in (tc.W_enc.t(), tc.b_enc, tc.W_dec))
+        pre_dead = F.linear(x, W_enc, b_enc)                                  # [N, n_dead], differentiable
         floor = pre_dead.detach().topk(min(k_aux, n_dead), dim=-1, sorted=False).values.min(-1, keepdim=True).values
         f_aux = pre_dead.relu() * (pre_dead.detach() >= floor)               # the k_aux largest per token
-        e_hat = f_aux @ tc.W_dec[ids]
+        e_hat = f_aux @ W_dec
         e = -err.detach()
         aux = (e_hat.float() - e).pow(2).sum() / _total_variance(e)[0]
         loss = loss + aux_coef * min(n_dead / k_aux, 1.0) * aux
@@ -282,7 +323,9 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
     With out_dir, checkpoints go to out_dir/checkpoint.pt every cfg.checkpoint_every steps (atomically) and
     `resume=True` continues from there. on_step(step, transcoders, stats) runs after every step (it may raise).
     With eval_rows (held-out token rows), the FVU on them is measured every `eval_every` steps and at the end.
-    On CUDA the loss runs under bf16 autocast unless amp=False; compile_step: torch.compile the loss (CUDA).
+    Where bf16 is fast (`fast_bf16`: CUDA, AMX CPUs), unless amp=False, training activations are harvested in bf16
+    (from a bf16 copy of a float32 model; held-out ones from the model as given) and the loss runs under bf16
+    autocast. compile_step: torch.compile the loss (CUDA).
     Returns ({layer: Transcoder}, summary dict)."""
     rank, _ = _world()
     device, d, n_steps = model.embed.weight.device, model.cfg.d_model, cfg.tokens // cfg.batch_tokens
@@ -309,14 +352,15 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
     if resume:
         run = _restore(ckpt, cfg, tcs, opt, device)
         log(f"resuming at step {run['step']}/{n_steps} from {ckpt}")
-    hooks = {l: cfg.hooks(l) for l in cfg.layers}
+    hooks, bf16 = {l: cfg.hooks(l) for l in cfg.layers}, amp and fast_bf16(device)
     stream = rows
-    if torch.is_tensor(rows):
-        stream = ActivationStream(model, rows, hooks, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id)
-        log(f"harvesting activations ({stream.chunk_rows} rows of {rows.shape[1]} tokens per shuffled chunk) ...")
+    if torch.is_tensor(rows):       # where bf16 is fast, training activations are harvested in bf16
+        stream = ActivationStream(as_bf16(model) if bf16 else model, rows, hooks, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id,
+                                  tokens=n_steps * cfg.batch_tokens)
+        log(f"harvesting activations in shuffled chunks of {stream.per_chunk * cfg.batch_tokens:,} tokens ...")
     batches = stream.batches(run["chunk"], run["offset"])
     held_out = _without_bos(harvest(model, eval_rows, hooks), eval_rows, cfg.bos_id) if eval_rows is not None else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     topk, relu = (torch.compile(topk_loss), torch.compile(relu_loss)) if compile_step else (topk_loss, relu_loss)
     t0, seconds_before, start_step = time.perf_counter(), run["seconds"], run["step"]
     log_every = max(1, min(50, n_steps // 20))

@@ -74,14 +74,33 @@ def test_stream_serves_the_hooked_activations_without_bos(tiny):
     used = rows[stream._row_ids(0)]
     _, cache = model.run_with_cache(used, names=[n for l in (0, 2) for n in hook_names(l)])
     keep = used != BOS
+    # just enough rows for the 1,024-token buffer: all but the last row hold fewer trainable tokens
+    assert keep[:-1].sum() < 1024 <= keep.sum()
     for l in (0, 2):
         expected = torch.cat([cache[hook_names(l)[0]][keep], cache[hook_names(l)[1]][keep]], 1)
         got = torch.cat(chunk[l], 1)
-        assert got.shape == expected.shape == (int(keep.sum()), 64)
+        assert got.shape == (1024, 64) and expected.shape == (int(keep.sum()), 64)
         # same (x, y) pairs, shuffled: each streamed pair is exactly one hooked pair
         assert torch.cdist(got, expected, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-5
         assert not torch.equal(got, expected)
     assert torch.equal(chunk[0][0][:50], stream.chunk(0)[0][0][:50])       # a pure function of (seed, chunk)
+
+
+def test_stream_walks_every_row_once_per_epoch_and_stops_at_tokens(tiny):
+    """Chunks tile the seeded walk over the rows with no gap or overlap (each epoch a permutation of all rows),
+    every chunk serves whole batches, and with `tokens` the last chunk harvests only the rows it needs."""
+    family, path, _ = tiny
+    model = minisv.load(str(path), device="cpu")
+    rows = token_rows(48)
+    stream = ActivationStream(model, rows, {0: hook_names(0)}, batch_tokens=128, buffer_tokens=1000, seed=0,
+                              bos_id=BOS, tokens=128 * 17)
+    assert stream.per_chunk == 7                    # 1,000 tokens -> 7 whole batches
+    walk = torch.cat([stream._row_ids(c) for c in range(3)])
+    assert sorted(walk[:48].tolist()) == list(range(48)) and walk[48:].tolist() != walk[:len(walk) - 48].tolist()
+    served = [(c, i) for c, i, _ in stream.batches()]
+    assert served == [(c, i) for c in range(2) for i in range(7)] + [(2, i) for i in range(3)]
+    last = stream._row_ids(2)
+    assert (rows[last[:-1]] != BOS).sum() < 3 * 128 <= (rows[last] != BOS).sum()
 
 
 # ------------------------------------------------------------------------- losses
@@ -240,6 +259,51 @@ def test_half_precision_model_trains_on_cpu(tiny_llama):
         model = minisv.load(str(path), device="cpu", dtype=dtype)
         tcs, summary = train(model, token_rows(), config(tokens=256 * 10), log=lambda s: None)
         assert summary["history"][-1]["fvu"] < 0.9 and tcs[1].W_enc.dtype == torch.float32
+
+
+def test_fast_bf16_follows_the_cpu(monkeypatch):
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx})
+        assert training.fast_bf16(torch.device("cpu")) is amx
+        assert training.fast_bf16(torch.device("cuda")) is True
+
+
+def test_as_bf16_copies_exactly_and_leaves_the_model_untouched(tiny_llama):
+    _, model = tiny_llama
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    twin = training.as_bf16(model)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.data_ptr() == before[name][0] and torch.equal(p, before[name][1])
+        assert dict(twin.named_parameters())[name].dtype == torch.bfloat16
+    torch.testing.assert_close(twin.state_dict(), {n: t.bfloat16() for n, t in model.state_dict().items()},
+                               rtol=0, atol=0)
+    assert training.as_bf16(twin) is twin
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_where_bf16_is_fast_training_harvests_in_bf16_and_autocasts_the_loss(tiny_llama, monkeypatch, fast):
+    """With fast bf16 (and amp), training chunks come from a bf16 copy and the loss runs under autocast, while the
+    held-out activations and the caller's model stay float32; without it everything is float32."""
+    _, model = tiny_llama
+    monkeypatch.setattr(training, "fast_bf16", lambda device: fast)
+    harvested, autocast = [], []
+    real_harvest, real_loss = training.harvest, training.topk_loss
+
+    def spy_harvest(m, tokens, hooks, batch_rows=32):
+        harvested.append(m.embed.weight.dtype)
+        return real_harvest(m, tokens, hooks, batch_rows)
+
+    def spy_loss(*args):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return real_loss(*args)
+    monkeypatch.setattr(training, "harvest", spy_harvest)
+    monkeypatch.setattr(training, "topk_loss", spy_loss)
+    rows = token_rows()
+    tcs, summary = train(model, rows, config(tokens=256 * 10), log=lambda s: None, eval_rows=rows[:4])
+    half = torch.bfloat16 if fast else torch.float32
+    assert harvested[0] == torch.float32 and set(harvested[1:]) == {half}     # held-out first, then chunks
+    assert set(autocast) == {fast} and model.embed.weight.dtype == torch.float32
+    assert summary["history"][-1]["fvu"] < 0.9 and tcs[1].W_enc.dtype == torch.float32
 
 
 @pytest.mark.parametrize("site", ["hook_mlp_out", "hook_resid_mid", "ln2.hook_normalized"])

@@ -4,7 +4,7 @@
     python tests/bench/bench_transcoder.py --model random-gpt2 --device cuda --d-sae 24576 --batch 4096  # a GPU
 
 Rows: minisv TopK (sparse backward + embedding_bag decode) without dead latents and with --dead of them dead
-(then AuxK runs: the default run has ~40% dead latents after its first steps), minisv ReLU (the paper's dense
+(then AuxK runs: the default run has 15-25% dead latents after its first steps), minisv ReLU (the paper's dense
 ReLU + L1), a straightforward dense PyTorch TopK (plain autograd), and eai-sparsify's SparseCoder if it is
 importable; all with Adam, each timed over the same --steps batches after one warm-up step. Then the three
 figures of the default run side by side: harvest tok/s, TopK step tok/s (with dead latents) and train()'s end
@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import minisv  # noqa: E402
 from minisv.data import load_dataset  # noqa: E402
-from minisv.training import (TrainConfig, _fix_decoder_grad, harvest, relu_loss,  # noqa: E402
-                             topk_loss, train)
+from minisv.training import (TrainConfig, _fix_decoder_grad, as_bf16, fast_bf16, harvest,  # noqa: E402
+                             relu_loss, topk_loss, train)
 from minisv.transcoder import Transcoder, TranscoderConfig, hook_names  # noqa: E402
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -82,15 +82,15 @@ def load_sparsify():
     return SparseCoder, SparseCoderConfig
 
 
-def time_steps(step_fn, params, batches, relu=None):
-    """Adam over `batches` (the first one is a warm-up); returns tokens/s."""
+def time_steps(step_fn, params, batches, bf16, relu=None):
+    """Adam over `batches` (the first one is a warm-up), the loss under bf16 autocast if `bf16`; returns tokens/s."""
     opt = torch.optim.Adam(params, lr=1e-3, fused=True)
     start = None
     for i, (x, y) in enumerate(batches):
         if i == 1:
             _sync()
             start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = step_fn(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -110,13 +110,16 @@ def main(argv=None):
     p.add_argument("--d-sae", type=int, default=9216, help="latents (default: 9216)")
     p.add_argument("--k", type=int, default=32, help="TopK k (default: 32)")
     p.add_argument("--batch", type=int, default=1024, help="tokens per step (default: 1024, the default run's)")
-    p.add_argument("--dead", type=float, default=0.4, help="fraction of dead latents in the second TopK row "
-                   "(default: 0.4)")
+    p.add_argument("--dead", type=float, default=0.2, help="fraction of dead latents in the second TopK row "
+                   "(default: 0.2)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per implementation (default: 6)")
     p.add_argument("--e2e-tokens", type=int, default=65536, help="tokens for the end-to-end train() run, 0 to skip")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--no-autocast", action="store_true", help="float32 throughout, as train_transcoder.py "
+                   "--no-autocast (default: bf16 harvest and autocast where bf16 is fast, as the default run)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    bf16 = fast_bf16(device) and not args.no_autocast
     tmp = tempfile.mkdtemp()
     spec = random_gpt2(tmp) if args.model == "random-gpt2" else args.model
     model = minisv.load(spec, device=device)
@@ -126,11 +129,13 @@ def main(argv=None):
         rows = torch.randint(0, model.cfg.vocab_size, (4096, 128), generator=torch.Generator().manual_seed(0))
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     n = args.batch * (args.steps + 1)
-    x, y, harvest_tok_s = harvested(model, rows, args.layer, n)
+    harvester = as_bf16(model) if bf16 else model
+    x, y, harvest_tok_s = harvested(harvester, rows, args.layer, n)
     d, S, k = model.cfg.d_model, args.d_sae, args.k
     print(f"{model.cfg.name or spec}, layer {args.layer}, d_in {d}, d_sae {S}, k {k}, batch {args.batch}, "
           f"{device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
-          f"{torch.get_num_threads()} threads, model in {model.embed.weight.dtype}; harvest {harvest_tok_s:,.0f} tok/s")
+          f"{torch.get_num_threads()} threads, harvest in {harvester.embed.weight.dtype}, loss under bf16 autocast: "
+          f"{bf16}; harvest {harvest_tok_s:,.0f} tok/s")
     y = y / y.float().pow(2).mean().sqrt().to(y.dtype)
     batches = [(x[i:i + args.batch], y[i:i + args.batch]) for i in range(0, n, args.batch)]
     results = {}
@@ -139,21 +144,21 @@ def main(argv=None):
     tc = Transcoder(TranscoderConfig(d, d, S, "topk", k)).to(device)
     none_dead = torch.zeros(S, dtype=torch.bool, device=device)
     results["minisv TopK"] = time_steps(lambda x, y: topk_loss(tc, x, y, none_dead, d // 2, 1 / 32)[0],
-                                        list(tc.parameters()), batches)
+                                        list(tc.parameters()), batches, bf16)
     some_dead = torch.arange(S, device=device) < args.dead * S
     results[f"minisv TopK, {args.dead:.0%} dead"] = time_steps(
-        lambda x, y: topk_loss(tc, x, y, some_dead, d // 2, 1 / 32)[0], list(tc.parameters()), batches)
+        lambda x, y: topk_loss(tc, x, y, some_dead, d // 2, 1 / 32)[0], list(tc.parameters()), batches, bf16)
     relu = Transcoder(TranscoderConfig(d, d, S, "relu")).to(device)
     results["minisv ReLU + L1"] = time_steps(lambda x, y: relu_loss(relu, x, y, none_dead, 1.4e-4)[0],
-                                             list(relu.parameters()), batches, relu=relu)
+                                             list(relu.parameters()), batches, bf16, relu=relu)
     dense = [t.detach().clone().contiguous().requires_grad_() for t in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec)]
-    results["dense PyTorch TopK"] = time_steps(lambda x, y: dense_topk_step(dense, x, y, k), dense, batches)
+    results["dense PyTorch TopK"] = time_steps(lambda x, y: dense_topk_step(dense, x, y, k), dense, batches, bf16)
     sparsify = load_sparsify()
     if sparsify is not None:
         SparseCoder, SparseCoderConfig = sparsify
         coder = SparseCoder(d, SparseCoderConfig(num_latents=S, k=k, transcode=True), device=device)
         results["eai-sparsify SparseCoder"] = time_steps(lambda x, y: coder(x, y).fvu,
-                                                         list(coder.parameters()), batches)
+                                                         list(coder.parameters()), batches, bf16)
     else:
         print("(eai-sparsify not installed: pip install --no-deps eai-sparsify simple-parsing einops natsort)")
     flops = 2 * d * S          # encoder matmul per token, forward
@@ -168,7 +173,7 @@ def main(argv=None):
         cfg = TrainConfig(layers=[args.layer], d_sae=S, k=k, lr=4e-3, tokens=args.e2e_tokens, batch_tokens=args.batch,
                           bos_id=getattr(model.tokenizer, "bos_id", None), checkpoint_every=10 ** 9,
                           warmup_steps=max(1, steps // 20), dead_tokens=max(1, steps // 10) * args.batch)
-        _, summary = train(model, rows, cfg, log=lambda line: None)
+        _, summary = train(model, rows, cfg, log=lambda line: None, amp=not args.no_autocast)
         step = results[f"minisv TopK, {args.dead:.0%} dead"]
         bound = 1 / (1 / harvest_tok_s + 1 / step)
         print(f"  default run, side by side: harvest {harvest_tok_s:,.0f} | TopK step ({args.dead:.0%} dead) "
