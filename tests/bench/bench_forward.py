@@ -1,11 +1,11 @@
-"""Forward speed, caching overhead, load time and peak memory: minisv vs transformers on SmolLM2-135M (CPU, fp32).
+"""Forward speed, caching overhead, load time and peak memory: minisv vs transformers on SmolLM2-135M (CPU).
 
     python tests/bench/bench_forward.py [--batch 4] [--seq 256] [--repeats 7] [--threads 2]
 
 Both models load the same GGUF and run the same token batch in the same process, alternating, so the
 ratios are measured side by side (medians of interleaved rounds). The forward is timed twice: with the CPU
-otherwise idle, and while a busy-looping process this script starts (and stops) competes for one core.
-Loads run in fresh subprocesses so each one's peak RSS is its own.
+otherwise idle, and while a busy-looping process this script starts (and stops) competes for one core; both in
+float32, then both in bfloat16 (idle). Loads run in fresh subprocesses so each one's peak RSS is its own.
 """
 import argparse
 import importlib.util
@@ -99,6 +99,10 @@ def main():
             t_ref, t_ours = median_times([lambda: ref(x), lambda: model(x)], args.repeats)
         print(f"forward {args.batch}x{args.seq}, one core busy: transformers {tokens / t_ref:6.0f} tok/s   minisv "
               f"{tokens / t_ours:6.0f} tok/s   ratio {t_ref / t_ours:.2f}x")
+        ref, model = ref.to(torch.bfloat16), model.to(torch.bfloat16)
+        t_ref, t_ours = median_times([lambda: ref(x), lambda: model(x)], args.repeats)
+        print(f"forward {args.batch}x{args.seq}, bfloat16, no added load: transformers {tokens / t_ref:6.0f} tok/s   "
+              f"minisv {tokens / t_ours:6.0f} tok/s   ratio {t_ref / t_ours:.2f}x")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from minisv.cli import positive_int  # noqa: E402
 from minisv.data import load_dataset  # noqa: E402
 from minisv.evals import evaluate  # noqa: E402
 from minisv.report import svg_chart  # noqa: E402
-from minisv.training import CachedActivations, TrainConfig, _without_bos, harvest, train  # noqa: E402
+from minisv.training import (CachedActivations, TrainConfig, _without_bos, as_bf16, fast_bf16,  # noqa: E402
+                             harvest, train)
 
 KINDS = {"transcoder": ("ln2.hook_normalized", "hook_mlp_out"), "SAE": ("hook_mlp_out", "hook_mlp_out")}
 
@@ -47,10 +48,12 @@ def main(argv=None):
     rows, held_out = load_dataset(None, model.tokenizer, args.ctx) if model.tokenizer is not None else \
         _random_rows(model, args.ctx)
     held_out = held_out[:max(1, args.eval_tokens // args.ctx)]
-    # harvest once: enough rows for the budget after dropping BOS positions, both hooks in one forward
+    # harvest once: enough rows for the budget after dropping BOS positions, both hooks in one forward; in bf16
+    # where bf16 is fast, as train() harvests for the default run
     need = rows[:args.tokens // (args.ctx - 1) + 1]
     L = args.layer
-    acts = _without_bos(harvest(model, need, {L: [f"blocks.{L}.{h}" for h in KINDS["transcoder"]]}), need, bos)[L]
+    harvester = as_bf16(model) if fast_bf16(model.embed.weight.device) else model
+    acts = _without_bos(harvest(harvester, need, {L: [f"blocks.{L}.{h}" for h in KINDS["transcoder"]]}), need, bos)[L]
     harvest_s = time.perf_counter() - started
     print(f"harvested {len(acts[0]):,} tokens of layer {L} once in {harvest_s:.0f} s; held out: {held_out.numel():,} "
           f"tokens in {len(held_out)} rows")
@@ -92,12 +95,12 @@ def _random_rows(model, ctx):
 def table(results, setup):
     """Markdown: one row per k, transcoder and SAE side by side."""
     by = {(r["kind"], r["k"]): r for r in results}
-    lines = ["| k | L0 TC / SAE | FVU TC / SAE | CE increase TC / SAE (nats) | CE score TC / SAE |",
-             "|---|---|---|---|---|"]
+    lines = ["| k | L0 TC / SAE | FVU TC / SAE | CE increase TC / SAE (nats) | KL TC / SAE (nats) | CE score TC / SAE |",
+             "|---|---|---|---|---|---|"]
     for k in sorted({r["k"] for r in results}):
         tc, sae = by[("transcoder", k)], by[("SAE", k)]
         lines.append(f"| {k} | {tc['l0']:.1f} / {sae['l0']:.1f} | {tc['fvu']:.3f} / {sae['fvu']:.3f} | "
-                     f"{tc['ce_increase']:.4f} / {sae['ce_increase']:.4f} | "
+                     f"{tc['ce_increase']:.4f} / {sae['ce_increase']:.4f} | {tc['kl']:.4f} / {sae['kl']:.4f} | "
                      f"{tc['ce_score']:.3f} / {sae['ce_score']:.3f} |")
     return "\n".join(lines) + f"\n\n{setup}\n"
 
