@@ -225,12 +225,14 @@ def _all_gather(t):
 
 # ------------------------------------------------------------------------- losses
 def _total_variance(y):
-    """Σ_n ‖y_n − ȳ‖² over the global batch, from all-reduced Σy, Σ‖y‖² and n (a constant for autograd)."""
-    y = y.detach().float()
+    """Σ_n ‖y_n − ȳ‖² over the global batch, from all-reduced Σy, Σ‖y‖² and n (a constant for autograd). In
+    float64: Σ‖y‖² − ‖Σy‖²/n cancels catastrophically in float32 when the mean dwarfs the spread (residual
+    streams have dimensions like that)."""
+    y = y.detach().double()
     count = torch.tensor([len(y)], device=y.device, dtype=y.dtype)
     stats = _all_reduce(torch.cat([y.sum(0), y.pow(2).sum()[None], count]))
     total, sq, n = stats[:-2], stats[-2], stats[-1]
-    return sq - total.pow(2).sum() / n, n
+    return (sq - total.pow(2).sum() / n).float(), n.float()
 
 
 def topk_loss(tc: Transcoder, x, y, dead, k_aux, aux_coef):

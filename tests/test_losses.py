@@ -75,3 +75,15 @@ def test_relu_loss_is_the_papers_normalized_mse_plus_l1():
     torch.testing.assert_close(loss.detach(), mse + l1 * f.sum(-1).mean(), rtol=1e-5, atol=0)
     assert y.norm(dim=-1).min() > 10                         # ‖y‖ and ‖y‖² differ by more than 10×
     torch.testing.assert_close(stats["fvu"], fvu(y, y_hat), rtol=1e-5, atol=0)
+
+
+def test_fvu_denominator_survives_a_mean_far_above_the_spread():
+    """Σ‖y − ȳ‖² from Σ‖y‖² − ‖Σy‖²/n cancels catastrophically in float32 when the mean dwarfs the spread; the
+    loss must still be the FVU computed in float64 from centred targets."""
+    tc, x, _ = setup("topk", n=512)
+    y = 3000.0 + torch.randn(512, 12)
+    loss, stats = topk_loss(tc, x, y, torch.zeros(48, dtype=torch.bool), k_aux=6, aux_coef=0.5)
+    _, _, y_hat = dense(tc, x, 5)
+    y64 = y.double()
+    expected = (y64 - y_hat.double()).pow(2).sum() / (y64 - y64.mean(0)).pow(2).sum()
+    torch.testing.assert_close(stats["fvu"].double(), expected, rtol=1e-4, atol=0)
