@@ -113,13 +113,16 @@ def harvest(model, tokens, hooks, batch_rows=32):
 
 
 def as_bf16(model):
-    """`model` itself if it is in bf16, else a bf16 copy of it (without its hooks), built on the meta device so
-    that nothing is allocated twice; the model is left untouched."""
+    """`model` itself if it is in bf16, else a bf16 copy of it, built on the meta device so that nothing is
+    allocated twice, and sharing the model's hooks; the model is left untouched."""
     if model.embed.weight.dtype == torch.bfloat16:
         return model
     with torch.device("meta"):
         twin = Model(model.cfg, model.tokenizer)
     twin.load_state_dict(model.state_dict(), assign=True)    # new parameters over the same tensors ...
+    if model.unembed.weight is model.embed.weight:
+        twin.unembed.weight = twin.embed.weight
+    twin._hooks = model._hooks           # the caller's hooks (a steering vector, an ablation) act on the copy too
     return twin.to(torch.bfloat16)                           # ... then bf16 copies of them
 
 
@@ -158,24 +161,24 @@ class ActivationStream:
 
     def _row_ids(self, chunk):
         """Row numbers of a chunk: walk positions [starts[c], starts[c+1]), found by counting trainable tokens
-        (a multiple of the process count, so every process harvests an equal share)."""
+        (the same for any number of processes)."""
         while len(self.starts) <= chunk + 1:
             c, g, have = len(self.starts) - 1, self.starts[-1], 0
             while have < self._batches_in(c) * self.batch:
-                have += sum(self.usable[self._row(i)] for i in range(g, g + self.world))
-                g += self.world
+                have, g = have + self.usable[self._row(g)], g + 1
             self.starts.append(g)
         return torch.tensor([self._row(g) for g in range(self.starts[chunk], self.starts[chunk + 1])])
 
     def chunk(self, c):
         """The shuffled activations of chunk c: {layer: (x [n, d_in], y [n, d_out])}, n = its batches × batch,
         identical on every rank."""
-        tokens = self.rows[self._row_ids(c)]
-        share = len(tokens) // self.world
+        ids = self._row_ids(c)
+        share = -(-len(ids) // self.world)      # rows per process, the last ones padded with repeats of the first
+        tokens = self.rows[ids[torch.arange(share * self.world) % len(ids)]]
         acts = harvest(self.model, tokens[self.rank * share:(self.rank + 1) * share], self.hooks)
-        if self.world > 1:      # everyone gets every rank's rows, in rank order = chunk order
-            acts = {l: tuple(torch.cat(_all_gather(t)) for t in xy) for l, xy in acts.items()}
-        acts = _without_bos(acts, tokens, self.bos_id)
+        if self.world > 1:      # everyone gets every rank's rows, in rank order = chunk order, without the padding
+            acts = {l: tuple(torch.cat(_all_gather(t))[:len(ids)] for t in xy) for l, xy in acts.items()}
+        acts = _without_bos(acts, tokens[:len(ids)], self.bos_id)
         order = torch.randperm(len(next(iter(acts.values()))[0]), generator=_generator(self.seed, 1, c))
         order = order[:self._batches_in(c) * self.batch]
         return {l: (x[order.to(x.device)], y[order.to(x.device)]) for l, (x, y) in acts.items()}
@@ -371,6 +374,7 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
         run["chunk"], run["offset"], acts = next(batches)
         if step == 0:   # inputs and targets are divided by their RMS (the MLP input's is ~1 already), so one
             for l, tc in tcs.items():       # learning rate suits every model, layer and hook
+                _check_resolution(acts[l][1], l)
                 run["scale"][l] = (_rms(acts[l][0]), _rms(acts[l][1]))
                 _init_from_batch(tc, *_scaled(acts[l], run["scale"][l]))
         for group in opt.param_groups:
@@ -432,6 +436,17 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
 def _dead(last_fired, seen, window):
     """Fraction of latents that fired on none of the last `window` training tokens (of `seen` so far)."""
     return float((seen - last_fired >= window).float().mean())
+
+
+def _check_resolution(y, layer):
+    """bf16 keeps 8 significant bits, so targets whose spread is under ~3% of their size (Σ‖y − ȳ‖² < 1e-3 Σ‖y‖²)
+    lose much of their variance to rounding: refuse them rather than train on the rounding noise."""
+    if y.dtype == torch.bfloat16:
+        variance, size = float(_total_variance(y)[0]), float(_all_reduce(y.double().pow(2).sum()))
+        if variance < 1e-3 * size:
+            raise MinisvError(f"layer {layer}: the targets vary by {(variance / size) ** 0.5:.2%} of their size, "
+                              f"below what bf16 activations resolve; train in float32 (train_transcoder.py "
+                              f"--no-autocast --dtype float32, or train(..., amp=False) on a float32 model)")
 
 
 def _scaled(xy, scale):
