@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from typing import Tuple
 
@@ -148,8 +149,9 @@ def test_legacy_pytorch_model_bin_loads(tmp_path, tiny):
 
 
 # ------------------------------------------------------------------------- a hostile hub
-def answer(code, data=b"", length=True, **headers):
-    """A route for the fake hub: reply with `code`, `data` and headers (names with '_' for '-')."""
+def answer(code, data=b"", length=True, pace=0.0, **headers):
+    """A route for the fake hub: reply with `code`, `data` and headers (names with '_' for '-'); pace > 0 sends
+    the body one byte every `pace` seconds."""
     def reply(handler, body):
         handler.send_response(code)
         for key, value in headers.items():
@@ -158,8 +160,10 @@ def answer(code, data=b"", length=True, **headers):
             handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         try:
-            for start in range(0, len(data), 1 << 16) if body else ():
-                handler.wfile.write(data[start:start + (1 << 16)])
+            step = 1 if pace else 1 << 16
+            for start in range(0, len(data), step) if body else ():
+                handler.wfile.write(data[start:start + step])
+                time.sleep(pace)
         except (BrokenPipeError, ConnectionResetError):
             pass    # the client hung up, as it should on a body that never ends
         handler.close_connection = True
@@ -203,6 +207,20 @@ def test_bodies_are_capped_and_checked_against_the_declared_size(server, tmp_pat
                                                  X_Linked_Etag=f'"{sha}"', X_Linked_Size=str(len(WEIGHTS) + 1))
     refused(rf"model.safetensors stopped after {len(WEIGHTS)} of {len(WEIGHTS) + 1} bytes", hub.snapshot, "org/tiny")
     assert {p.name for p in (tmp_path / "models--org--tiny" / "blobs").iterdir()} == {git_sha1(FILES[MAIN]["config.json"])}
+
+
+def test_a_dripping_server_meets_a_deadline(server, tmp_path, monkeypatch):
+    """One byte every 0.1 s never trips the 30 s read timeout; the whole file must still come in time."""
+    monkeypatch.setattr(hub, "_MIN_SECONDS", 0.5)
+    monkeypatch.setattr(hub, "_MIN_RATE", 28)   # 14 bytes -> 0.5 s more: 1 s in all
+    data = FILES[MAIN]["config.json"]           # 14 bytes: 1.4 s at this pace
+    server.handler.routes[CONFIG_PATH] = answer(200, data, pace=0.1, X_Repo_Commit=MAIN, ETag=f'"{git_sha1(data)}"')
+    message = refused(r"download of config.json was still at byte \d+ after 1 s: the server is stalling",
+                      hub.snapshot, "org/tiny")
+    assert int(message.split("at byte ")[1].split()[0]) < 14   # cut off on time, not once all had come
+    assert not any(tmp_path.glob("models--org--tiny/blobs/*"))
+    del server.handler.routes[CONFIG_PATH]      # an honest server fits in the same deadline
+    assert (hub.snapshot("org/tiny") / "config.json").read_bytes() == data
 
 
 def test_content_must_match_its_hash_and_json_must_parse(server, tmp_path):
