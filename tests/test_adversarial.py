@@ -119,7 +119,10 @@ def test_torchscript_archive_is_refused_before_torch_sees_it(tmp_path, tiny_llam
         assert not marker.exists(), call  # ...but not when minisv does
 
 
-def test_pickled_calls_are_refused_everywhere(tmp_path, tiny_llama):
+@pytest.mark.parametrize("forced", [None, "1"])
+def test_pickled_calls_are_refused_everywhere(tmp_path, tiny_llama, monkeypatch, forced):
+    if forced:
+        monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", forced)
     marker = tmp_path / "pwned"
     state = {"cfg": Payload(marker), "state_dict": {"W_enc": torch.zeros(100, 100)}}
     for zipped in (True, False):
@@ -146,6 +149,35 @@ def test_legacy_pytorch_model_bin_loads(tmp_path, tiny):
     x = torch.arange(10)[None]
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=1e-4)
+
+
+class RunnerConfig:
+    """Stands in for sae_lens' config class, which a released transcoder file pickles by reference."""
+
+    def __init__(self, hook_point):
+        self.hook_point = hook_point
+
+
+def test_torch_force_weights_only_load_leaves_minisv_files_readable(tmp_path, tiny_llama, monkeypatch):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch.load refuse every pickle module, minisv's too; that one runs
+    no code either, so files load as without the variable (the hostile ones: test above), and it stays set."""
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    sd = dict(W_enc=torch.randn(16, 64), b_enc=torch.zeros(64), W_dec=torch.randn(64, 16), b_dec=torch.zeros(16),
+              b_dec_out=torch.ones(16))
+    torch.save({"state_dict": sd, "cfg": RunnerConfig("blocks.3.ln2.hook_normalized")}, tmp_path / "released.pt")
+    tc = import_released(str(tmp_path / "released.pt"))
+    assert tc.cfg.layer == 3 and torch.equal(tc.W_dec.detach(), sd["W_dec"])
+    _, path, ref = tiny_llama
+    from safetensors.torch import load_file
+    for zipped in (True, False):
+        model_dir = hf_dir(tmp_path / f"bin{zipped}", tiny_llama)
+        torch.save(load_file(path / "model.safetensors"), model_dir / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=zipped)
+        x = torch.arange(10)[None]
+        with torch.no_grad():
+            torch.testing.assert_close(minisv.load(str(model_dir), device="cpu")(x), ref(x).logits, atol=1e-4,
+                                       rtol=1e-4)
+    assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
 
 
 # ------------------------------------------------------------------------- a hostile hub
