@@ -349,17 +349,16 @@ def byte_tokens():
 
 def tiny_gguf(path, changes=()):
     """A 2-layer llama GGUF (d_model 32, 4 heads, 2 kv heads, d_mlp 64, 257 tokens) with metadata changes:
-    key -> (value, GGUF type), or None to drop the key."""
+    key -> (value, GGUF type[, GGUF type of an array's items]), or None to drop the key."""
     from gguf import GGMLQuantizationType as Q, GGUFValueType as V
     metadata = {"llama.block_count": (2, V.UINT32), "llama.embedding_length": (32, V.UINT32),
                 "llama.attention.head_count": (4, V.UINT32), "llama.attention.head_count_kv": (2, V.UINT32),
                 "llama.feed_forward_length": (64, V.UINT32), "llama.context_length": (64, V.UINT32),
                 "llama.attention.layer_norm_rms_epsilon": (1e-5, V.FLOAT32), "llama.rope.freq_base": (1e4, V.FLOAT32),
-                "tokenizer.ggml.model": ("gpt2", V.STRING)}
+                "tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.merges": (["Ā ā"], V.ARRAY, V.STRING),
+                "tokenizer.ggml.tokens": (byte_tokens() + ["Āā"], V.ARRAY, V.STRING)}
     metadata.update(changes)
-    metadata = {k: (v[0], v[1], None) for k, v in metadata.items() if v is not None}
-    metadata["tokenizer.ggml.tokens"] = (byte_tokens() + ["Āā"], V.ARRAY, V.STRING)
-    metadata["tokenizer.ggml.merges"] = (["Ā ā"], V.ARRAY, V.STRING)
+    metadata = {k: (*v, None)[:3] for k, v in metadata.items() if v is not None}
     rng = np.random.default_rng(0)
     shapes = {"token_embd.weight": (257, 32), "output_norm.weight": (32,)}
     for l in range(2):
@@ -391,6 +390,37 @@ def test_gguf_metadata_is_checked_before_anything_is_built(tmp_path):
         for value in [(0, V.UINT32), (1, V.UINT32), (2 ** 63, V.UINT64), ("x", V.STRING), (True, V.BOOL),
                       (-2, V.INT32), (0.5, V.FLOAT32), None]:
             loads_or_refuses(minisv.load, tiny_gguf(tmp_path / "bad.gguf", {key: value}))
+
+
+def test_gguf_tokenizer_fields_are_checked(tmp_path):
+    """Each tokenizer field read from a GGUF has its type, its length (one entry per token) and, for ids, a range."""
+    from gguf import GGUFValueType as V
+    n = len(byte_tokens()) + 1
+    ok = {"tokenizer.ggml.token_type": ([1] * n, V.ARRAY, V.INT32), "tokenizer.ggml.scores": ([0.0] * n, V.ARRAY,
+          V.FLOAT32), "tokenizer.ggml.bos_token_id": (n - 1, V.UINT32), "tokenizer.ggml.add_bos_token": (True, V.BOOL),
+          "tokenizer.ggml.pre": ("smollm", V.STRING), "tokenizer.chat_template": ("{{ x }}", V.STRING)}
+    tok = minisv.load(tiny_gguf(tmp_path / "ok.gguf", ok), device="cpu").tokenizer   # the baseline loads
+    assert (tok.bos_id, tok.add_bos, tok.vocab_size, tok.encode("\0\1\0\1")) == (256, True, 257, [256, 256])
+    cases = [("tokenizer.ggml.tokens", ("abc", V.STRING), "tokens is 'abc', expected a list of strings"),
+             ("tokenizer.ggml.tokens", ([1, 2, 3], V.ARRAY, V.INT32), r"tokens is \[1, 2, 3\], expected a list of str"),
+             ("tokenizer.ggml.merges", ([1, 2], V.ARRAY, V.UINT8), r"merges is \[1, 2\], expected a list of strings"),
+             ("tokenizer.ggml.merges", ("Ā ā", V.STRING), "merges is 'Ā ā', expected a list of strings"),
+             ("tokenizer.ggml.token_type", ([1] * (n - 1), V.ARRAY, V.INT32),
+              rf"token_type is \[1, 1, .*\.\.\., expected a list of {n} ints, one per token"),
+             ("tokenizer.ggml.token_type", (["1"] * n, V.ARRAY, V.STRING), f"expected a list of {n} ints"),
+             ("tokenizer.ggml.scores", ([0.0] * (n + 1), V.ARRAY, V.FLOAT32), f"scores is .*, expected a list of {n} num"),
+             ("tokenizer.ggml.bos_token_id", (n, V.UINT32), f"bos_token_id is {n}, expected a token id in 0..{n - 1}"),
+             ("tokenizer.ggml.eos_token_id", (-1, V.INT32), f"eos_token_id is -1, expected a token id in 0..{n - 1}"),
+             ("tokenizer.ggml.padding_token_id", ("0", V.STRING), "padding_token_id is '0', expected a token id"),
+             ("tokenizer.ggml.bos_token_id", (1.0, V.FLOAT32), "bos_token_id is 1.0, expected a token id"),
+             ("tokenizer.ggml.add_bos_token", (1, V.UINT8), "add_bos_token is 1, expected true or false"),
+             ("tokenizer.ggml.add_space_prefix", ("no", V.STRING), "add_space_prefix is 'no', expected true or false"),
+             ("tokenizer.ggml.pre", (["gpt-2"], V.ARRAY, V.STRING), r"pre is \['gpt-2'\], expected a string"),
+             ("tokenizer.chat_template", (7, V.INT32), "chat_template is 7, expected a string"),
+             ("general.name", (7, V.INT32), "general.name is 7, expected a string")]
+    for key, value, message in cases:
+        refused(rf"GGUF metadata {'' if key.startswith('general') else 'tokenizer.'}.*{message}.*the file is corrupt",
+                minisv.load, tiny_gguf(tmp_path / "bad.gguf", {**ok, key: value}), device="cpu")
 
 
 def test_config_json_fields_are_checked(tmp_path, tiny):
