@@ -267,7 +267,10 @@ def _digest(path: Path, etag: str) -> str:
 def _record(blob: Path, repo: Path) -> None:
     """Note the size and modification time of a blob just verified, in .verified/{etag}."""
     stat = blob.stat()
-    write_text(repo / ".verified" / blob.name, f"{stat.st_size} {stat.st_mtime_ns}")
+    try:
+        write_text(repo / ".verified" / blob.name, f"{stat.st_size} {stat.st_mtime_ns}")
+    except OSError:
+        pass  # a read-only cache (shared on a cluster): its blobs are hashed again on every load instead
 
 
 def _intact(blob: Path, repo: Path) -> bool:
@@ -285,7 +288,11 @@ def _intact(blob: Path, repo: Path) -> bool:
     if _HASH.fullmatch(blob.name) and _digest(blob, blob.name) == blob.name:
         _record(blob, repo)
         return True
-    print(f"minisv: {blob} ({stat.st_size} bytes) is not the file that was downloaded: it was truncated or changed"
-          " since; deleting it, to download it again", file=sys.stderr)
-    blob.unlink()
+    damaged = f"{blob} ({stat.st_size} bytes) is not the file that was downloaded: it was truncated or changed since"
+    try:
+        blob.unlink()
+    except OSError as e:
+        raise MinisvError(f"{damaged}, and cannot be deleted ({e.strerror or e}) — delete it, or ask the owner of"
+                          " the cache to") from None
+    print(f"minisv: {damaged}; deleted it, to download it again", file=sys.stderr)
     return False

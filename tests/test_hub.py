@@ -186,3 +186,23 @@ def test_a_cached_file_changed_since_download_is_downloaded_again(server, tmp_pa
     with pytest.raises(MinisvError, match="the weights of 'org/tiny' .* are not in the Hugging Face cache"):
         hub.snapshot("org/tiny")
     assert "(100 bytes) is not the file that was downloaded" in capsys.readouterr().err
+
+
+def test_a_read_only_cache_is_checked_but_not_written(server, tmp_path, monkeypatch, capsys):
+    path = hub.snapshot("org/tiny")
+    count, weights = len(server.handler.requests), (path / "model.safetensors").resolve()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(hub, "write_text", read_only)
+    monkeypatch.setattr(type(weights), "unlink", read_only)
+    os.utime(weights, ns=(0, 0))   # no record of this: hashed, found whole, used, on every load
+    for _ in range(2):
+        assert (hub.snapshot("org/tiny") / "model.safetensors").read_bytes() == WEIGHTS
+    assert len(server.handler.requests) == count
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(MinisvError, match=r"\(100 bytes\) is not the file that was downloaded: it was truncated or "
+                                          r"changed since, and cannot be deleted \(Permission denied\) — delete it"):
+        hub.snapshot("org/tiny")
+    assert capsys.readouterr().err == ""
