@@ -4,6 +4,7 @@ The layout is huggingface_hub's, so a cache filled by transformers is reused her
 
     $HF_HUB_CACHE/models--{org}--{name}/
         blobs/{etag}                        file contents, named by git blob sha1 or LFS sha256
+        .verified/{etag}                    minisv's own: "{size} {mtime_ns}" of the blob when it was verified
         snapshots/{commit}/{filename}   ->  ../../blobs/{etag}   (relative symlink)
         refs/{revision}                     the commit a branch or tag resolved to
         .no_exist/{commit}/{filename}       empty marker: the repo has no such file at that commit
@@ -37,6 +38,9 @@ _HASH = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # an etag that names the conte
 _CHUNK = 1 << 20            # stream 1 MiB at a time: a 500 MB checkpoint never sits in memory
 _PROGRESS_BYTES = 10 << 20  # smaller files download silently
 _TIMEOUT = 30               # seconds of silence from the server before giving up
+# A server can also send one byte every 29 s, forever: each file must arrive within _MIN_SECONDS plus the time
+# its size takes at _MIN_RATE bytes/s (a slow but honest line; 500 MB may take 3 h before it is cut off).
+_MIN_SECONDS, _MIN_RATE = 600, 50_000
 _MAX_SMALL = 64 << 20       # the most a config, tokenizer or index file (or any body of undeclared size) may be
 
 
@@ -64,7 +68,10 @@ def snapshot(repo_id: str, revision: str = "main") -> Path:
     def fetch(name: str, required: bool = False) -> bool:
         """Make snapshots/{commit}/{name} exist if the repo has that file; False if it has not."""
         nonlocal commit
-        if commit and (repo / "snapshots" / commit / name).is_file():
+        entry = repo / "snapshots" / str(commit) / name
+        # a link is checked through the blob it names; a copy (made where symlinks are not allowed) is taken as is
+        if commit and entry.is_file() and (not entry.is_symlink()
+                                           or _intact(repo / "blobs" / Path(os.readlink(entry)).name, repo)):
             return True
         if not (commit and (repo / ".no_exist" / commit / name).is_file()):
             if offline:
@@ -179,11 +186,12 @@ def _download(url: str, repo: Path, name: str) -> str | None:
             raise MinisvError(f"{url} came without valid X-Repo-Commit and ETag headers — HF_ENDPOINT must point to"
                               " a Hugging Face hub or mirror")
         blob = repo / "blobs" / etag  # content-addressed: a file shared by two revisions is downloaded once
-        if not blob.is_file():
+        if not _intact(blob, repo):
             blob.parent.mkdir(parents=True, exist_ok=True)
             # the size the hub declares for an LFS file (on its redirect), else that of the body itself
             sizes = [v for v in (meta.get("X-Linked-Size"), response.headers.get("Content-Length")) if v]
             _stream(response, blob, name, int(sizes[0]) if sizes and sizes[0].isdigit() else None)
+            _record(blob, repo)
     link = repo / "snapshots" / commit / name
     link.parent.mkdir(parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
@@ -197,21 +205,28 @@ def _download(url: str, repo: Path, name: str) -> str | None:
 def _stream(response, blob: Path, name: str, size: int | None) -> None:
     """Write the body to blobs/{etag}.incomplete and rename it into place only once it is whole and verified.
 
-    Verified means: exactly the declared size (at most _MAX_SMALL bytes when none is declared, or for a small
-    file); the hash its etag names, when the etag is one (the hub's ETag is the git blob sha1 of a file kept in
-    git, and X-Linked-Etag the sha256 of an LFS file); and valid JSON for a .json file. What fails is never
-    stored, so a rerun downloads it again instead of trusting it.
+    It must come within _MIN_SECONDS + size / _MIN_RATE seconds. Verified means: exactly the declared size (at
+    most _MAX_SMALL bytes when none is declared, or for a small file); the hash its etag names, when the etag is
+    one (the hub's ETag is the git blob sha1 of a file kept in git, and X-Linked-Etag the sha256 of an LFS file);
+    and valid JSON for a .json file. What fails is never stored, so a rerun downloads it again instead of
+    trusting it.
     """
     limit = size if size is not None else _MAX_SMALL
     if limit > _MAX_SMALL and not name.endswith((".safetensors", ".bin")):
         raise MinisvError(f"the hub declares {size} bytes for {name}, too large for such a file — check HF_ENDPOINT")
     part = blob.with_name(blob.name + ".incomplete")
     done, start, shown = 0, time.monotonic(), 0.0
+    seconds = _MIN_SECONDS + limit / _MIN_RATE
     try:
         with open(part, "wb") as f:
-            while chunk := response.read(min(_CHUNK, limit + 1 - done)):  # one byte past the limit shows excess
+            # read1 returns what one socket read brings (read would wait for the whole chunk, byte by byte), so
+            # the deadline is checked at least every _TIMEOUT seconds. One byte past the limit shows excess.
+            while chunk := response.read1(min(_CHUNK, limit + 1 - done)):
                 f.write(chunk)
                 done += len(chunk)
+                if time.monotonic() - start > seconds:
+                    raise MinisvError(f"the download of {name} was still at byte {done} after {seconds:.0f} s: the"
+                                      " server is stalling — run again to retry, or pass a local directory")
                 if done > limit:
                     raise MinisvError(f"the download of {name} sent more than the {limit} bytes "
                                       f"{'declared' if size is not None else 'allowed without a declared size'}"
@@ -223,14 +238,9 @@ def _stream(response, blob: Path, name: str, size: int | None) -> None:
         # http.client returns b"" when a connection drops early, so a short count is the only sign of a cut.
         if size is not None and done != size:
             raise MinisvError(f"the download of {name} stopped after {done} of {size} bytes — run again to retry")
-        if _HASH.fullmatch(blob.name):
-            digest = hashlib.sha256() if len(blob.name) == 64 else hashlib.sha1(b"blob %d\0" % done)
-            with open(part, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
-            if digest.hexdigest() != blob.name:
-                raise MinisvError(f"the download of {name} is corrupt: its hash is {digest.hexdigest()}, the hub "
-                                  f"says {blob.name} — run again to retry")
+        if _HASH.fullmatch(blob.name) and (digest := _digest(part, blob.name)) != blob.name:
+            raise MinisvError(f"the download of {name} is corrupt: its hash is {digest}, the hub says {blob.name}"
+                              " — run again to retry")
         if name.endswith(".json"):
             try:
                 json.loads(part.read_bytes())
@@ -243,3 +253,46 @@ def _stream(response, blob: Path, name: str, size: int | None) -> None:
         part.unlink(missing_ok=True)  # gone after os.replace; otherwise a partial file nobody would resume
         if shown:
             print(file=sys.stderr)  # end the progress line
+
+
+def _digest(path: Path, etag: str) -> str:
+    """The hash of the file that an etag of this length names: sha256 (LFS), or git's blob sha1."""
+    digest = hashlib.sha256() if len(etag) == 64 else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record(blob: Path, repo: Path) -> None:
+    """Note the size and modification time of a blob just verified, in .verified/{etag}."""
+    stat = blob.stat()
+    try:
+        write_text(repo / ".verified" / blob.name, f"{stat.st_size} {stat.st_mtime_ns}")
+    except OSError:
+        pass  # a read-only cache (shared on a cluster): its blobs are hashed again on every load instead
+
+
+def _intact(blob: Path, repo: Path) -> bool:
+    """Whether blobs/{etag} exists and still holds what was verified when it was downloaded.
+
+    One stat answers while its size and modification time are those recorded then. A blob that no longer
+    matches (truncated, edited, or put there by huggingface_hub, which keeps no record) is hashed again when its
+    etag names a hash; if it holds something else it is deleted, with a notice, so it is downloaded again.
+    """
+    if not blob.is_file():
+        return False
+    stat, record = blob.stat(), repo / ".verified" / blob.name
+    if record.is_file() and record.read_text() == f"{stat.st_size} {stat.st_mtime_ns}":
+        return True
+    if _HASH.fullmatch(blob.name) and _digest(blob, blob.name) == blob.name:
+        _record(blob, repo)
+        return True
+    damaged = f"{blob} ({stat.st_size} bytes) is not the file that was downloaded: it was truncated or changed since"
+    try:
+        blob.unlink()
+    except OSError as e:
+        raise MinisvError(f"{damaged}, and cannot be deleted ({e.strerror or e}) — delete it, or ask the owner of"
+                          " the cache to") from None
+    print(f"minisv: {damaged}; deleted it, to download it again", file=sys.stderr)
+    return False

@@ -223,34 +223,65 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, metadata: dict) -> "Tokenizer":
-        """From the metadata of a GGUF file (`minisv.gguf.read_gguf(path)[0]`)."""
+        """From the metadata of a GGUF file (`minisv.gguf.read_gguf(path)[0]`); every field read is checked."""
         kind = metadata.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise MinisvError(f"GGUF tokenizer {kind!r} is not supported; minisv reads byte-level BPE ('gpt2') "
                               "vocabularies only (GPT-2, SmolLM2, Llama 3, Qwen2)")
-        if metadata.get("tokenizer.ggml.add_space_prefix"):
+        if _gguf_field(metadata, "tokenizer.ggml.add_space_prefix", _is_bool, "true or false", False):
             raise MinisvError("GGUF tokenizer sets add_space_prefix, which minisv does not support; minisv reads "
                               "byte-level BPE without it (GPT-2, SmolLM2, Llama 3, Qwen2)")
-        pre = metadata.get("tokenizer.ggml.pre", "gpt-2")
+        pre = _gguf_field(metadata, "tokenizer.ggml.pre", _is_str, "a string", "gpt-2")
         if pre not in _GGUF_PATTERNS:
             raise MinisvError(f"GGUF pre-tokenizer {pre!r} is not supported; minisv knows {sorted(_GGUF_PATTERNS)}")
-        tokens = metadata.get("tokenizer.ggml.tokens")
-        merges = metadata.get("tokenizer.ggml.merges")
-        if not tokens or merges is None:
+        if not metadata.get("tokenizer.ggml.tokens") or metadata.get("tokenizer.ggml.merges") is None:
             raise MinisvError("GGUF metadata lacks tokenizer.ggml.tokens or .merges; this file has no usable "
                               "tokenizer, load the model from its Hugging Face directory instead")
-        # token_type 3 = control ("<|im_start|>"), 4 = user-defined: llama.cpp matches both whole in text.
-        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        tokens = _gguf_field(metadata, "tokenizer.ggml.tokens", _is_strs, "a list of strings")
+        merges = _gguf_field(metadata, "tokenizer.ggml.merges", _is_strs, "a list of strings")
+        n = len(tokens)
+        # one entry per token, or none: token_type (3 = control, "<|im_start|>"; 4 = user-defined; llama.cpp matches
+        # both whole in text) and the scores minisv does not use, whose length still tells a damaged table
+        types = _gguf_field(metadata, "tokenizer.ggml.token_type",
+                            lambda v: isinstance(v, list) and len(v) == n and all(type(k) is int for k in v),
+                            f"a list of {n} ints, one per token", [1] * n)
+        _gguf_field(metadata, "tokenizer.ggml.scores", lambda v: v is None or isinstance(v, list) and len(v) == n,
+                    f"a list of {n} numbers, one per token")
         added = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}
         vocab = {_unbyte(t): i for i, (t, kind) in enumerate(zip(tokens, types)) if kind not in (3, 4)}
         pairs = [m.split(" ") for m in merges]
         if any(len(p) != 2 for p in pairs):
             raise MinisvError("GGUF tokenizer.ggml.merges has an entry that is not 'left right'; the file is corrupt")
-        return cls(vocab, [(_unbyte(a), _unbyte(b)) for a, b in pairs], added, _GGUF_PATTERNS[pre], False,
-                   metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id"),
-                   metadata.get("tokenizer.ggml.padding_token_id"),
-                   bool(metadata.get("tokenizer.ggml.add_bos_token", False)), metadata.get("tokenizer.chat_template"),
-                   metadata.get("general.name", "this GGUF model"))
+        ids = [_gguf_field(metadata, f"tokenizer.ggml.{name}_token_id",
+                           lambda v: v is None or type(v) is int and 0 <= v < n, f"a token id in 0..{n - 1}")
+               for name in ("bos", "eos", "padding")]
+        return cls(vocab, [(_unbyte(a), _unbyte(b)) for a, b in pairs], added, _GGUF_PATTERNS[pre], False, *ids,
+                   _gguf_field(metadata, "tokenizer.ggml.add_bos_token", _is_bool, "true or false", False),
+                   _gguf_field(metadata, "tokenizer.chat_template", lambda v: v is None or _is_str(v), "a string"),
+                   _gguf_field(metadata, "general.name", _is_str, "a string", "this GGUF model"))
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+def _is_strs(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _gguf_field(metadata: dict, key: str, ok, expected: str, default=None):
+    """metadata[key] (default when absent) if ok(it), else a one-line MinisvError naming the key."""
+    value = metadata.get(key, default)
+    if not ok(value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:60] + "..."
+        raise MinisvError(f"GGUF metadata {key} is {shown}, expected {expected}; the file is corrupt, re-export or "
+                          "re-download it")
+    return value
 
 
 def _read_json(path: Path) -> dict:

@@ -17,6 +17,7 @@ what they need. Files are zip archives (torch >= 1.6, memory-mapped) or the olde
 older-still tar layout extracts members to disk and is refused.
 """
 import mmap
+import os
 import pickle
 import tarfile
 import types
@@ -71,8 +72,15 @@ def load(path, map_location="cpu"):
         if not zipped and (head[:1] != b"\x80" or head[2:14] != _LEGACY_MAGIC or tarfile.is_tarfile(path)):
             raise MinisvError(f"cannot read {path}: not a torch.save file (neither a zip archive nor a pickle stream); "
                               f"check the path, or download it again")
-        return torch.load(path, map_location=map_location, pickle_module=_restricted_pickle, weights_only=False,
-                          mmap=zipped)
+        # TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 asks torch.load to run no code from any file; it does so by refusing
+        # every pickle_module, this one too, which runs none either. The variable is set aside for this one call.
+        forced = os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        try:
+            return torch.load(path, map_location=map_location, pickle_module=_restricted_pickle, weights_only=False,
+                              mmap=zipped)
+        finally:
+            if forced is not None:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced
     except MinisvError:
         raise
     except OSError as e:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from typing import Tuple
 
@@ -118,7 +119,10 @@ def test_torchscript_archive_is_refused_before_torch_sees_it(tmp_path, tiny_llam
         assert not marker.exists(), call  # ...but not when minisv does
 
 
-def test_pickled_calls_are_refused_everywhere(tmp_path, tiny_llama):
+@pytest.mark.parametrize("forced", [None, "1"])
+def test_pickled_calls_are_refused_everywhere(tmp_path, tiny_llama, monkeypatch, forced):
+    if forced:
+        monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", forced)
     marker = tmp_path / "pwned"
     state = {"cfg": Payload(marker), "state_dict": {"W_enc": torch.zeros(100, 100)}}
     for zipped in (True, False):
@@ -147,9 +151,39 @@ def test_legacy_pytorch_model_bin_loads(tmp_path, tiny):
         torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=1e-4)
 
 
+class RunnerConfig:
+    """Stands in for sae_lens' config class, which a released transcoder file pickles by reference."""
+
+    def __init__(self, hook_point):
+        self.hook_point = hook_point
+
+
+def test_torch_force_weights_only_load_leaves_minisv_files_readable(tmp_path, tiny_llama, monkeypatch):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 makes torch.load refuse every pickle module, minisv's too; that one runs
+    no code either, so files load as without the variable (the hostile ones: test above), and it stays set."""
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    sd = dict(W_enc=torch.randn(16, 64), b_enc=torch.zeros(64), W_dec=torch.randn(64, 16), b_dec=torch.zeros(16),
+              b_dec_out=torch.ones(16))
+    torch.save({"state_dict": sd, "cfg": RunnerConfig("blocks.3.ln2.hook_normalized")}, tmp_path / "released.pt")
+    tc = import_released(str(tmp_path / "released.pt"))
+    assert tc.cfg.layer == 3 and torch.equal(tc.W_dec.detach(), sd["W_dec"])
+    _, path, ref = tiny_llama
+    from safetensors.torch import load_file
+    for zipped in (True, False):
+        model_dir = hf_dir(tmp_path / f"bin{zipped}", tiny_llama)
+        torch.save(load_file(path / "model.safetensors"), model_dir / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=zipped)
+        x = torch.arange(10)[None]
+        with torch.no_grad():
+            torch.testing.assert_close(minisv.load(str(model_dir), device="cpu")(x), ref(x).logits, atol=1e-4,
+                                       rtol=1e-4)
+    assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
+
+
 # ------------------------------------------------------------------------- a hostile hub
-def answer(code, data=b"", length=True, **headers):
-    """A route for the fake hub: reply with `code`, `data` and headers (names with '_' for '-')."""
+def answer(code, data=b"", length=True, pace=0.0, **headers):
+    """A route for the fake hub: reply with `code`, `data` and headers (names with '_' for '-'); pace > 0 sends
+    the body one byte every `pace` seconds."""
     def reply(handler, body):
         handler.send_response(code)
         for key, value in headers.items():
@@ -158,8 +192,10 @@ def answer(code, data=b"", length=True, **headers):
             handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         try:
-            for start in range(0, len(data), 1 << 16) if body else ():
-                handler.wfile.write(data[start:start + (1 << 16)])
+            step = 1 if pace else 1 << 16
+            for start in range(0, len(data), step) if body else ():
+                handler.wfile.write(data[start:start + step])
+                time.sleep(pace)
         except (BrokenPipeError, ConnectionResetError):
             pass    # the client hung up, as it should on a body that never ends
         handler.close_connection = True
@@ -203,6 +239,20 @@ def test_bodies_are_capped_and_checked_against_the_declared_size(server, tmp_pat
                                                  X_Linked_Etag=f'"{sha}"', X_Linked_Size=str(len(WEIGHTS) + 1))
     refused(rf"model.safetensors stopped after {len(WEIGHTS)} of {len(WEIGHTS) + 1} bytes", hub.snapshot, "org/tiny")
     assert {p.name for p in (tmp_path / "models--org--tiny" / "blobs").iterdir()} == {git_sha1(FILES[MAIN]["config.json"])}
+
+
+def test_a_dripping_server_meets_a_deadline(server, tmp_path, monkeypatch):
+    """One byte every 0.1 s never trips the 30 s read timeout; the whole file must still come in time."""
+    monkeypatch.setattr(hub, "_MIN_SECONDS", 0.5)
+    monkeypatch.setattr(hub, "_MIN_RATE", 28)   # 14 bytes -> 0.5 s more: 1 s in all
+    data = FILES[MAIN]["config.json"]           # 14 bytes: 1.4 s at this pace
+    server.handler.routes[CONFIG_PATH] = answer(200, data, pace=0.1, X_Repo_Commit=MAIN, ETag=f'"{git_sha1(data)}"')
+    message = refused(r"download of config.json was still at byte \d+ after 1 s: the server is stalling",
+                      hub.snapshot, "org/tiny")
+    assert int(message.split("at byte ")[1].split()[0]) < 14   # cut off on time, not once all had come
+    assert not any(tmp_path.glob("models--org--tiny/blobs/*"))
+    del server.handler.routes[CONFIG_PATH]      # an honest server fits in the same deadline
+    assert (hub.snapshot("org/tiny") / "config.json").read_bytes() == data
 
 
 def test_content_must_match_its_hash_and_json_must_parse(server, tmp_path):
@@ -299,17 +349,16 @@ def byte_tokens():
 
 def tiny_gguf(path, changes=()):
     """A 2-layer llama GGUF (d_model 32, 4 heads, 2 kv heads, d_mlp 64, 257 tokens) with metadata changes:
-    key -> (value, GGUF type), or None to drop the key."""
+    key -> (value, GGUF type[, GGUF type of an array's items]), or None to drop the key."""
     from gguf import GGMLQuantizationType as Q, GGUFValueType as V
     metadata = {"llama.block_count": (2, V.UINT32), "llama.embedding_length": (32, V.UINT32),
                 "llama.attention.head_count": (4, V.UINT32), "llama.attention.head_count_kv": (2, V.UINT32),
                 "llama.feed_forward_length": (64, V.UINT32), "llama.context_length": (64, V.UINT32),
                 "llama.attention.layer_norm_rms_epsilon": (1e-5, V.FLOAT32), "llama.rope.freq_base": (1e4, V.FLOAT32),
-                "tokenizer.ggml.model": ("gpt2", V.STRING)}
+                "tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.merges": (["Ā ā"], V.ARRAY, V.STRING),
+                "tokenizer.ggml.tokens": (byte_tokens() + ["Āā"], V.ARRAY, V.STRING)}
     metadata.update(changes)
-    metadata = {k: (v[0], v[1], None) for k, v in metadata.items() if v is not None}
-    metadata["tokenizer.ggml.tokens"] = (byte_tokens() + ["Āā"], V.ARRAY, V.STRING)
-    metadata["tokenizer.ggml.merges"] = (["Ā ā"], V.ARRAY, V.STRING)
+    metadata = {k: (*v, None)[:3] for k, v in metadata.items() if v is not None}
     rng = np.random.default_rng(0)
     shapes = {"token_embd.weight": (257, 32), "output_norm.weight": (32,)}
     for l in range(2):
@@ -341,6 +390,37 @@ def test_gguf_metadata_is_checked_before_anything_is_built(tmp_path):
         for value in [(0, V.UINT32), (1, V.UINT32), (2 ** 63, V.UINT64), ("x", V.STRING), (True, V.BOOL),
                       (-2, V.INT32), (0.5, V.FLOAT32), None]:
             loads_or_refuses(minisv.load, tiny_gguf(tmp_path / "bad.gguf", {key: value}))
+
+
+def test_gguf_tokenizer_fields_are_checked(tmp_path):
+    """Each tokenizer field read from a GGUF has its type, its length (one entry per token) and, for ids, a range."""
+    from gguf import GGUFValueType as V
+    n = len(byte_tokens()) + 1
+    ok = {"tokenizer.ggml.token_type": ([1] * n, V.ARRAY, V.INT32), "tokenizer.ggml.scores": ([0.0] * n, V.ARRAY,
+          V.FLOAT32), "tokenizer.ggml.bos_token_id": (n - 1, V.UINT32), "tokenizer.ggml.add_bos_token": (True, V.BOOL),
+          "tokenizer.ggml.pre": ("smollm", V.STRING), "tokenizer.chat_template": ("{{ x }}", V.STRING)}
+    tok = minisv.load(tiny_gguf(tmp_path / "ok.gguf", ok), device="cpu").tokenizer   # the baseline loads
+    assert (tok.bos_id, tok.add_bos, tok.vocab_size, tok.encode("\0\1\0\1")) == (256, True, 257, [256, 256])
+    cases = [("tokenizer.ggml.tokens", ("abc", V.STRING), "tokens is 'abc', expected a list of strings"),
+             ("tokenizer.ggml.tokens", ([1, 2, 3], V.ARRAY, V.INT32), r"tokens is \[1, 2, 3\], expected a list of str"),
+             ("tokenizer.ggml.merges", ([1, 2], V.ARRAY, V.UINT8), r"merges is \[1, 2\], expected a list of strings"),
+             ("tokenizer.ggml.merges", ("Ā ā", V.STRING), "merges is 'Ā ā', expected a list of strings"),
+             ("tokenizer.ggml.token_type", ([1] * (n - 1), V.ARRAY, V.INT32),
+              rf"token_type is \[1, 1, .*\.\.\., expected a list of {n} ints, one per token"),
+             ("tokenizer.ggml.token_type", (["1"] * n, V.ARRAY, V.STRING), f"expected a list of {n} ints"),
+             ("tokenizer.ggml.scores", ([0.0] * (n + 1), V.ARRAY, V.FLOAT32), f"scores is .*, expected a list of {n} num"),
+             ("tokenizer.ggml.bos_token_id", (n, V.UINT32), f"bos_token_id is {n}, expected a token id in 0..{n - 1}"),
+             ("tokenizer.ggml.eos_token_id", (-1, V.INT32), f"eos_token_id is -1, expected a token id in 0..{n - 1}"),
+             ("tokenizer.ggml.padding_token_id", ("0", V.STRING), "padding_token_id is '0', expected a token id"),
+             ("tokenizer.ggml.bos_token_id", (1.0, V.FLOAT32), "bos_token_id is 1.0, expected a token id"),
+             ("tokenizer.ggml.add_bos_token", (1, V.UINT8), "add_bos_token is 1, expected true or false"),
+             ("tokenizer.ggml.add_space_prefix", ("no", V.STRING), "add_space_prefix is 'no', expected true or false"),
+             ("tokenizer.ggml.pre", (["gpt-2"], V.ARRAY, V.STRING), r"pre is \['gpt-2'\], expected a string"),
+             ("tokenizer.chat_template", (7, V.INT32), "chat_template is 7, expected a string"),
+             ("general.name", (7, V.INT32), "general.name is 7, expected a string")]
+    for key, value, message in cases:
+        refused(rf"GGUF metadata {'' if key.startswith('general') else 'tokenizer.'}.*{message}.*the file is corrupt",
+                minisv.load, tiny_gguf(tmp_path / "bad.gguf", {**ok, key: value}), device="cpu")
 
 
 def test_config_json_fields_are_checked(tmp_path, tiny):

@@ -159,3 +159,50 @@ def test_load_a_tiny_model_from_the_hub(server, monkeypatch, tiny):
     count = len(server.handler.requests)
     minisv.load("org/real@v1", device="cpu")
     assert len(server.handler.requests) == count
+
+
+def test_a_cached_file_changed_since_download_is_downloaded_again(server, tmp_path, monkeypatch, capsys):
+    path = hub.snapshot("org/tiny")
+    weights, config = (path / "model.safetensors").resolve(), (path / "config.json").resolve()
+    count = len(server.handler.requests)
+    record = tmp_path / "models--org--tiny" / ".verified" / weights.name   # what one stat is compared with
+    assert record.read_text() == f"{len(WEIGHTS)} {weights.stat().st_mtime_ns}"
+    os.utime(weights, ns=(0, 0))   # touched, not changed: hashed again, found whole, kept
+    assert hub.snapshot("org/tiny") == path and len(server.handler.requests) == count
+    assert record.read_text() == f"{len(WEIGHTS)} 0"
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    config.write_bytes(b'{"n_layer": 9}')   # same size, other content
+    assert hub.snapshot("org/tiny") == path
+    assert (path / "model.safetensors").read_bytes() == WEIGHTS
+    assert (path / "config.json").read_bytes() == FILES[MAIN]["config.json"]
+    err = capsys.readouterr().err
+    assert f"{weights} (100 bytes) is not the file that was downloaded" in err
+    assert f"{config} (14 bytes) is not the file that was downloaded" in err
+    assert ("GET", f"/org/tiny/resolve/{MAIN}/model.safetensors", None) in server.handler.requests[count:]
+    with open(weights, "r+b") as f:   # offline, a damaged file is refused, never used
+        f.truncate(100)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MinisvError, match="the weights of 'org/tiny' .* are not in the Hugging Face cache"):
+        hub.snapshot("org/tiny")
+    assert "(100 bytes) is not the file that was downloaded" in capsys.readouterr().err
+
+
+def test_a_read_only_cache_is_checked_but_not_written(server, tmp_path, monkeypatch, capsys):
+    path = hub.snapshot("org/tiny")
+    count, weights = len(server.handler.requests), (path / "model.safetensors").resolve()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(hub, "write_text", read_only)
+    monkeypatch.setattr(type(weights), "unlink", read_only)
+    os.utime(weights, ns=(0, 0))   # no record of this: hashed, found whole, used, on every load
+    for _ in range(2):
+        assert (hub.snapshot("org/tiny") / "model.safetensors").read_bytes() == WEIGHTS
+    assert len(server.handler.requests) == count
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(MinisvError, match=r"\(100 bytes\) is not the file that was downloaded: it was truncated or "
+                                          r"changed since, and cannot be deleted \(Permission denied\) — delete it"):
+        hub.snapshot("org/tiny")
+    assert capsys.readouterr().err == ""
