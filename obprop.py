@@ -38,11 +38,6 @@ EPILOG = """examples:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def one_line_error(message):      # argparse would print its usage first: keep the one-line error idiom
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-    p.error = one_line_error
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id, a local HF directory "
                    "or a .gguf file (default: smollm2)")
     p.add_argument("--study", choices=sorted(ob.STUDIES), help="one of the paper's studies: pronouns (she/he and "

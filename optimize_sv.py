@@ -211,8 +211,10 @@ def run(args):
         rows=[dict(prompt=name, texts=[(t[i], bool(rule and rule.search(t[i]))) for _, t in columns],
                    note=f"{logps[i][0]:.2f} → {logps[i][1]:.2f}" if logps else "") for i, name in enumerate(names)]))
     write_text(report_path, page)
-    print(f"vector{'s' if len(vector_paths) > 1 else ''} -> {', '.join(vector_paths.values())}, report -> "
-          f"{report_path}; {time.time() - start:.0f}s in all")
+    written = [("vector", list(vector_paths.values())), ("llama.cpp control vector", list(control_paths.values())),
+               ("report", [report_path])]
+    print("; ".join(f"{name}{'s' if len(paths) > 1 else ''} -> {', '.join(paths)}" for name, paths in written if paths)
+          + f"; {time.time() - start:.0f}s in all")
 
 
 def train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval, path, control_path, chat):

@@ -32,7 +32,7 @@ from minisv.evals import evaluate
 from minisv.atomic import write_text
 from minisv.report import circuit_html, collect_dashboards, dashboards_html, training_html
 from minisv.training import TrainConfig, train
-from minisv.transcoder import EXPORT_FORMATS
+from minisv.transcoder import EXPORT_FORMATS, check_export
 from minisv.transcoder import Transcoder, import_released
 
 DEFAULT_LAYER = 6
@@ -198,10 +198,8 @@ def _run_directory(out, resume, overwrite, rank):
 
 def train_and_report(args, out, rank, device, started):
     say = print if rank == 0 else _quiet
-    if "sparsify" in args.export_format and args.arch != "topk":      # refuse now, not after training
-        raise MinisvError("--export-format sparsify needs --arch topk (sparsify has no ReLU coder)")
-    if "saelens" in args.export_format and args.arch == "topk" and args.skip:
-        raise MinisvError("--export-format saelens cannot hold a TopK coder with --skip (SAELens has no such class)")
+    for fmt in args.export_format:                                     # refuse now, not after training
+        check_export(fmt, args.arch, args.skip)
     model, train_rows, held_out = _model_and_data(args, device)
     d_sae = args.d_sae or (args.expansion or 16) * model.cfg.d_model
     lr = args.lr or (4e-3 * (9216 / d_sae) ** 0.5 if args.arch == "topk" else 4e-4)

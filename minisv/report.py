@@ -407,15 +407,18 @@ def training_html(metrics, title="Transcoder training") -> str:
                         f"<h2>configuration</h2><pre>{cfg}</pre>")
 
 
-def svg_chart(series, xlabel, ylabel, title="", log_x=False, log_y=False, width=460, height=260) -> str:
+def svg_chart(series, xlabel, ylabel, title="", log_x=False, log_y=False, y_range=None, width=460, height=260) -> str:
     """A line chart with markers as inline SVG: series {name: [(x, y), ...]}, one color each, axes with 5 ticks
-    (log10 axes tick at powers of ten). Non-finite points are left out."""
+    (log10 axes tick at powers of ten), the y axis over the data or over y_range=(low, high); hovering a marker
+    shows its values. Non-finite points are left out."""
     tx = (lambda v: math.log10(v)) if log_x else float
     ty = (lambda v: math.log10(v)) if log_y else float
     pts = {name: [(tx(x), ty(y)) for x, y in p if _plottable(x, log_x) and _plottable(y, log_y)]
            for name, p in series.items()}
     every = [q for p in pts.values() for q in p] or [(0.0, 0.0)]
     (x0, x1), (y0, y1) = [(min(v), max(v)) if max(v) > min(v) else (min(v) - 1, max(v) + 1) for v in zip(*every)]
+    if y_range is not None:
+        y0, y1 = ty(y_range[0]), ty(y_range[1])
     left, right, top, bottom = 58, 12, 24, 40
     X = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)
     Y = lambda v: height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)
@@ -434,7 +437,8 @@ def svg_chart(series, xlabel, ylabel, title="", log_x=False, log_y=False, width=
         color = COLORS[i % len(COLORS)]
         path = " ".join(f"{'M' if j == 0 else 'L'}{X(x):.1f},{Y(y):.1f}" for j, (x, y) in enumerate(p))
         parts.append(f'<path d="{path}" stroke="{color}" fill="none" stroke-width="1.5"/>' if p else "")
-        parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}"/>' for x, y in p]
+        parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}"><title>{html.escape(name)}: '
+                  f'{_tick(x, log_x)}, {_tick(y, log_y)}</title></circle>' for x, y in p]
         parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 13 * i}" text-anchor="end" font-size="10" '
                      f'fill="{color}">{html.escape(name)}</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -471,7 +475,6 @@ def _freq_histogram_svg(hist, title, width=460, height=200):
 
 
 # ------------------------------------------------------------------------- steering-vector report
-SWEEP_W, SWEEP_H, SWEEP_PAD = 420, 220, 44
 
 
 def steering_html(run, title="One-shot steering vector") -> str:
@@ -493,7 +496,11 @@ def steering_html(run, title="One-shot steering vector") -> str:
         f"<td class='num'>{r['norm']:.2f}</td><td class='num'>{r['resid_norm']:.1f}</td>" +
         "".join(f"<td class='num'>{round(r['rates'][n] * run['n_eval'])}/{run['n_eval']}</td>" for n in names) +
         "</tr>" for r in run["layers"])
-    plot = _sweep_svg(run["layers"], names) if len(run["layers"]) > 1 and names else ""
+    plot = ""
+    if len(run["layers"]) > 1 and names:          # success fraction of each generation column against the layer
+        plot = "<h2>held-out success vs layer</h2>" + svg_chart(
+            {n: [(r["layer"], r["rates"][n]) for r in run["layers"]] for n in names}, "layer", "held-out success",
+            y_range=(0, 1))
     rows = "".join(f"<tr><td class='gen'>{e(r['prompt'])}</td>" +
                    "".join(f"<td class='gen{' hit' if hit else ''}'>{e(t)}</td>" for t, hit in r["texts"]) +
                    f"<td class='num'>{e(r['note'])}</td></tr>" for r in run["rows"])
@@ -505,29 +512,3 @@ def steering_html(run, title="One-shot steering vector") -> str:
             "<style>.gen{white-space:pre-wrap;max-width:24em;vertical-align:top;border:1px solid #ddd}"
             ".hit{background:#fde2e2}</style>")
     return _page(title, body)
-
-
-def _sweep_svg(layers, names):
-    """Held-out success (0..1) of each generation column against the layer: one polyline per column."""
-    xs = [r["layer"] for r in layers]
-    lo, hi = min(xs), max(xs)
-    x = lambda l: SWEEP_PAD + (l - lo) / max(hi - lo, 1) * (SWEEP_W - 2 * SWEEP_PAD)
-    y = lambda f: SWEEP_H - SWEEP_PAD - f * (SWEEP_H - 2 * SWEEP_PAD)
-    colours = ["#c0392b", "#2471a3", "#7d7d7d", "#229954"]
-    parts = [f'<line x1="{SWEEP_PAD}" y1="{y(0)}" x2="{SWEEP_W - SWEEP_PAD}" y2="{y(0)}" stroke="#999"/>',
-             f'<line x1="{SWEEP_PAD}" y1="{y(0)}" x2="{SWEEP_PAD}" y2="{y(1)}" stroke="#999"/>']
-    for f in (0, 0.5, 1):
-        parts.append(f'<text x="{SWEEP_PAD - 6}" y="{y(f) + 4}" font-size="11" text-anchor="end">{f:g}</text>')
-    for l in xs:
-        parts.append(f'<text x="{x(l)}" y="{y(0) + 16}" font-size="11" text-anchor="middle">{l}</text>')
-    parts.append(f'<text x="{SWEEP_W / 2}" y="{SWEEP_H - 6}" font-size="12" text-anchor="middle">layer</text>')
-    for k, name in enumerate(names):
-        c = colours[k % len(colours)]
-        points = " ".join(f"{x(r['layer']):.1f},{y(r['rates'][name]):.1f}" for r in layers)
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{c}" stroke-width="2"/>')
-        parts += [f'<circle cx="{x(r["layer"]):.1f}" cy="{y(r["rates"][name]):.1f}" r="3" fill="{c}">'
-                  f'<title>layer {r["layer"]}: {r["rates"][name]:.2f}</title></circle>' for r in layers]
-        parts.append(f'<text x="{SWEEP_W - SWEEP_PAD + 6}" y="{SWEEP_PAD + 14 * k}" font-size="11" fill="{c}">'
-                     f'{html.escape(name)}</text>')
-    return (f'<h2>held-out success vs layer</h2><svg xmlns="http://www.w3.org/2000/svg" width="{SWEEP_W + 80}" '
-            f'height="{SWEEP_H}" font-family="system-ui,sans-serif">{"".join(parts)}</svg>')

@@ -297,12 +297,26 @@ class Transcoder(nn.Module):
 
 
 # ------------------------------------------------------------------------- other tools' layouts
+def check_export(format, architecture, skip, d_in=None, d_out=None):
+    """Raise a MinisvError if a transcoder of this architecture and skip path (and sizes; None = equal, as for
+    every coder train_transcoder.py trains) has no form in the layout `format`. The one statement of the other
+    tools' limits: `save` checks a transcoder's config with it, train_transcoder.py its flags before training."""
+    sizes = f" (this one: d_in {d_in}, d_out {d_out})" if d_in != d_out else ""
+    if format == "saelens" and architecture == "topk" and (skip or sizes):
+        raise MinisvError("SAELens has no TopK transcoder class; a TopK transcoder exports as its 'topk' SAE, which "
+                          f"needs d_in = d_out and no skip path{sizes or ' (this one has one: train without --skip)'}"
+                          "; export it as 'sparsify' or 'minisv'")
+    if format == "sparsify" and architecture != "topk":
+        raise MinisvError(f"sparsify runs only TopK coders (it has no {architecture} coder): exporting to sparsify "
+                          "needs --arch topk; export this one as 'saelens' or 'minisv'")
+    if format == "sparsify" and sizes:
+        raise MinisvError(f"sparsify runs only TopK coders with equal input and output sizes{sizes}; export this "
+                          "one as 'minisv'")
+
+
 def _saelens_layout(cfg, tensors):
     """(weights file, tensors, cfg.json dict) as SAELens 6 writes them."""
-    if cfg.architecture == "topk" and (cfg.skip or cfg.d_in != cfg.d_out):
-        raise MinisvError("SAELens has no TopK transcoder class; a TopK transcoder exports as its 'topk' SAE, which "
-                          f"needs d_in = d_out and no skip path (this one: d_in {cfg.d_in}, d_out {cfg.d_out}, "
-                          f"skip {cfg.skip}); use format='sparsify' or 'minisv'")
+    check_export("saelens", cfg.architecture, cfg.skip, cfg.d_in, cfg.d_out)
     if cfg.skip:
         tensors["W_skip"] = tensors["W_skip"].t().contiguous()          # SAELens: x @ W_skipᵀ, W_skip [d_out, d_in]
     config = {"architecture": "topk" if cfg.architecture == "topk" else "skip_transcoder" if cfg.skip else "transcoder",
@@ -323,9 +337,7 @@ def _saelens_layout(cfg, tensors):
 
 def _sparsify_layout(cfg, tensors):
     """(weights file, tensors, cfg.json dict) as sparsify's SparseCoder.save_to_disk writes them."""
-    if cfg.architecture != "topk" or cfg.d_in != cfg.d_out:
-        raise MinisvError(f"sparsify runs only TopK coders with equal input and output sizes (this one: "
-                          f"{cfg.architecture}, d_in {cfg.d_in}, d_out {cfg.d_out}); use format='saelens' or 'minisv'")
+    check_export("sparsify", cfg.architecture, cfg.skip, cfg.d_in, cfg.d_out)
     out = {"encoder.weight": tensors["W_enc"].t().contiguous(), "encoder.bias": tensors["b_enc"],
            "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
     if cfg.skip:

@@ -3,13 +3,14 @@ reads them back. With the libraries installed (requirements-dev.txt) they are th
 file names, tensor names, shapes and config fields are."""
 import json
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from minisv.errors import MinisvError
-from minisv.transcoder import Transcoder, TranscoderConfig
+from minisv.transcoder import Transcoder, TranscoderConfig, check_export
 
 # every (architecture, skip) each layout can hold
 SAELENS = [("relu", False), ("relu", True), ("topk", False)]
@@ -102,6 +103,32 @@ def test_sparsify_runs_the_exported_file_as_the_same_map(tmp_path, monkeypatch, 
     coder.save_to_disk(tmp_path / "resaved")                                         # and a file sparsify wrote
     torch.testing.assert_close(Transcoder.from_sparsify(tmp_path / "resaved")(inputs()), tc(inputs()),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("d_out", [12, 8])
+def test_check_export_states_each_layouts_limits(tmp_path, arch, skip, d_out):
+    """What each tool has a class for (the round trips above): SAELens a ReLU transcoder of any sizes, with or
+    without skip, and a TopK one only as its 'topk' SAE (d_in = d_out, no skip); sparsify TopK coders with
+    d_in = d_out. `save` refuses exactly what `check_export` refuses, with its message and nothing written, and
+    the script's flag check (sizes unknown, equal) agrees for d_out = d_in."""
+    torch.manual_seed(0)
+    tc = Transcoder(TranscoderConfig(12, d_out, 40, arch, 5, skip))
+    for fmt, fits in (("saelens", arch == "relu" or (not skip and d_out == 12)),
+                      ("sparsify", arch == "topk" and d_out == 12)):
+        if fits:
+            check_export(fmt, arch, skip, 12, d_out)
+            tc.save(tmp_path / fmt, format=fmt)
+            continue
+        with pytest.raises(MinisvError) as refused:
+            check_export(fmt, arch, skip, 12, d_out)
+        with pytest.raises(MinisvError, match=re.escape(str(refused.value))):
+            tc.save(tmp_path / fmt, format=fmt)
+        assert not (tmp_path / fmt).exists()
+        if d_out == 12:
+            with pytest.raises(MinisvError, match=re.escape(str(refused.value))):
+                check_export(fmt, arch, skip)
 
 
 def test_layouts_that_cannot_hold_a_transcoder_are_clear_errors(tmp_path):

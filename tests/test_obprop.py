@@ -410,7 +410,25 @@ def test_script_bad_input_exits_2_with_one_line(planted, monkeypatch, capsys, tm
         with pytest.raises(SystemExit) as e:
             script.main(argv + ["--html", "/nonexistent/never.html"])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+        errors = [line for line in err.splitlines() if "error: " in line]
+        assert e.value.code == 2 and len(errors) == 1 and message in errors[0] and err.strip().endswith(errors[0])
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [(["--ctx", "0"], "argument --ctx: '0' must be a positive integer"),
+                                           (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                                           (["--model"], "argument --model: expected one argument")])
+def test_script_flag_errors_read_like_the_other_scripts(argv, message, capsys):
+    """A flag argparse rejects: its usage, then one `PROG: error: ...` line and exit status 2, exactly as
+    train_transcoder.py (and optimize_sv.py) report it."""
+    import obprop
+    import train_transcoder
+    for script in (obprop, train_transcoder):
+        with pytest.raises(SystemExit) as e:
+            script.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[0].startswith("usage: "), (script.__name__, err)
+        assert re.fullmatch(rf"\S+: error: {re.escape(message)}", err[-1]), (script.__name__, err[-1])
 
 
 # ------------------------------------------------------------------------- SmolLM2

@@ -2,6 +2,7 @@
 string. tests/test_browser.py opens them in a real browser."""
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -13,7 +14,7 @@ from minisv import MinisvError
 from minisv.circuits import Circuit, de_embed, feature_direction, format_tree, logit_effects
 from minisv.model import Model, ModelConfig
 from minisv.atomic import write_text
-from minisv.report import BINS, circuit_html, collect_dashboards, dashboards_html
+from minisv.report import BINS, circuit_html, collect_dashboards, dashboards_html, svg_chart
 from minisv.transcoder import Transcoder, TranscoderConfig
 from test_circuits import planted, released_file
 
@@ -149,6 +150,21 @@ def test_circuit_html_draws_the_graph_and_escapes():
     graph = data["graph"]
     assert checker.tags.count("g") == len(graph["nodes"]) and checker.tags.count("line") == len(graph["edges"])
     assert json.loads(checker.scripts[0]) == data
+
+
+def test_svg_chart_places_markers_on_the_axis_range():
+    """Markers sit where the axes put them: x over the data, y over y_range (a fraction's 0..1) or the data, in
+    the plot area 58..448 x 24..220 of a 460 x 260 chart; each marker's hover text gives its values."""
+    series = {"a <b>": [(2, 0.2), (4, 0.4)], "c": [(3, float("nan")), (6, 0.3)]}
+    for y_range, (low, high) in ((None, (0.2, 0.4)), ((0, 1), (0, 1))):
+        page = svg_chart(series, "layer", "success", y_range=y_range)
+        parse(page)
+        got = [(float(cx), float(cy), text) for cx, cy, text in
+               re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"[^>]*><title>(.*?)</title>', page)]
+        want = [(58 + (x - 2) / 4 * 390, 220 - (y - low) / (high - low) * 196, f"{name}: {x}, {y}")
+                for name, xy in (("a &lt;b&gt;", series["a <b>"]), ("c", series["c"][1:])) for x, y in xy]
+        assert [t for *_, t in got] == [t for *_, t in want] and "<b>" not in page
+        assert [(round(x, 1), round(y, 1)) for x, y, _ in got] == [(round(x, 1), round(y, 1)) for x, y, _ in want]
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")

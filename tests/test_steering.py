@@ -418,8 +418,14 @@ def test_script_many_prompts_and_a_layer_sweep(chat_model_dir, tmp_path, capsys)
         assert meta["layer"] == layer and meta["n_datapoints"] == 3 and meta["iters"] == 2
         assert re.search(rf"layer {layer:2d} .* unsteered \d/12, \+1v \d/12, −1v \d/12", printed)
     assert not out.exists()
+    assert f"vectors -> {tmp_path / 'v_layer0.safetensors'}, {tmp_path / 'v_layer2.safetensors'}; report -> " in printed
     report = out.with_suffix(".html").read_text()
-    assert "held-out success vs layer" in report and report.count("<polyline") == 3 and "Sing a song." in report
+    assert "held-out success vs layer" in report and "Sing a song." in report
+    chart = report[report.index("held-out success vs layer"):report.index("</svg>")]
+    points = re.findall(r"<circle [^>]*><title>(.*?)</title>", chart)     # hover text: column: layer, success
+    printed_rates = re.findall(r"layer +(\d+) .*?unsteered (\d+)/12, \+1v (\d+)/12, −1v (\d+)/12", printed)
+    assert sorted(points) == sorted(f"{name}: {layer}, {int(n) / 12:.3g}" for layer, *counts in printed_rates
+                                    for name, n in zip(("unsteered", "+1v", "−1v"), counts))
 
 
 def test_script_exports_a_llama_cpp_control_vector(chat_model_dir, tmp_path, capsys):
@@ -428,6 +434,8 @@ def test_script_exports_a_llama_cpp_control_vector(chat_model_dir, tmp_path, cap
     out, gguf = tmp_path / "v.safetensors", tmp_path / "v.gguf"
     main(["--model", str(chat_model_dir), "--promote", "No way.", "--layer", "2", "--max-iters", "2", "--out", str(out),
           "--gguf", str(gguf), "--max-new-tokens", "2"])
+    summary = capsys.readouterr().out.splitlines()[-1]     # names every file the run wrote
+    assert summary.startswith(f"vector -> {out}; llama.cpp control vector -> {gguf}; report -> {tmp_path / 'v.html'};")
     vector, _ = load_vector(out)
     loaded = load_control_vector(gguf)
     assert list(loaded) == [2]                          # read back at the hook_resid_pre it was trained for
