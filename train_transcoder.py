@@ -94,11 +94,14 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available). Under torchrun any cuda "
                    "value means NCCL, each process on GPU number LOCAL_RANK")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA only)")
-    p.add_argument("--no-autocast", action="store_true", help="harvest and train in the model's dtype. By default "
-                   "both run under bf16 autocast where bf16 matmuls are fast: on CUDA and on CPUs with AMX units "
-                   "(Intel Sapphire Rapids and later, ~2× faster end to end); evaluation never does")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype for harvesting "
-                   "activations (default: bfloat16 on CUDA, float32 on CPU); transcoder weights stay float32")
+    p.add_argument("--no-autocast", action="store_true", help="harvest and train in the model's dtype. By default, "
+                   "where bf16 matmuls are fast (CUDA, and CPUs with AMX units: Intel Sapphire Rapids and later, "
+                   "~1.8× faster end to end), training activations of a float32 model come from a bf16 copy (not "
+                   "while hooks are active) and the loss runs under bf16 autocast; evaluation never does")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="the model's dtype (default: "
+                   "bfloat16 on CUDA, float32 on CPU); evaluation, dashboards and circuits run in it. Training "
+                   "activations of a float32 model still come from a bf16 copy where bf16 is fast, unless "
+                   "--no-autocast; transcoder weights stay float32")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed for initialization, data order and the held-out "
                    "split (default: 0)")
     a = p.add_argument_group("dashboards and circuits", "run after training, or instead of it on --load / "

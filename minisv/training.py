@@ -48,6 +48,7 @@ from .model import Model
 from .transcoder import Transcoder, TranscoderConfig, selected_preacts
 
 CHECKPOINT = "checkpoint.pt"
+DATA_ORDER = 2      # the version of the walk over the data; a checkpoint of another walk cannot resume exactly
 
 
 @dataclass
@@ -94,7 +95,7 @@ def fast_bf16(device):
     Rapids and later: a [1024, 576] × [576, 9216] matmul runs ~10× faster than in float32). CPUs without AMX
     emulate bf16 and run it slower than float32."""
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
-    return device.type == "cuda" or bool(capabilities.get("amx_bf16"))
+    return device.type == "cuda" or device.type == "cpu" and bool(capabilities.get("amx_bf16"))
 
 
 @torch.no_grad()
@@ -113,16 +114,13 @@ def harvest(model, tokens, hooks, batch_rows=32):
 
 
 def as_bf16(model):
-    """`model` itself if it is in bf16, else a bf16 copy of it, built on the meta device so that nothing is
-    allocated twice, and sharing the model's hooks; the model is left untouched."""
-    if model.embed.weight.dtype == torch.bfloat16:
-        return model
+    """A bf16 copy of `model` (without its hooks), built on the meta device so that nothing is allocated twice;
+    the model is left untouched."""
     with torch.device("meta"):
         twin = Model(model.cfg, model.tokenizer)
     twin.load_state_dict(model.state_dict(), assign=True)    # new parameters over the same tensors ...
     if model.unembed.weight is model.embed.weight:
         twin.unembed.weight = twin.embed.weight
-    twin._hooks = model._hooks           # the caller's hooks (a steering vector, an ablation) act on the copy too
     return twin.to(torch.bfloat16)                           # ... then bf16 copies of them
 
 
@@ -188,10 +186,11 @@ class ActivationStream:
         x, y is this rank's slice [batch / world, d] of the global batch."""
         part = self.batch // self.world
         while self._batches_in(chunk) > 0:
-            acts = self.chunk(chunk)
-            for i in range(offset, self._batches_in(chunk)):
-                lo = i * self.batch + self.rank * part
-                yield chunk, i, {l: (x[lo:lo + part], y[lo:lo + part]) for l, (x, y) in acts.items()}
+            if offset < self._batches_in(chunk):       # (a run resumed at a chunk's end starts with the next)
+                acts = self.chunk(chunk)
+                for i in range(offset, self._batches_in(chunk)):
+                    lo = i * self.batch + self.rank * part
+                    yield chunk, i, {l: (x[lo:lo + part], y[lo:lo + part]) for l, (x, y) in acts.items()}
             chunk, offset = chunk + 1, 0
 
 
@@ -329,8 +328,8 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
     `resume=True` continues from there. on_step(step, transcoders, stats) runs after every step (it may raise).
     With eval_rows (held-out token rows), the FVU on them is measured every `eval_every` steps and at the end.
     Where bf16 is fast (`fast_bf16`: CUDA, AMX CPUs), unless amp=False, training activations are harvested in bf16
-    (from a bf16 copy of a float32 model; held-out ones from the model as given) and the loss runs under bf16
-    autocast. compile_step: torch.compile the loss (CUDA).
+    (from a bf16 copy of a float32 model without active hooks; held-out ones from the model as given) and the
+    loss runs under bf16 autocast. compile_step: torch.compile the loss (CUDA).
     Returns ({layer: Transcoder}, summary dict)."""
     rank, _ = _world()
     device, d, n_steps = model.embed.weight.device, model.cfg.d_model, cfg.tokens // cfg.batch_tokens
@@ -359,8 +358,11 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
         log(f"resuming at step {run['step']}/{n_steps} from {ckpt}")
     hooks, bf16 = {l: cfg.hooks(l) for l in cfg.layers}, amp and fast_bf16(device)
     stream = rows
-    if torch.is_tensor(rows):       # where bf16 is fast, training activations are harvested in bf16
-        stream = ActivationStream(as_bf16(model) if bf16 else model, rows, hooks, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id,
+    if torch.is_tensor(rows):
+        # where bf16 is fast, training activations come from a bf16 copy of a float32 model; not while hooks are
+        # active (a steering vector, an ablation): they belong to the model (they read model.positions)
+        copy_ = bf16 and model.embed.weight.dtype == torch.float32 and not model._hooks
+        stream = ActivationStream(as_bf16(model) if copy_ else model, rows, hooks, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id,
                                   tokens=n_steps * cfg.batch_tokens)
         log(f"harvesting activations in shuffled chunks of {stream.per_chunk * cfg.batch_tokens:,} tokens ...")
     batches = stream.batches(run["chunk"], run["offset"])
@@ -492,7 +494,7 @@ def _unscaled(tc, s_in, s_out, tokens):
 
 
 def _save_checkpoint(path, cfg, tcs, opt, run):
-    state = {"train_cfg": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
+    state = {"train_cfg": dataclasses.asdict(cfg), "data_order": DATA_ORDER, "optimizer": opt.state_dict(),
              "transcoders": {str(l): tc.state_dict() for l, tc in tcs.items()},
              **{k: v for k, v in run.items() if k not in ("scale", "last_fired")},
              "scale": {str(l): v for l, v in run["scale"].items()},
@@ -514,6 +516,9 @@ def _restore(path, cfg, tcs, opt, device):
         diff = [k for k, v in dataclasses.asdict(cfg).items() if state["train_cfg"].get(k) != v]
         raise MinisvError(f"cannot resume {path}: it was trained with different settings ({', '.join(diff)}); "
                           f"rerun with the original flags or a new --out")
+    if state.get("data_order") != DATA_ORDER:
+        raise MinisvError(f"cannot resume {path}: an older minisv wrote it, which walked the data in another order "
+                          f"(resuming would repeat or skip data); start again with --overwrite")
     try:
         for l, tc in tcs.items():
             tc.load_state_dict(state["transcoders"][str(l)])

@@ -10,7 +10,7 @@ import torch
 import minisv
 from minisv import training
 from minisv.errors import MinisvError
-from minisv.training import ActivationStream, harvest, train
+from minisv.training import ActivationStream, CachedActivations, harvest, train
 from minisv.transcoder import hook_names
 from test_training import REPO, config, script, script_args, tiny_llama, token_file, token_rows, weights  # noqa: F401
 
@@ -166,9 +166,12 @@ def two_process_stream(tiny_llama, tmp_path_factory):
     return [torch.load(f"{tmp / 'out'}.{r}") for r in (0, 1)], namespace["stream"](str(path))
 
 
-def test_two_processes_stream_the_same_chunks_of_an_even_number_of_rows(two_process_stream):
-    """Every rank holds the same chunk; its rows split evenly; the walk is cut after the first PAIR of rows that
-    completes the chunk's batches; each rank serves its half of every global batch."""
+def test_two_processes_stream_the_same_chunks(tiny_llama, two_process_stream):
+    """Every rank holds the same chunk: pairs the model computes on the chunk's rows at non-BOS positions; the
+    walk is cut after the first row that completes the chunk's batches, whatever the number of processes (an odd
+    number of rows is padded for the all-gather and the padding dropped); each rank serves its half of every
+    global batch."""
+    _, model = tiny_llama
     (a, b), _ = two_process_stream
     rows = short_documents(40, 16)
     for c, need in enumerate([128, 128, 128, 64]):
@@ -176,6 +179,10 @@ def test_two_processes_stream_the_same_chunks_of_an_even_number_of_rows(two_proc
         assert torch.equal(ids, b["rows"][c])
         assert usable(rows[ids[:-1]], 0) < need <= usable(rows[ids], 0), c
         assert torch.equal(a["chunks"][c][0], b["chunks"][c][0]) and len(a["chunks"][c][0]) == need
+        _, cache = model.run_with_cache(rows[ids], names=hook_names(1))
+        expected = torch.cat([cache[name][rows[ids] != 0] for name in hook_names(1)], 1)
+        got = torch.cat(a["chunks"][c], 1)
+        assert torch.cdist(got, expected, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-5
     assert [(c, i) for c, i, _ in a["served"]] == [(c, i) for c, i, _ in b["served"]] == \
         [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]
     for (c, i, x0), (_, _, x1) in zip(a["served"], b["served"]):
@@ -271,14 +278,14 @@ def test_script_harvests_in_bf16_unless_told_and_always_evaluates_in_float32(tin
     assert evaluated == [(torch.float32, False)]
 
 
-def test_targets_bf16_cannot_resolve_are_refused_not_trained_on(tiny_llama, monkeypatch):
-    """A tiny random model's MLP output (spread ~0.004) shifted by 3.0 rounds to a constant in bf16: training
-    stops with a message that says to train in float32; in float32 (amp=False) it trains."""
+def test_targets_bf16_cannot_resolve_are_refused_not_trained_on(tiny_llama):
+    """Targets of spread 0.004 around 3.0 round to a handful of values in bf16: training stops with a message that
+    says to train in float32; the same targets in float32 train."""
     _, model = tiny_llama
-    monkeypatch.setattr(training, "fast_bf16", lambda device: True)
-    with model.hooks({"blocks.1.hook_mlp_out": lambda y, name: y + 3.0}):
-        with pytest.raises(MinisvError, match="below what bf16 activations resolve.*--no-autocast"):
-            train(model, token_rows(40), config(tokens=256 * 2, buffer_tokens=512), log=lambda s: None)
-        _, summary = train(model, token_rows(40), config(tokens=256 * 2, buffer_tokens=512), log=lambda s: None,
-                           amp=False)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1024, 32, generator=g), 3.0 + 0.004 * torch.randn(1024, 32, generator=g)
+    cfg = config(tokens=256 * 2)
+    with pytest.raises(MinisvError, match="below what bf16 activations resolve.*--no-autocast"):
+        train(model, CachedActivations({1: (x.bfloat16(), y.bfloat16())}, 256, seed=0), cfg, log=lambda s: None)
+    _, summary = train(model, CachedActivations({1: (x, y)}, 256, seed=0), cfg, log=lambda s: None)
     assert summary["steps"] == 2 and all(h["fvu"] == h["fvu"] for h in summary["history"])      # no NaN

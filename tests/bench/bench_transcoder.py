@@ -40,14 +40,17 @@ def random_gpt2(tmp):
     return tmp
 
 
-def harvested(model, rows, layer, tokens):
-    """(x, y) activations of at least `tokens` tokens and the harvest's tokens/s."""
+def harvested(model, rows, layer, tokens, bos_id):
+    """(x, y) activations of at least `tokens` tokens and the harvest's trainable (non-BOS) tokens/s, as train()
+    counts them, after a warm-up call."""
     rows = rows[:-(-tokens // rows.shape[1])]
+    harvest(model, rows[:2], {layer: hook_names(layer)})
     _sync()
     start = time.perf_counter()
     x, y = harvest(model, rows, {layer: hook_names(layer)})[layer]
     _sync()
-    return x.flatten(0, 1)[:tokens], y.flatten(0, 1)[:tokens], rows.numel() / (time.perf_counter() - start)
+    trainable = int((rows != bos_id).sum()) if bos_id is not None else rows.numel()
+    return x.flatten(0, 1)[:tokens], y.flatten(0, 1)[:tokens], trainable / (time.perf_counter() - start)
 
 
 def _sync():
@@ -130,7 +133,8 @@ def main(argv=None):
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     n = args.batch * (args.steps + 1)
     harvester = as_bf16(model) if bf16 else model
-    x, y, harvest_tok_s = harvested(harvester, rows, args.layer, n)
+    bos = getattr(model.tokenizer, "bos_id", None)
+    x, y, harvest_tok_s = harvested(harvester, rows, args.layer, n, bos)
     d, S, k = model.cfg.d_model, args.d_sae, args.k
     print(f"{model.cfg.name or spec}, layer {args.layer}, d_in {d}, d_sae {S}, k {k}, batch {args.batch}, "
           f"{device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
@@ -171,7 +175,7 @@ def main(argv=None):
     if args.e2e_tokens:
         steps = args.e2e_tokens // args.batch       # warm-up and dead window as train_transcoder.py sets them
         cfg = TrainConfig(layers=[args.layer], d_sae=S, k=k, lr=4e-3, tokens=args.e2e_tokens, batch_tokens=args.batch,
-                          bos_id=getattr(model.tokenizer, "bos_id", None), checkpoint_every=10 ** 9,
+                          bos_id=bos, checkpoint_every=10 ** 9,
                           warmup_steps=max(1, steps // 20), dead_tokens=max(1, steps // 10) * args.batch)
         _, summary = train(model, rows, cfg, log=lambda line: None, amp=not args.no_autocast)
         step = results[f"minisv TopK, {args.dead:.0%} dead"]
