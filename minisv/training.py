@@ -131,7 +131,8 @@ class ActivationStream:
     The token rows are walked in a fresh seeded order every epoch; chunk c takes just enough of the next rows to
     hold `buffer_tokens` (rounded down to whole batches) trainable tokens, i.e. not counting BOS positions, so
     no harvested token is wasted beyond the last row's overshoot. With `tokens`, the stream ends there and the
-    last chunk harvests only what is left."""
+    last chunk harvests only what is left (so a shorter run's data is not a prefix of a longer one's: its last
+    chunk is shuffled on its own)."""
 
     def __init__(self, model, rows, hooks, batch_tokens, buffer_tokens, seed, bos_id=None, tokens=None):
         self.model, self.rows, self.hooks, self.seed, self.bos_id = model, rows, hooks, seed, bos_id
@@ -149,7 +150,8 @@ class ActivationStream:
     def _row(self, g):
         """Row number at position g of the endless walk over the rows (each epoch in a fresh seeded order)."""
         n = len(self.rows)
-        if g // n not in self.orders:
+        if g // n not in self.orders:   # the walk moves forward: keep the last epoch's order, drop older ones
+            self.orders = {e: order for e, order in self.orders.items() if e == g // n - 1}
             self.orders[g // n] = torch.randperm(n, generator=_generator(self.seed, 0, g // n)).tolist()
         return self.orders[g // n][g % n]
 

@@ -1,5 +1,6 @@
-"""Review of the exact-chunk stream, the bf16 harvest/autocast and index_select AuxK (commit 09532e1): edge cases
-the tests in test_training.py leave open. Tiny random models, one CPU thread."""
+"""The activation stream's edge cases (exact chunks of BOS-separated documents, resuming across chunk boundaries,
+two processes streaming what one does), the bf16 harvest and autocast, and the AuxK gathers. Tiny random
+models, one CPU thread."""
 import os
 import subprocess
 import sys
@@ -131,7 +132,7 @@ import sys, torch, torch.distributed as dist
 import minisv
 from minisv.training import ActivationStream
 from minisv.transcoder import hook_names
-from test_review_training import short_documents
+from test_training_streams import short_documents
 
 
 def stream(path):
