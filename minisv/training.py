@@ -156,8 +156,10 @@ class ActivationStream:
         return self.orders[g // n][g % n]
 
     def _batches_in(self, chunk):
-        return self.per_chunk if self.n_batches is None else min(self.per_chunk,
-                                                                 self.n_batches - chunk * self.per_chunk)
+        """Batches chunk c serves: per_chunk, fewer in the last chunk of a stream of n_batches (≤ 0 past it)."""
+        if self.n_batches is None:
+            return self.per_chunk
+        return min(self.per_chunk, self.n_batches - chunk * self.per_chunk)
 
     def _row_ids(self, chunk):
         """Row numbers of a chunk: walk positions [starts[c], starts[c+1]), found by counting trainable tokens
