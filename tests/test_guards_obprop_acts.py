@@ -27,3 +27,18 @@ def test_ragged_prompts_at_the_last_token_and_at_given_positions(pair):
         for name, layer in zip(names, (1, 2)):
             torch.testing.assert_close(last[name][b], hidden[b][layer][0, -1], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(chosen[name][b], hidden[b][layer][0, at[b]], rtol=1e-4, atol=1e-5)
+
+
+def test_reference_patterns_are_the_mean_of_the_two_prompts_attention(pair):
+    """Two equal-length reference prompts: Reference.patterns [L, H, T, T] is the mean of transformers' attention
+    weights on each (what picks a head's default source token)."""
+    import copy
+    model, ref = pair
+    eager = copy.deepcopy(ref)
+    eager.set_attn_implementation("eager")
+    g = torch.Generator().manual_seed(9)
+    pos, neg = (torch.randint(2, 96, (7,), generator=g) for _ in range(2))
+    with torch.no_grad():
+        attn = [torch.stack(eager(p[None], output_attentions=True).attentions)[:, 0] for p in (pos, neg)]
+    r = ob.reference(model, pos, neg)
+    torch.testing.assert_close(r.patterns, (attn[0] + attn[1]) / 2, rtol=1e-4, atol=1e-5)
