@@ -107,7 +107,7 @@ def test_split_documents_is_deterministic_and_disjoint():
 
 def test_split_drops_exact_duplicates_before_choosing():
     """A document that occurs twice must not end up held out *and* in training."""
-    docs = [f"document {i % 30}" + " " * (i % 2) for i in range(60)]           # each twice (once with a space)
+    docs = [f"document {i % 30}" + " " * (i // 30) for i in range(60)]          # each twice (once with a space)
     for seed in range(5):
         train, held = split_documents(docs, held_out=0.3, seed=seed)
         assert len(train) + len(held) == 30 and not set(train) & set(held)
