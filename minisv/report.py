@@ -407,9 +407,13 @@ def training_html(metrics, title="Transcoder training") -> str:
                         f"<h2>configuration</h2><pre>{cfg}</pre>")
 
 
+MAX_INT_TICKS = 12    # svg_chart: up to this many distinct integer x values get a tick each
+
+
 def svg_chart(series, xlabel, ylabel, title="", log_x=False, log_y=False, y_range=None, width=460, height=260) -> str:
     """A line chart with markers as inline SVG: series {name: [(x, y), ...]}, one color each, axes with 5 ticks
-    (log10 axes tick at powers of ten), the y axis over the data or over y_range=(low, high); hovering a marker
+    (log10 axes tick at powers of ten; x values that are all Python ints, at most MAX_INT_TICKS of them, such as
+    layer numbers, get one tick each), the y axis over the data or over y_range=(low, high); hovering a marker
     shows its values. Non-finite points are left out."""
     tx = (lambda v: math.log10(v)) if log_x else float
     ty = (lambda v: math.log10(v)) if log_y else float
@@ -424,11 +428,16 @@ def svg_chart(series, xlabel, ylabel, title="", log_x=False, log_y=False, y_rang
     Y = lambda v: height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)
     parts = [f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
              f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#888" fill="none"/>']
-    for i in range(5):          # ticks: value labels in data units (10^v on log axes)
-        vx, vy = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{X(vx):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">'
-                     f'{_tick(vx, log_x)}</text><text x="{left - 4}" y="{Y(vy) + 3:.1f}" text-anchor="end" '
-                     f'font-size="10">{_tick(vy, log_y)}</text>')
+    # ticks: value labels in data units (10^v on log axes). x given as a few integers (layers): one tick at
+    # each, not at 2, 3.5, 5, ...; otherwise 5 evenly spaced, as on the y axis.
+    xs = sorted({x for p in pts.values() for x, _ in p})
+    integers = all(isinstance(x, int) and not isinstance(x, bool) for p in series.values() for x, _ in p)
+    evenly = [x0 + (x1 - x0) * i / 4 for i in range(5)]
+    x_ticks = xs if integers and not log_x and 0 < len(xs) <= MAX_INT_TICKS else evenly
+    parts += [f'<text x="{X(vx):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">'
+              f'{_tick(vx, log_x)}</text>' for vx in x_ticks]
+    parts += [f'<text x="{left - 4}" y="{Y(vy) + 3:.1f}" text-anchor="end" font-size="10">{_tick(vy, log_y)}</text>'
+              for vy in (y0 + (y1 - y0) * i / 4 for i in range(5))]
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle" font-size="11">'
                  f'{html.escape(xlabel)}</text><text x="12" y="{(top + height - bottom) / 2}" font-size="11" '
                  f'text-anchor="middle" transform="rotate(-90 12 {(top + height - bottom) / 2})">'

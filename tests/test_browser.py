@@ -43,10 +43,14 @@ CATCHER = """<script>(() => {
 FIRST_CARD = (r'^(?:(?!<details class="feat").)*<details class="feat" id="f\d+" open=""[^>]*>'
               r'(?:(?!<details class="feat").)*<h2>top activations</h2><div class="ctx"')
 
+# The steering report's layer sweep (layers 0, 1, 2): a chart with markers and one x tick per layer.
+SWEEP_CHART = (r'<h2>held-out success vs layer</h2><svg[^>]*>(?:(?!</svg>).)*'
+               r'font-size="10">0</text><text [^>]*>1</text><text [^>]*>2</text>(?:(?!</svg>).)*<circle ')
+
 # One line per report: the fixture that writes it, and regexes its DOM must match once its scripts have run.
 PAGES = {
     "steering": ("steering_report", [r"<h1>One-shot steering vector</h1>", r"<td[^>]*>Say &lt;img src=x",
-                                     r"(?:<tr>.*){4}"]),
+                                     r"(?:<tr>.*){4}", SWEEP_CHART]),
     "dashboards": ("dashboard_report", [FIRST_CARD, r"<h2>tokens that activate it", r'<span class="chip">&lt;img']),
     "circuit": ("circuit_report", [r"<svg[^>]*>.*<line .*<rect .*</svg>", r"<h2>path tree</h2><pre>\S",
                                    r"&lt;img src=x"]),
@@ -118,10 +122,11 @@ def test_the_check_catches_errors(chromium, tmp_path):
 # ------------------------------------------------------------------------- the reports, from tiny models
 @pytest.fixture(scope="module")
 def steering_report(chat_model_dir, tmp_path_factory):
+    """A sweep over the tiny model's 3 layers, so that the page has its success-vs-layer chart."""
     from optimize_sv import main
     out = tmp_path_factory.mktemp("steering")
     (out / "eval.txt").write_text(f"Say {PAYLOAD}\nWhat is 2+2?\n")
-    main(["--model", str(chat_model_dir), "--prompt", "Tell me a joke.", "--promote", "No way.", "--layer", "1",
+    main(["--model", str(chat_model_dir), "--prompt", "Tell me a joke.", "--promote", "No way.", "--layer", "0", "1", "2",
           "--max-iters", "2", "--seed", "0", "--eval-prompts", str(out / "eval.txt"), "--success", "No",
           "--out", str(out / "v.safetensors"), "--max-new-tokens", "4"])
     return out / "v.html"

@@ -14,7 +14,7 @@ from minisv import MinisvError
 from minisv.circuits import Circuit, de_embed, feature_direction, format_tree, logit_effects
 from minisv.model import Model, ModelConfig
 from minisv.atomic import write_text
-from minisv.report import BINS, circuit_html, collect_dashboards, dashboards_html, svg_chart
+from minisv.report import BINS, MAX_INT_TICKS, circuit_html, collect_dashboards, dashboards_html, svg_chart
 from minisv.transcoder import Transcoder, TranscoderConfig
 from test_circuits import planted, released_file
 
@@ -165,6 +165,21 @@ def test_svg_chart_places_markers_on_the_axis_range():
                 for name, xy in (("a &lt;b&gt;", series["a <b>"]), ("c", series["c"][1:])) for x, y in xy]
         assert [t for *_, t in got] == [t for *_, t in want] and "<b>" not in page
         assert [(round(x, 1), round(y, 1)) for x, y, _ in got] == [(round(x, 1), round(y, 1)) for x, y, _ in want]
+
+
+def test_svg_chart_ticks_integer_x_at_the_data():
+    """A few integer x values (layers 2, 5, 8, 9) get one tick each at their marker's x; float x, or more integers
+    than MAX_INT_TICKS, keep 5 evenly spaced ticks over the data (x axis 58..448 of a 460-wide chart)."""
+    def x_ticks(series):
+        return [(round(float(x), 1), label) for x, label in
+                re.findall(r'<text x="([\d.]+)" y="234" text-anchor="middle" font-size="10">([^<]*)</text>',
+                           svg_chart(series, "layer", "success"))]
+    layers = [2, 5, 8, 9]
+    assert x_ticks({"a": [(l, 0.5) for l in layers]}) == [(round(58 + (l - 2) / 7 * 390, 1), str(l)) for l in layers]
+    evenly = [(round(58 + i / 4 * 390, 1), f"{2 + 7 * i / 4:.3g}") for i in range(5)]
+    assert x_ticks({"a": [(float(l), 0.5) for l in layers]}) == evenly
+    many = range(2, 2 + MAX_INT_TICKS + 1)
+    assert len(x_ticks({"a": [(l, 0.5) for l in many]})) == 5
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")

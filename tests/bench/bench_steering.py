@@ -12,9 +12,12 @@ Adam lr and loss; v added at the input of layer 8 of 30. Every implementation ta
                        accumulates, every weight's gradient), the logits of every position.
 
 For each, two runs per round: `--steps` Adam steps and `--steps + --extra`. Reported, as medians over the
-rounds: the end-to-end time of the shorter run, the median complete step within it, and the marginal cost of a
+rounds: the end-to-end time of the shorter run, the median complete step within it, the marginal cost of a
 step, (T(steps + extra) − T(steps)) / extra, which leaves out one-time costs (tokenizing, the frozen prefix,
-the final evaluation). Rounds alternate the implementations (in a rotating order), so load from other processes
+the final evaluation), the rest of the shorter run beyond (steps − 1) median steps (one-time costs plus any
+step slowed down by other processes), and CPU/wall: process CPU seconds per wall second during the shorter
+run, about --threads when the threads had their cores, less when other processes took them (a starved
+step can take ten times its median, which the median hides and the end-to-end time does not). Rounds alternate the implementations (in a rotating order), so load from other processes
 on a shared machine hits them alike. --profile prints the top operators of minisv's step (torch.profiler).
 
     python tests/bench/bench_steering.py [--steps 20] [--extra 20] [--layer 8] [--rounds 3] [--threads 2] [--profile]
@@ -124,19 +127,24 @@ def main():
             "transformers ref.-style": lambda n: run_transformers(hf, ids, n_prompt, args.layer, v0, args.lr, n, False)}
     names = list(runs)
     total, step, marginal, loss = ({n: [] for n in names} for _ in range(4))
+    rest, cpu = ({n: [] for n in names} for _ in range(2))
     for r in range(args.rounds):
         for name in names[r % 3:] + names[:r % 3]:
+            c = time.process_time()
             short, steps_s, loss_short = runs[name](args.steps)
+            cpu[name].append((time.process_time() - c) / short)
+            rest[name].append(short - (args.steps - 1) * statistics.median(steps_s))
             long, _, _ = runs[name](args.steps + args.extra)
             total[name].append(short)
             step[name].append(statistics.median(steps_s))
             marginal[name].append((long - short) / args.extra)
             loss[name].append(loss_short)
     med = lambda xs: statistics.median(xs)
-    print(f"{'':26s} {'end to end':>11s} {'median step':>12s} {'marginal step':>14s}  final loss")
+    print(f"{'':26s} {'end to end':>11s} {'median step':>12s} {'marginal step':>14s} {'rest':>8s} {'CPU/wall':>9s}"
+          f"  final loss")
     for name in names:
-        print(f"{name:26s} {med(total[name]):9.2f} s {med(step[name]):10.3f} s {med(marginal[name]):12.3f} s  "
-              f"{loss[name][-1]:.4f} nats")
+        print(f"{name:26s} {med(total[name]):9.2f} s {med(step[name]):10.3f} s {med(marginal[name]):12.3f} s "
+              f"{med(rest[name]):6.2f} s {med(cpu[name]):9.2f}  {loss[name][-1]:.4f} nats")
     base = names[0]
     for name in names[1:]:
         print(f"minisv speed-up vs {name}: marginal step {med(marginal[name]) / med(marginal[base]):.2f}x, median "
