@@ -1,4 +1,4 @@
-"""Helpers shared by test files: a fake Hugging Face hub on 127.0.0.1 (the `server` fixture), a GGUF writer.
+"""Helpers shared by test files: a fake Hugging Face hub on 127.0.0.1 (the `server` fixture), GGUF writers.
 
 The fake hub answers like huggingface.co: X-Repo-Commit and an ETag (the git blob sha1) on every file, and for
 LFS files (*.safetensors here) a 302 to a "CDN" path carrying X-Linked-Etag (the sha256) and X-Linked-Size.
@@ -126,3 +126,53 @@ def write_gguf(path, tensors, metadata, alignment=None, arch="test"):
     w.write_tensors_to_file()
     w.close()
     return expected
+
+
+# llama.cpp's names for the tensors of a Llama-style transformers model (blk.{layer}. before the per-layer ones)
+GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def llama_cpp_permute(w, n_head):
+    """llama.cpp's converter (convert_hf_to_gguf.py LlamaModel.permute): each head's rows (first half, second
+    half) -> interleaved rotary pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_style_gguf(path, ref, arch):
+    """A float32 GGUF of the tiny transformers model `ref` (Llama or Qwen2) laid out as llama.cpp's converter
+    writes it: its hyperparameters, a 96-token BPE vocabulary ("a", "b", "ab", t3...), llama.cpp's tensor names,
+    q/k rows permuted for arch "llama" (not for qwen2), and no output.weight when the embeddings are tied."""
+    import gguf
+    cfg = ref.config
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(3, cfg.vocab_size)])
+    w.add_token_merges(["a b"])
+    w.add_eos_token_id(1)
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        module, _, leaf = name.rpartition(".")
+        t = t.numpy().astype(np.float32)
+        if module.startswith("model.layers."):
+            layer, sub = module.removeprefix("model.layers.").split(".", 1)
+            if arch == "llama" and sub in ("self_attn.q_proj", "self_attn.k_proj"):
+                t = llama_cpp_permute(t, cfg.num_attention_heads if sub.endswith("q_proj") else cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{layer}.{GGUF_NAMES[sub]}.{leaf}", t)
+        else:
+            w.add_tensor(f"{GGUF_NAMES[module]}.{leaf}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -1,11 +1,11 @@
 """The checkpoint kinds minisv claims beyond the three tiny families of conftest.py, each against transformers:
 Llama 3.1's long-context rotary scaling, Qwen2 (q/k/v biases, tied embeddings) from safetensors, from a
 `pytorch_model.bin` and from a GGUF file (written with the `gguf` package's GGUFWriter)."""
-import numpy as np
 import pytest
 import torch
 
 import minisv
+from helpers import write_llama_style_gguf
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -75,41 +75,10 @@ def test_qwen2_with_biases(tmp_path, weights):
 
 def test_qwen2_gguf(tmp_path):
     """A Qwen2 GGUF in float32 as llama.cpp lays it out (no rotary permutation for qwen2, unlike llama)."""
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     ref = tiny_reference("qwen2")
-    cfg = ref.config
     path = tmp_path / "qwen2.gguf"
-    w = gguf.GGUFWriter(str(path), arch="qwen2")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(3, cfg.vocab_size)])
-    w.add_token_merges(["a b"])
-    w.add_eos_token_id(1)
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, t in ref.state_dict().items():
-        if name == "lm_head.weight":     # tied: llama.cpp omits output.weight
-            continue
-        module, _, leaf = name.rpartition(".")
-        if module.startswith("model.layers."):
-            l, sub = module.removeprefix("model.layers.").split(".", 1)
-            gguf_name = f"blk.{l}.{names[sub]}.{leaf}"
-        else:
-            gguf_name = f"{names[module]}.{leaf}"
-        w.add_tensor(gguf_name, t.numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_llama_style_gguf(path, ref, "qwen2")
     model = minisv.load(str(path), device="cpu")
     assert model.cfg.qkv_bias and model.cfg.tie_embeddings and model.tokenizer.vocab_size == 96
     assert_same_logits(model, ref)
