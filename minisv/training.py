@@ -124,6 +124,15 @@ def as_bf16(model):
     return twin.to(torch.bfloat16)                           # ... then bf16 copies of them
 
 
+def harvester(model, amp=True):
+    """The model training activations are harvested from: where bf16 is fast (and amp), a bf16 copy of a float32
+    model; else, and while hooks are active (a steering vector, an ablation: they belong to the model, they read
+    model.positions), the model itself."""
+    float32 = model.embed.weight.dtype == torch.float32
+    copy_ = amp and fast_bf16(model.embed.weight.device) and float32 and not model._hooks
+    return as_bf16(model) if copy_ else model
+
+
 class ActivationStream:
     """Shuffled batches of (x, y) per layer, as a deterministic function of (seed, chunk, batch index).
     `hooks` {layer: (x hook name, y hook name)} says what to harvest (the same name twice for an SAE).
@@ -363,11 +372,8 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, log=print, 
     hooks, bf16 = {l: cfg.hooks(l) for l in cfg.layers}, amp and fast_bf16(device)
     stream = rows
     if torch.is_tensor(rows):
-        # where bf16 is fast, training activations come from a bf16 copy of a float32 model; not while hooks are
-        # active (a steering vector, an ablation): they belong to the model (they read model.positions)
-        copy_ = bf16 and model.embed.weight.dtype == torch.float32 and not model._hooks
-        stream = ActivationStream(as_bf16(model) if copy_ else model, rows, hooks, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed, cfg.bos_id,
-                                  tokens=n_steps * cfg.batch_tokens)
+        stream = ActivationStream(harvester(model, amp), rows, hooks, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed,
+                                  cfg.bos_id, tokens=n_steps * cfg.batch_tokens)
         log(f"harvesting activations in shuffled chunks of {stream.per_chunk * cfg.batch_tokens:,} tokens ...")
     batches = stream.batches(run["chunk"], run["offset"])
     held_out = _without_bos(harvest(model, eval_rows, hooks), eval_rows, cfg.bos_id) if eval_rows is not None else None

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import minisv  # noqa: E402
 from minisv.data import load_dataset  # noqa: E402
-from minisv.training import (TrainConfig, _fix_decoder_grad, as_bf16, fast_bf16, harvest,  # noqa: E402
+from minisv.training import (TrainConfig, _fix_decoder_grad, fast_bf16, harvest, harvester,  # noqa: E402
                              relu_loss, topk_loss, train)
 from minisv.transcoder import Transcoder, TranscoderConfig, hook_names  # noqa: E402
 
@@ -132,13 +132,13 @@ def main(argv=None):
         rows = torch.randint(0, model.cfg.vocab_size, (4096, 128), generator=torch.Generator().manual_seed(0))
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     n = args.batch * (args.steps + 1)
-    harvester = as_bf16(model) if bf16 else model
+    source = harvester(model, amp=not args.no_autocast)              # what train() harvests from
     bos = getattr(model.tokenizer, "bos_id", None)
-    x, y, harvest_tok_s = harvested(harvester, rows, args.layer, n, bos)
+    x, y, harvest_tok_s = harvested(source, rows, args.layer, n, bos)
     d, S, k = model.cfg.d_model, args.d_sae, args.k
     print(f"{model.cfg.name or spec}, layer {args.layer}, d_in {d}, d_sae {S}, k {k}, batch {args.batch}, "
           f"{device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
-          f"{torch.get_num_threads()} threads, harvest in {harvester.embed.weight.dtype}, loss under bf16 autocast: "
+          f"{torch.get_num_threads()} threads, harvest in {source.embed.weight.dtype}, loss under bf16 autocast: "
           f"{bf16}; harvest {harvest_tok_s:,.0f} tok/s")
     y = y / y.float().pow(2).mean().sqrt().to(y.dtype)
     batches = [(x[i:i + args.batch], y[i:i + args.batch]) for i in range(0, n, args.batch)]
