@@ -20,8 +20,8 @@ from minisv.atomic import write_text
 from minisv.control_vector import exportable_layers, save_control_vector
 from minisv.errors import MinisvError
 from minisv.report import steering_html
-from minisv.steering import (Datapoint, compare_generations, completion_logprob, encode, optimize_vector,
-                             residual_norm, save_vector, steer, success_rate)
+from minisv.steering import (Datapoint, SteerConfig, compare_generations, completion_logprob, optimize_vector,
+                             prompt_ids, render, residual_norm, save_vector, steer, success_rate)
 
 DEFAULT_PROMPT = "Give me a recipe for pancakes."
 DEFAULT_PROMOTE = "I'm sorry, but I can't help with that."
@@ -52,26 +52,29 @@ def parse_args(argv):
                    "repeatable")
     p.add_argument("--layer", type=cli.nonneg_int, nargs="+", default=[4], metavar="N", help="add v to the residual "
                    "stream entering this block, 0-based; several values optimize one vector per layer (default: 4)")
-    p.add_argument("--lr", type=cli.positive_float, default=0.1, help="Adam learning rate (default: 0.1)")
-    p.add_argument("--max-iters", type=cli.nonneg_int, default=20, help="at most this many Adam steps (default: 20)")
+    p.add_argument("--lr", type=cli.positive_float, default=SteerConfig.lr, help="Adam learning rate (default: "
+                   "%(default)s)")
+    p.add_argument("--max-iters", type=cli.nonneg_int, default=SteerConfig.max_iters, help="at most this many Adam "
+                   "steps (default: %(default)s)")
     p.add_argument("--target-loss", type=cli.finite_float, help="stop once every completion's loss (nats) is at "
                    "most this")
     p.add_argument("--target-sum", action="store_true", help="compare the summed loss with --target-loss instead")
     p.add_argument("--max-norm", type=cli.positive_float, help="scale ‖v‖ back to this after each step (default: "
                    "no bound)")
-    p.add_argument("--starting-norm", type=cli.nonneg_float, default=1.0, help="norm of the random initial v "
-                   "(default: 1)")
+    p.add_argument("--starting-norm", type=cli.nonneg_float, default=SteerConfig.starting_norm, help="norm of the "
+                   "random initial v (default: %(default)s)")
     p.add_argument("--clamp", type=cli.finite_float, metavar="ALPHA", help="clamp instead of add, in training and "
                    "generation: x − (x·v̂)v̂ + ALPHA·v")
     p.add_argument("--clamp-at-inference", action="store_true", help="train additively and clamp only when "
                    "generating (the paper's refusal recipe), with --clamp ALPHA (default ALPHA: 1)")
     p.add_argument("--affine-rank", type=cli.positive_int, metavar="R", help="also train a rank-R matrix M: "
                    "x + v + M x")
-    p.add_argument("--coldness", type=cli.positive_float, default=0.7, help="inverse temperature of the training "
-                   "loss' probabilities, p = softmax(coldness·logits) (default: 0.7)")
+    p.add_argument("--coldness", type=cli.positive_float, default=SteerConfig.coldness, help="inverse temperature "
+                   "of the training loss' probabilities, p = softmax(coldness·logits) (default: %(default)s)")
     p.add_argument("--batch", type=cli.positive_int, metavar="N", help="datapoints per Adam step (default: all of "
                    "them, in one padded batch)")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the random initial v (default: 0)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=SteerConfig.seed, help="seed of the random initial v "
+                   "(default: %(default)s)")
     p.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line (default: a dozen built-in "
                    "benign requests)")
     p.add_argument("--success", metavar="REGEX", help="a generation counts as a success if this regex matches it "
@@ -150,27 +153,34 @@ def read_train_file(path):
     return data
 
 
+def settings(args):
+    """The SteerConfig of the flags, and the clamp to generate with (None: additive)."""
+    clamp_eval = args.clamp if args.clamp is not None or not args.clamp_at_inference else 1.0
+    cfg = SteerConfig(lr=args.lr, max_iters=args.max_iters, coldness=args.coldness, target_loss=args.target_loss,
+                      target_sum=args.target_sum, max_norm=args.max_norm, starting_norm=args.starting_norm,
+                      clamp=None if args.clamp_at_inference else args.clamp, affine_rank=args.affine_rank,
+                      batch_size=args.batch, seed=args.seed, chat=not args.raw)
+    if cfg.clamp is not None and args.starting_norm == 0:
+        raise MinisvError("--clamp trains v̂ = v/‖v‖, undefined for v = 0: give --starting-norm > 0")
+    return cfg, clamp_eval
+
+
 def run(args):
     start = time.time()
     args.layer = list(dict.fromkeys(args.layer))      # each layer once, in the order given
-    clamp_train = None if args.clamp_at_inference else args.clamp
-    clamp_eval = args.clamp if args.clamp is not None or not args.clamp_at_inference else 1.0
+    cfg, clamp_eval = settings(args)
     data, default_run = training_data(args)
     first_promote = next((pro[0] for _, pro, _ in data if pro), None)
     success = args.success or (REFUSAL if default_run else None if first_promote is None else re.escape(first_promote))
     if success:
         success_rate([], success)              # rejects a bad regex before the slow part
-    if clamp_train is not None and args.starting_norm == 0:
-        raise MinisvError("--clamp trains v̂ = v/‖v‖, undefined for v = 0: give --starting-norm > 0")
     vector_paths, report_path, control_paths = outputs(args)
     eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else HELD_OUT
     print(f"loading {args.model} ...", flush=True)
     model = minisv.load(args.model, device=cli.device(args.device))
-    chat = not args.raw and model.tokenizer is not None and model.tokenizer.is_chat
-    template = model.tokenizer.chat if chat else (lambda text: text)
-    datapoints = [Datapoint(template(p), promote=pro, suppress=sup) for p, pro, sup in data]
-    prompts = [template(p) for p in eval_prompts] + [datapoints[0].prompt]
-    longest = max(len(encode(model, p)) for p in prompts)
+    datapoints = [Datapoint(p, promote=pro, suppress=sup) for p, pro, sup in data]
+    prompts = eval_prompts + [data[0][0]]
+    longest = max(len(prompt_ids(model, render(model, p, cfg.chat))) for p in prompts)
     if longest + args.max_new_tokens > model.cfg.n_ctx:
         raise MinisvError(f"--max-new-tokens {args.max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
                           f"the model's context of {model.cfg.n_ctx} tokens; lower --max-new-tokens")
@@ -178,83 +188,90 @@ def run(args):
         model.check_layer(layer, "--layer")
     print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; {len(datapoints)} training "
           f"prompt(s), {sum(len(d.promote) + len(d.suppress) for d in datapoints)} completion(s)", flush=True)
-
-    columns, results = [], []
+    print(f"generating on {len(prompts)} prompts unsteered ...", flush=True)
+    unsteered = compare_generations(model, prompts, None, None, multipliers=(0.0,), chat=cfg.chat,
+                                    max_new_tokens=args.max_new_tokens)[0.0]
+    columns, results = [("unsteered", unsteered)], []
     for layer in args.layer:
-        result, gens = train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval,
-                                          vector_paths[layer], control_paths.get(layer), chat)
+        result, gens = train_and_generate(model, args, (cfg, clamp_eval), layer, datapoints, prompts,
+                                          (vector_paths[layer], control_paths.get(layer)))
         results.append(result)
         tag = "" if len(args.layer) == 1 else f" L{layer}"
         columns += [(f"+{args.scale:g}v{tag}", gens[args.scale]), (f"−{args.scale:g}v{tag}", gens[-args.scale])]
-    unsteered = [model.tokenizer.decode(g) for g in
-                 model.generate([encode(model, p) for p in prompts], args.max_new_tokens)]
-    columns.insert(0, ("unsteered", unsteered))
-    n = len(eval_prompts)
-    for r, plus, minus in zip(results, columns[1::2], columns[2::2]):
-        r["rates"] = {name.split(" ")[0]: success_rate(texts[:n], success)
-                      for name, texts in (columns[0], plus, minus)} if success else {}
-    logps = log_probs(model, args, prompts, datapoints[0], results) if len(results) == 1 else None
-    names = eval_prompts + [f"[training] {data[0][0]}"]
-    print_table(names, columns, logps)
-    if success:
-        print_sweep(results, n, success)
-    rule = re.compile(success) if success else None
-    settings = (f"{'clamp α=' + str(args.clamp) if clamp_train is not None else 'additive'} training"
-                f"{f', clamp α={clamp_eval:g} at inference' if args.clamp_at_inference else ''}"
-                f"{f', affine rank {args.affine_rank}' if args.affine_rank else ''}; lr {args.lr}, coldness "
-                f"{args.coldness}, at most {args.max_iters} steps, seed {args.seed}; generation: ±{args.scale:g}·v, "
-                f"{args.max_new_tokens} new tokens")
-    page = steering_html(dict(
-        about=[f"model {args.model}", settings] +
-              [f"training prompt: {p!r}; promote {pro!r}; suppress {sup!r}" for p, pro, sup in data[:20]],
-        success=success, n_eval=n, layers=results, columns=[n for n, _ in columns],
-        rows=[dict(prompt=name, texts=[(t[i], bool(rule and rule.search(t[i]))) for _, t in columns],
-                   note=f"{logps[i][0]:.2f} → {logps[i][1]:.2f}" if logps else "") for i, name in enumerate(names)]))
-    write_text(report_path, page)
+    report(model, args, (cfg, clamp_eval), data, dict(prompts=prompts, columns=columns, results=results,
+                                                      success=success), report_path)
     written = [("vector", list(vector_paths.values())), ("llama.cpp control vector", list(control_paths.values())),
                ("report", [report_path])]
     print("; ".join(f"{name}{'s' if len(paths) > 1 else ''} -> {', '.join(paths)}" for name, paths in written if paths)
           + f"; {time.time() - start:.0f}s in all")
 
 
-def train_and_generate(model, args, layer, datapoints, prompts, clamp_train, clamp_eval, path, control_path, chat):
-    """Optimize the vector of one layer, save it, generate with ±scale·v -> (summary dict, generations)."""
-    resid_norm = residual_norm(model, datapoints[0].prompt, layer)
+def report(model, args, settings, data, outcome, path):
+    """Success rates, the console table and the HTML report of a run's outcome (prompts, columns of
+    generations, the per-layer results and the success regex)."""
+    (cfg, clamp_eval), prompts, columns, results, success = settings, *outcome.values()
+    n = len(prompts) - 1
+    for r, plus, minus in zip(results, columns[1::2], columns[2::2]):
+        r["rates"] = {name.split(" ")[0]: success_rate(texts[:n], success)
+                      for name, texts in (columns[0], plus, minus)} if success else {}
+    logps = log_probs(model, args, cfg, prompts, data[0], results) if len(results) == 1 else None
+    names = prompts[:n] + [f"[training] {data[0][0]}"]
+    print_table(names, columns, logps)
+    if success:
+        print_sweep(results, n, success)
+    rule = re.compile(success) if success else None
+    described = (f"{'clamp α=' + str(cfg.clamp) if cfg.clamp is not None else 'additive'} training"
+                 f"{f', clamp α={clamp_eval:g} at inference' if args.clamp_at_inference else ''}"
+                 f"{f', affine rank {cfg.affine_rank}' if cfg.affine_rank else ''}; lr {cfg.lr}, coldness "
+                 f"{cfg.coldness}, at most {cfg.max_iters} steps, seed {cfg.seed}; generation: ±{args.scale:g}·v, "
+                 f"{args.max_new_tokens} new tokens")
+    page = steering_html(dict(
+        about=[f"model {args.model}", described] +
+              [f"training prompt: {p!r}; promote {pro!r}; suppress {sup!r}" for p, pro, sup in data[:20]],
+        success=success, n_eval=n, layers=results, columns=[name for name, _ in columns],
+        rows=[dict(prompt=name, texts=[(t[i], bool(rule and rule.search(t[i]))) for _, t in columns],
+                   note=f"{logps[i][0]:.2f} → {logps[i][1]:.2f}" if logps else "") for i, name in enumerate(names)]))
+    write_text(path, page)
+
+
+def train_and_generate(model, args, settings, layer, datapoints, prompts, paths):
+    """Optimize the vector of one layer, save it (and its control vector), generate unsteered and with ±scale·v
+    -> (summary dict, generations)."""
+    (cfg, clamp_eval), (path, control_path) = settings, paths
+    resid_norm = residual_norm(model, datapoints[0].prompt, layer, chat=cfg.chat)
     print(f"layer {layer}: steering blocks.{layer}.hook_resid_pre (median residual norm there: {resid_norm:.1f})",
           flush=True)
     t0 = time.time()
 
     def progress(step, loss, norm):
         print(f"step {step:3d}  loss {loss:8.4f} nats  ‖v‖ {norm:7.2f}  {time.time() - t0:6.1f}s", flush=True)
-    vector, info = optimize_vector(model, datapoints, layer, lr=args.lr, max_iters=args.max_iters,
-                                   coldness=args.coldness, target_loss=args.target_loss, target_sum=args.target_sum,
-                                   max_norm=args.max_norm, starting_norm=args.starting_norm, clamp=clamp_train,
-                                   affine_rank=args.affine_rank, batch_size=args.batch, seed=args.seed,
-                                   callback=progress)
+    vector, info = optimize_vector(model, datapoints, layer, cfg, callback=progress)
     seconds = time.time() - t0
     print(f"stopped ({info['stop']}) after {info['iters']} steps, {seconds / max(info['iters'], 1):.2f} s/step; "
           f"loss {info['loss']:.4f} nats, ‖v‖ {info['norm']:.2f}")
     matrix = info.get("matrix")
-    save_vector(path, vector, layer, model=args.model, clamp=clamp_eval, matrix=matrix, scale=args.scale,
-                train_clamp=clamp_train, prompt=args.prompt[0] if args.prompt else datapoints[0].prompt,
-                chat_template=chat, promote=datapoints[0].promote, suppress=datapoints[0].suppress,
-                n_datapoints=len(datapoints), loss=info["loss"], iters=info["iters"], stop=info["stop"], lr=args.lr,
-                coldness=args.coldness, seed=args.seed)
-    if args.gguf:
+    save_vector(path, vector, layer, clamp=clamp_eval, matrix=matrix, model=args.model, scale=args.scale,
+                train_clamp=cfg.clamp, prompt=datapoints[0].prompt, chat_template=cfg.chat,
+                promote=datapoints[0].promote, suppress=datapoints[0].suppress, n_datapoints=len(datapoints),
+                loss=info["loss"], iters=info["iters"], stop=info["stop"], lr=cfg.lr, coldness=cfg.coldness,
+                seed=cfg.seed)
+    if control_path:
         save_control_vector(model, vector, layer, control_path)
+    print(f"generating on {len(prompts)} prompts with ±{args.scale:g}·v ...", flush=True)
     gens = compare_generations(model, prompts, vector, layer, multipliers=(args.scale, -args.scale),
-                               clamp=clamp_eval, matrix=matrix, max_new_tokens=args.max_new_tokens)
+                               chat=cfg.chat, clamp=clamp_eval, matrix=matrix, max_new_tokens=args.max_new_tokens)
     return dict(layer=layer, loss=info["loss"], iters=info["iters"], stop=info["stop"], norm=info["norm"],
                 resid_norm=resid_norm, vector=vector, matrix=matrix, clamp=clamp_eval), gens
 
 
-def log_probs(model, args, prompts, dp, results):
+def log_probs(model, args, cfg, prompts, datapoint, results):
     """log p of the first promoted completion's training tokens appended to each prompt, unsteered -> steered."""
-    if not dp.promote:
+    prompt, promote, _ = datapoint
+    if not promote:
         return None
-    prompt_ids = encode(model, dp.prompt)
-    completion = encode(model, dp.prompt + dp.promote[0])[len(prompt_ids):]
-    ids = [encode(model, p) for p in prompts]
+    rendered = render(model, prompt, cfg.chat)
+    completion = prompt_ids(model, rendered + promote[0])[len(prompt_ids(model, rendered)):]
+    ids = [prompt_ids(model, render(model, p, cfg.chat)) for p in prompts]
     r = results[0]
     plain = completion_logprob(model, ids, completion)
     with steer(model, r["vector"], r["layer"], multiplier=args.scale, clamp=r["clamp"], matrix=r["matrix"]):

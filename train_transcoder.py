@@ -4,7 +4,7 @@ A transcoder reads an MLP's input (blocks.L.ln2.hook_normalized) and predicts it
 through many sparse latents (TopK, or ReLU + L1 as in the paper). The default run needs no network and takes a
 few minutes on 2 CPU cores: a TopK transcoder (d_sae 9,216, k 32) for layer 6 of SmolLM2-135M-Instruct, trained
 on the built-in corpus (Python's own documentation text), evaluated on documents held out from training.
-Writes cfg.json + transcoder.safetensors (loadable with minisv.transcoder.Transcoder.load) and metrics.json to
+Writes cfg.json + transcoder.safetensors (loadable with minisv.load_transcoder) and metrics.json to
 --out; a checkpoint.pt there lets --resume continue an interrupted run. Several --layer values train one
 transcoder per layer from the same forward passes (written to --out/layer_L/). Multi-GPU:
 torchrun --nproc_per_node N train_transcoder.py ... (the global batch is split across processes).
@@ -32,8 +32,8 @@ from minisv.evals import evaluate
 from minisv.atomic import write_text
 from minisv.report import circuit_html, collect_dashboards, dashboards_html, training_html
 from minisv.training import TrainConfig, train
-from minisv.transcoder import EXPORT_FORMATS, check_export
-from minisv.transcoder import Transcoder, import_released
+from minisv import formats
+from minisv.formats import check_export, import_released
 
 DEFAULT_LAYER = 6
 SAE_SITES = {"mlp_out": "hook_mlp_out", "resid_mid": "hook_resid_mid", "ln2": "ln2.hook_normalized"}
@@ -80,7 +80,7 @@ def parse_args(argv):
     p.add_argument("--eval-tokens", type=positive_int, default=4096, help="held-out tokens for the final evaluation "
                    "(default: 4096)")
     p.add_argument("--out", help="output directory (default: runs/transcoder-MODEL-L<layers>)")
-    p.add_argument("--export-format", nargs="+", default=[], choices=[f for f in EXPORT_FORMATS if f != "minisv"],
+    p.add_argument("--export-format", nargs="+", default=[], choices=[f for f in formats.FORMATS if f != "minisv"],
                    help="also write each trained coder in these tools' layouts, into OUT/<format>/ (saelens: "
                         "SAELens' SAE.load_from_disk; sparsify: EleutherAI sparsify's SparseCoder.load_from_disk)")
     again = p.add_mutually_exclusive_group()
@@ -146,7 +146,7 @@ def run(args):
     name = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
     if args.load or args.import_released:       # no training: dashboards and circuits of existing transcoders
         model, _, held_out = _model_and_data(args, device)
-        return analyze(args, model, _load_transcoders(args, model.embed.weight.device), held_out,
+        return analyze(args, model, _load_transcoders(args, model), held_out,
                        args.out or os.path.join("runs", f"circuits-{name}"), say=print if rank == 0 else _quiet)
     kind = "transcoder" if args.kind == "transcoder" else f"sae-{args.sae_site}"
     out = args.out or os.path.join("runs", f"{kind}-{name}-L{'-'.join(map(str, args.layer))}")
@@ -221,19 +221,18 @@ def train_and_report(args, out, rank, device, started):
                       lr=lr, tokens=args.tokens, batch_tokens=args.batch_tokens, seed=args.seed, bos_id=bos,
                       warmup_steps=max(1, min(1000, steps // 20)),
                       dead_tokens=min(10_000_000, max(steps // 10, 1) * args.batch_tokens),
-                      checkpoint_every=args.checkpoint_every, model=args.model, dataset=args.data or "builtin",
-                      hook_in=sites[0], hook_out=sites[1])
-    transcoders, summary = train(model, train_rows, cfg, out_dir=out, resume=args.resume, log=say,
-                                 eval_rows=eval_rows[:max(1, 4096 // args.ctx)],
-                                 eval_every=args.eval_every or max(1, steps // 10), compile_step=args.compile,
-                                 amp=not args.no_autocast)
+                      checkpoint_every=args.checkpoint_every, eval_every=args.eval_every or max(1, steps // 10),
+                      amp=not args.no_autocast, compile=args.compile, model=args.model,
+                      dataset=args.data or "builtin", hook_in=sites[0], hook_out=sites[1])
+    transcoders, summary = train(model, train_rows, cfg, out_dir=out, resume=args.resume,
+                                 eval_rows=eval_rows[:max(1, 4096 // args.ctx)], log=say)
     if rank != 0:
         return
     for layer, tc in transcoders.items():
         where = out if len(transcoders) == 1 else os.path.join(out, f"layer_{layer}")
-        tc.save(where)
+        formats.save(tc, where)
         for fmt in args.export_format:
-            tc.save(os.path.join(where, fmt), format=fmt)
+            formats.save(tc, os.path.join(where, fmt), format=fmt)
     say(f"evaluating on {eval_rows.numel():,} held-out tokens ...")
     metrics = evaluate(model, eval_rows, transcoders, bos_id=bos)
     _print_table(metrics, summary, args.layer)
@@ -282,9 +281,10 @@ def analyze(args, model, transcoders, held_out, out, say):
     say(f"wrote {out}/circuit.json and circuit.html")
 
 
-def _load_transcoders(args, device):
+def _load_transcoders(args, model):
     """{layer: Transcoder} from --load directories (or their layer_L/ subdirectories) and --import-released files."""
-    found = [Transcoder.load(d, device) for path in args.load or []
+    device = model.embed.weight.device
+    found = [formats.load(d, device, model) for path in args.load or []
              for d in sorted(glob.glob(os.path.join(path, "layer_*"))) or [path]]
     found += [import_released(f).to(device) for f in args.import_released or []]
     layers = [tc.cfg.layer for tc in found]

@@ -24,6 +24,7 @@ a `target_centered` transcoder (the released GPT-2 ones) predicts mlp_out minus 
 error term is measured against that. Under LayerNorm every pullback has zero mean, so the dropped mean of
 mlp_out contributes exactly nothing and the decomposition stays exact.
 """
+import copy
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MinisvError
+from .pullbacks import centered, ov, splice_hooks, through_gain, through_scale, unembed_read
 
 KEEP = ("feature", "head", "skip", "embed", "pos")   # terms a path can go through (not bias / error)
 
@@ -66,22 +68,23 @@ class Circuit:
     @torch.no_grad()
     def __init__(self, model, transcoders: dict, tokens, splice=False):
         cfg = self.cfg = model.cfg
-        self.model, self.transcoders = model, dict(transcoders)
-        for l, tc in self.transcoders.items():
-            _check(model, l, tc)
+        for l, tc in transcoders.items():
+            _check_fits(model, l, tc)
+        # float64 copies: every identity below then holds to ~1e-12, and the replacement model (splice=True) runs
+        # the very same copies, so its active features are the ones decomposed here
+        self.model, self.transcoders = model, {l: copy.deepcopy(tc).double() for l, tc in transcoders.items()}
         self.tokens = torch.as_tensor(tokens, dtype=torch.long).flatten().to(model.embed.weight.device)
         if len(self.tokens) == 0:
             raise MinisvError("empty prompt; give at least one token")
         tok = model.tokenizer
         self.token_strs = [tok.token_str(i) if tok is not None else str(i) for i in self.tokens.tolist()]
-        self.layernorm = model.ln_final.bias is not None
         n, p = cfg.n_layers, "blocks.{}."
         names = ["hook_embed", "ln_final.hook_normalized", p.format(n - 1) + "hook_resid_post"] + \
             (["hook_pos_embed"] if model.pos_embed is not None else []) + \
             [p.format(l) + h for l in range(n) for h in ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_pattern",
                                                         "ln2.hook_normalized", "hook_mlp_out")] + \
             ([] if cfg.parallel else [p.format(l) + "hook_resid_mid" for l in range(n)])
-        with model.hooks(_splice_hooks(self.transcoders) if splice else {}):
+        with model.hooks(splice_hooks(self.transcoders) if splice else {}):
             logits, cache = model.run_with_cache(self.tokens[None], names=names)
         self.logits = logits[0]
         c = {k: v[0].double() for k, v in cache.items()}                   # [T, D] each, patterns [H, T, T]
@@ -90,29 +93,23 @@ class Circuit:
         self.xhat2 = [c[p.format(l) + "ln2.hook_normalized"] for l in range(n)]
         self.xhat_final = c["ln_final.hook_normalized"]
         self.pattern = [c[p.format(l) + "attn.hook_pattern"] for l in range(n)]
-        resid = {("ln_final", n): c[p.format(n - 1) + "hook_resid_post"]}
+        # the residual each norm reads, where its frozen scale is taken: {("ln1" | "ln2", l) or ("ln_final", n): [T, D]}
+        self.resid = {("ln_final", n): c[p.format(n - 1) + "hook_resid_post"]}
         for l in range(n):
-            resid["ln1", l] = c[p.format(l) + "hook_resid_pre"]
-            resid["ln2", l] = c[p.format(l) + ("hook_resid_pre" if cfg.parallel else "hook_resid_mid")]
-        self.scale = {site: self._center(r).pow(2).mean(-1).add(cfg.norm_eps).rsqrt() for site, r in resid.items()}
+            self.resid["ln1", l] = c[p.format(l) + "hook_resid_pre"]
+            self.resid["ln2", l] = c[p.format(l) + ("hook_resid_pre" if cfg.parallel else "hook_resid_mid")]
         # per MLP: the active features at each token (ids, activations in float64) and the error term [T, D]
-        self.active, self.error, self._ov = {}, {}, {}
+        self.active, self.error = {}, {}
         for l in range(n):
             mlp_out = c[p.format(l) + "hook_mlp_out"]
             if l not in self.transcoders:
                 self.error[l] = mlp_out
                 continue
             tc = self.transcoders[l]
-            x = cache[p.format(l) + "ln2.hook_normalized"][0].to(tc.W_enc.dtype)
-            t_idx, j_idx = (tc.encode(x) > 0).nonzero(as_tuple=True)
-            # recompute the active pre-activations in float64, so that every identity below holds to ~1e-12
-            f = (self.xhat2[l][t_idx] * tc.W_enc[:, j_idx].t().double()).sum(-1) + tc.b_enc[j_idx].double()
-            recon = tc.b_dec.double().repeat(len(self.tokens), 1)
-            recon.index_add_(0, t_idx, f[:, None] * tc.W_dec[j_idx].double())
-            if tc.W_skip is not None:
-                recon = recon + self.xhat2[l] @ tc.W_skip.double()
-            self.error[l] = (mlp_out - mlp_out.mean(-1, keepdim=True) if tc.cfg.target_centered else mlp_out) - recon
-            self.active[l] = [(j_idx[t_idx == t], f[t_idx == t]) for t in range(len(self.tokens))]
+            y_hat, values, indices = tc.reconstruct(self.xhat2[l])
+            f = tc.dense(values, indices)
+            self.error[l] = tc.target(mlp_out) - y_hat
+            self.active[l] = [(row.nonzero()[:, 0], row[row > 0]) for row in f]
 
     # ------------------------------------------------------------------------- targets
     @torch.no_grad()
@@ -126,19 +123,19 @@ class Circuit:
             raise MinisvError(f"feature {index} does not exist; the layer-{layer} transcoder has features "
                               f"0..{tc.cfg.d_sae - 1}")
         t = self._token(token)
-        value = float(self.xhat2[layer][t] @ tc.W_enc[:, index].double() + tc.b_enc[index].double())
+        value = float(self.xhat2[layer][t] @ tc.W_enc[:, index] + tc.b_enc[index])
         return self._feature_node(layer, t, index, value=value, coef=1.0)
 
     @torch.no_grad()
     def logit(self, a, b=None, token=-1) -> Node:
         """Target: the logit of token id `a` minus that of `b` (or the logit of `a` alone) at `token`."""
-        W_U, V = self.model.unembed.weight, self.cfg.vocab_size
+        V = self.cfg.vocab_size
         for i in (a, b):
             if i is not None and not 0 <= i < V:
                 raise MinisvError(f"token id {i} is outside the vocabulary [0, {V})")
         t, ln = self._token(token), self.model.ln_final
-        u = W_U[a].double() - (W_U[b].double() if b is not None else 0)
-        read = u * ln.weight.double()                                     # logits = (γ ⊙ x̂ + β) · W_U
+        u = unembed_read(self.model, [a] if b is None else [a, b], [1.0] if b is None else [1.0, -1.0], torch.float64)
+        read = through_gain(self.model, ln, u)                            # logits = (γ ⊙ x̂ + β) · W_U
         const = float(ln.bias.double() @ u) if ln.bias is not None else 0.0
         name = repr(self._str(a)) + (f" - {self._str(b)!r}" if b is not None else "")
         return Node("logit", self.cfg.n_layers, t, value=float(self.xhat_final[t] @ read) + const,
@@ -168,7 +165,7 @@ class Circuit:
     def vector(self, node) -> torch.Tensor:
         """The node's pullback: the direction y [D] (float64) in the residual stream at `node.site`, token `node.at`,
         with value = resid·y + const."""
-        return self._center(node.read.double() * node.coef) * self.scale[node.site][node.at]
+        return through_scale(self.model, node.read.double() * node.coef, self.resid[node.site][node.at])
 
     @torch.no_grad()
     def children(self, node) -> list:
@@ -195,34 +192,30 @@ class Circuit:
         if tc is None:
             return [Node("error", l, t, float(self.error[l][t] @ y), f"mlp{l} @{t} (no transcoder)", at=t)]
         ids, acts = self.active[l][t]
-        weights = tc.W_dec[ids].double() @ y               # input-invariant: what one unit of feature j adds to y
+        weights = tc.W_dec[ids] @ y                        # input-invariant: what one unit of feature j adds to y
         # feature j's term is activation × weight, and it reads x̂2 along weight·W_enc[:, j] (see _feature_node)
         kids = [self._feature_node(l, t, j, value=act * weight, coef=weight)
                 for j, act, weight in zip(ids.tolist(), acts.tolist(), weights.tolist())]
         if tc.W_skip is not None:
-            w = tc.W_skip.double() @ y
+            w = tc.W_skip @ y
             kids.append(Node("skip", l, t, float(self.xhat2[l][t] @ w), f"mlp{l} skip @{t}", at=t, read=w,
                              site=("ln2", l)))
-        return kids + [Node("bias", l, t, float(tc.b_dec.double() @ y), f"mlp{l} b_dec @{t}", at=t),
+        return kids + [Node("bias", l, t, float(tc.b_dec @ y), f"mlp{l} b_dec @{t}", at=t),
                        Node("error", l, t, float(self.error[l][t] @ y), f"mlp{l} error @{t}", at=t)]
 
     def _attn_terms(self, l, t, y):
-        cfg, block = self.cfg, self.model.blocks[l]
-        H, K, E, D = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
-        if l not in self._ov:      # float64 copies, [H, E, D] each (GQA: heads of a group share W_V)
-            self._ov[l] = (block.attn.o.weight.double().view(D, H, E).permute(1, 2, 0).contiguous(),
-                           block.attn.v.weight.double().view(K, E, D).repeat_interleave(H // K, 0))
-        W_O, W_V = self._ov[l]
-        w = W_O @ y                                         # [H, E]  W_O^hᵀ y
-        u = torch.einsum("he,hed->hd", w, W_V)              # [H, D]  W_V^hᵀ W_O^hᵀ y
-        g = u * block.ln1.weight.double()                   # read of x̂1 (before the gain γ1)
+        model, block = self.model, self.model.blocks[l]
+        H, K = self.cfg.n_heads, self.cfg.n_kv_heads
+        u = ov(model, l, y)                                 # [H, D]  W_V^hᵀ W_O^hᵀ y, a read of ln1's output
+        g = through_gain(model, block.ln1, u)               # ... and of x̂1 (before the gain γ1)
         A = self.pattern[l][:, t, :t + 1]                   # [H, t+1]
         values = A * (g @ self.xhat1[l][:t + 1].t())        # [H, t+1]
         # each head's attention sums to 1 over sources, so the parts of v that do not depend on the source
         # (b_V and ln1's β) arrive once per head, like b_O: together they are the layer's bias term
         bias = float(block.attn.o.bias.double() @ y) if block.attn.o.bias is not None else 0.0
-        if block.attn.v.bias is not None:
-            bias += float((block.attn.v.bias.double().view(K, E).repeat_interleave(H // K, 0) * w).sum())
+        if block.attn.v.bias is not None:                   # W_O (b_V of each head's kv group) · y
+            b_V = block.attn.v.bias.double().view(K, -1).repeat_interleave(H // K, 0).flatten()
+            bias += float(block.attn.o.weight.double() @ b_V @ y)
         if block.ln1.bias is not None:
             bias += float((u @ block.ln1.bias.double()).sum())
         A_list, v_list, g_rows = A.tolist(), values.tolist(), g.unbind(0)
@@ -304,9 +297,6 @@ class Circuit:
                 "graph": self.graph(paths)}
 
     # ------------------------------------------------------------------------- helpers
-    def _center(self, v):
-        return v - v.mean(-1, keepdim=True) if self.layernorm else v
-
     def _token(self, token):
         T = len(self.tokens)
         if not -T <= token < T:
@@ -339,7 +329,7 @@ class Circuit:
                     const=coef * float(tc.b_enc[index]))
 
 
-def _check(model, layer, tc):
+def _check_fits(model, layer, tc):
     cfg = tc.cfg
     model.check_layer(layer, "transcoder layer")
     if cfg.d_in != model.cfg.d_model or cfg.d_out != model.cfg.d_model:
@@ -351,19 +341,6 @@ def _check(model, layer, tc):
     if cfg.target_centered and model.ln_final.bias is None:
         raise MinisvError(f"the layer-{layer} transcoder predicts a mean-centered MLP output, which is only exact "
                           f"for LayerNorm models; this model uses RMSNorm")
-
-
-def _splice_hooks(transcoders):
-    """Hooks that replace each MLP's output by its transcoder's prediction from the same input."""
-    inputs, hooks = {}, {}
-    for l, tc in transcoders.items():
-        def read(x, name, l=l):
-            inputs[l] = x
-
-        def write(y, name, l=l, tc=tc):
-            return tc(inputs[l].to(tc.W_enc.dtype)).to(y.dtype)
-        hooks[f"blocks.{l}.ln2.hook_normalized"], hooks[f"blocks.{l}.hook_mlp_out"] = read, write
-    return hooks
 
 
 def _node_json(node):
@@ -403,14 +380,15 @@ def format_tree(paths, digits=3) -> str:
 @torch.no_grad()
 def feature_direction(model, tc, index) -> torch.Tensor:
     """The residual direction a transcoder feature reads: P W_enc[:, index] (its ln2 input, mean removed)."""
-    return _centered(model, tc.W_enc[:, index].t())
+    return centered(model, tc.W_enc[:, index].t())
 
 
 @torch.no_grad()
 def logit_direction(model, a, b=None) -> torch.Tensor:
     """The residual direction of logit a − logit b: P(γ_final ⊙ (W_U[a] − W_U[b]))."""
-    W_U = model.unembed.weight
-    return _centered(model, model.ln_final.weight * (W_U[a] - (W_U[b] if b is not None else 0)))
+    u = unembed_read(model, [a] if b is None else [a, b], [1.0] if b is None else [1.0, -1.0],
+                     model.unembed.weight.dtype)
+    return through_gain(model, model.ln_final, u)
 
 
 @torch.no_grad()
@@ -424,12 +402,7 @@ def de_embed(model, y, head=None) -> torch.Tensor:
     """[..., vocab]: how much each token's embedding adds along y directly, or, with head=h, through the OV
     circuit of layer-0 head h (as the value it moves: W_E · P(γ1 ⊙ W_V^hᵀ W_O^hᵀ y))."""
     if head is not None:
-        cfg, attn = model.cfg, model.blocks[0].attn
-        E = cfg.d_head
-        W_O = attn.o.weight[:, head * E:(head + 1) * E]                                    # [D, E]
-        g = head // (cfg.n_heads // cfg.n_kv_heads)
-        W_V = attn.v.weight[g * E:(g + 1) * E]                                             # [E, D]
-        y = _centered(model, (y @ W_O @ W_V) * model.blocks[0].ln1.weight)
+        y = through_gain(model, model.blocks[0].ln1, ov(model, 0, y)[..., head, :])
     return y @ model.embed.weight.t()
 
 
@@ -437,8 +410,4 @@ def de_embed(model, y, head=None) -> torch.Tensor:
 def logit_effects(model, tc, index) -> torch.Tensor:
     """[..., vocab]: the direct effect on every logit of one unit of the feature's output W_dec[index], through the
     final norm's gain (its scale frozen at 1): W_U · (γ_final ⊙ P W_dec[index])."""
-    return (_centered(model, tc.W_dec[index]) * model.ln_final.weight) @ model.unembed.weight.t()
-
-
-def _centered(model, v):
-    return v - v.mean(-1, keepdim=True) if model.ln_final.bias is not None else v
+    return (centered(model, tc.W_dec[index]) * model.ln_final.weight) @ model.unembed.weight.t()

@@ -3,8 +3,9 @@
     L0          mean number of active latents per token
     FVU         Σ‖y − ŷ‖² / Σ‖y − ȳ‖²: the fraction of the *target's* variance left unexplained (the reference
                 code measured it against the input, which is meaningless for a transcoder). The target y is what
-                the transcoder was trained to predict: mlp_out, or for a target-centered transcoder (the released
-                GPT-2 ones) mlp_out minus its mean over d_model
+                the transcoder was trained to predict (`Transcoder.target`): mlp_out, or for a target-centered
+                transcoder (the released GPT-2 ones) mlp_out minus its mean over d_model. `fvu` is the one place
+                it is computed: training's loss and logs, the held-out curve and this evaluation all call it
     dead/dense  fractions of latents that never fire / fire on more than 10% of the evaluated tokens
     CE          next-token cross-entropy of the clean model, with the transcoder spliced in place of the MLP,
                 and with the MLP zero-ablated; CE score = (CE_zero − CE_spliced) / (CE_zero − CE_clean):
@@ -20,7 +21,21 @@ the all-ones vector, which every later LayerNorm subtracts anyway (such transcod
 """
 import torch
 
-from .transcoder import hook_names
+from .pullbacks import splice_hooks
+
+
+def moments(y):
+    """[Σ_n y_n (d numbers), Σ_n ‖y_n‖², n] of targets y [n, d] in float64: the sums FVU's denominator needs, which
+    add up over batches and processes."""
+    y = y.detach().double()
+    return torch.cat([y.sum(0), y.pow(2).sum()[None], torch.tensor([len(y)], dtype=y.dtype, device=y.device)])
+
+
+def fvu(sse, m):
+    """FVU = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² from the summed squared error `sse` and the targets' summed `moments` m. The
+    denominator Σ‖y‖² − ‖Σy‖²/n is taken in float64: in float32 it cancels catastrophically when the mean dwarfs
+    the spread (residual streams have dimensions like that)."""
+    return sse / (m[-2] - m[:-2].pow(2).sum() / m[-1]).to(sse.dtype)
 
 
 @torch.no_grad()
@@ -28,22 +43,30 @@ def evaluate(model, rows, transcoders, bos_id=None, batch_rows=16):
     """Metrics on token rows [N, T] for {layer: Transcoder}: per layer ("layer_L": that transcoder alone spliced
     in) and, with several layers, "all" (every one of those MLPs replaced at once). Returns plain numbers."""
     layers = sorted(transcoders)
-    runs = {"clean": ({}, [])}                       # name -> (transcoders spliced in, layers zero-ablated)
+    runs = {"clean": {}}                              # name -> the coders spliced in (None: that MLP zero-ablated)
     for l in layers:
-        runs[f"layer_{l}"], runs[f"layer_{l}_zero"] = ({l: transcoders[l]}, []), ({}, [l])
+        runs[f"layer_{l}"], runs[f"layer_{l}_zero"] = {l: transcoders[l]}, {l: None}
     if len(layers) > 1:
-        runs["all"], runs["all_zero"] = (transcoders, []), ({}, layers)
+        runs["all"], runs["all_zero"] = dict(transcoders), dict.fromkeys(layers)
     nll, kl = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
-    stats = {l: _Stats(transcoders[l].cfg.d_sae) for l in layers}
+    stats = {l: _Stats(transcoders[l]) for l in layers}
+    sites = {l: tc.sites(l) for l, tc in transcoders.items()}
+    names = sorted({n for pair in sites.values() for n in pair})
     n_pred = 0
     for i in range(0, len(rows), batch_rows):
         tokens = rows[i:i + batch_rows].to(model.embed.weight.device)
         keep = tokens != bos_id if bos_id is not None else torch.ones_like(tokens, dtype=torch.bool)
         # nothing changes below the first layer: run those blocks once (layer 0 starts from the tokens)
         start = model(tokens, stop_at_layer=layers[0]) if layers[0] > 0 else tokens
-        for name, (spliced, ablated) in runs.items():
-            with model.hooks(_hooks(spliced, ablated, keep, stats if name == "clean" else None, transcoders)):
-                logp = model(start, start_at_layer=layers[0])[:, :-1].float().log_softmax(-1)
+        for name, spliced in runs.items():
+            with model.hooks(splice_hooks(spliced, keep)):
+                if name == "clean":
+                    logits, cache = model.run_with_cache(start, names=names, start_at_layer=layers[0])
+                    for l, (x_name, y_name) in sites.items():
+                        stats[l].add(cache[x_name][keep], cache[y_name][keep])
+                else:
+                    logits = model(start, start_at_layer=layers[0])
+            logp = logits[:, :-1].float().log_softmax(-1)
             if name == "clean":
                 clean = logp
             nll[name] += float(-logp.gather(-1, tokens[:, 1:, None]).sum())
@@ -63,61 +86,27 @@ def _ce(nll, kl, name, n):
             "kl": kl[name] / n}
 
 
-def _hooks(spliced, ablated, keep, record, transcoders):
-    """Hooks that put each spliced layer's transcoder output (or zeros, for ablated layers) in place of the MLP
-    output at kept positions. In the clean run (`record`) they change nothing and feed the statistics."""
-    hooks, inputs = {}, {}
-    for l in set(spliced) | set(ablated) | (set(transcoders) if record is not None else set()):
-        # ablation zeroes the MLP output; a coder reads and writes the hooks its config names (an SAE: one hook)
-        cfg = transcoders[l].cfg
-        x_name, y_name = hook_names(l) if l in ablated or not cfg.hook_in else (cfg.hook_in, cfg.hook_out)
-
-        def read(x, name, l=l):
-            inputs[l] = x
-
-        def write(y, name, l=l, sae=x_name == y_name):
-            x = y if sae else inputs[l]
-            if record is not None:
-                record[l].add(transcoders[l], x[keep], y[keep])
-                return None
-            new = torch.zeros_like(y) if l in ablated else spliced[l](x.to(spliced[l].W_enc.dtype))
-            return torch.where(keep[..., None], new.to(y.dtype), y)
-        hooks[x_name], hooks[y_name] = read, write
-    return hooks
-
-
 class _Stats:
-    """Running sums for L0, FVU and firing frequencies, so no [tokens, d_sae] matrix is ever kept."""
+    """Running sums for L0, FVU and firing frequencies of one transcoder, so no [tokens, d_sae] matrix is kept."""
 
-    def __init__(self, d_sae):
-        self.n, self.active, self.err, self.y_sq, self.y_sum = 0, 0.0, 0.0, 0.0, 0.0
-        self.fired = torch.zeros(d_sae, dtype=torch.float64)
+    def __init__(self, tc):
+        self.tc, self.n, self.sse, self.moments = tc, 0, 0.0, 0.0
+        self.fired = torch.zeros(tc.cfg.d_sae, dtype=torch.float64)
 
-    def add(self, tc, x, y):
-        x = x.to(tc.W_enc.dtype)
-        if tc.cfg.architecture == "topk":
-            values, indices = tc.encode_sparse(x)
-            y_hat = tc.decode_sparse(values, indices)
-            fired = torch.zeros(tc.cfg.d_sae, device=x.device).index_add_(0, indices.flatten(),
-                                                                          (values > 0).flatten().float())
-        else:
-            f = tc.encode(x)
-            y_hat, fired = tc.decode(f), (f > 0).sum(0)
-        if tc.W_skip is not None:
-            y_hat = y_hat + x @ tc.W_skip
-        y = y.double()
-        if tc.cfg.target_centered:
-            y = y - y.mean(-1, keepdim=True)
+    @torch.no_grad()
+    def add(self, x, mlp_out):
+        y_hat, values, indices = self.tc.reconstruct(x)
+        y = self.tc.target(mlp_out.double())
         self.n += len(y)
-        self.fired += fired.double().cpu()
-        self.err += float((y - y_hat.double()).pow(2).sum())
-        self.y_sq, self.y_sum = self.y_sq + float(y.pow(2).sum()), self.y_sum + y.sum(0)
+        self.fired += self.tc.fired(values, indices).double().cpu()
+        self.sse += float((y - y_hat.double()).pow(2).sum())
+        self.moments = self.moments + moments(y).cpu()
 
     def result(self):
         freq = self.fired / max(self.n, 1)
         live = freq[freq > 0]
-        total_variance = self.y_sq - float(torch.as_tensor(self.y_sum).pow(2).sum()) / max(self.n, 1)
-        return {"l0": float(self.fired.sum()) / max(self.n, 1), "fvu": self.err / total_variance,
+        return {"l0": float(self.fired.sum()) / max(self.n, 1),
+                "fvu": float(fvu(torch.tensor(self.sse, dtype=torch.float64), self.moments)),
                 "dead": float((freq == 0).double().mean()), "dense": float((freq > 0.1).double().mean()),
                 # live latents per decade of firing frequency: [1e-8, 1e-7), ..., [0.1, 1]
                 "freq_histogram": {"log10_edges": list(range(-8, 1)),

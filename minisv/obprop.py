@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MinisvError
+from .pullbacks import centered, ov, through_gain, through_scale, unembed_read
 
 # The paper's templates (3 per observable); `template_prompts` fills [NAME] with female (positive) and male names.
 SUBJECT_TEMPLATES = ["So, [NAME] really is a great friend, isn't", "Man, [NAME] is so funny, isn't",
@@ -214,19 +215,11 @@ def _check_component(model, path, part):
     return kind, layer, head, source
 
 
-def _norm_name(model, kind, layer):
-    """The norm a component reads through, and the hook holding that norm's input (the residual stream)."""
+def _norm_input(model, kind, layer):
+    """The hook holding the residual stream the norm in front of a component reads."""
     if kind == "attn":
-        return f"blocks.{layer}.ln1", f"blocks.{layer}.hook_resid_pre"
-    return f"blocks.{layer}.ln2", f"blocks.{layer}.hook_resid_{'pre' if model.cfg.parallel else 'mid'}"
-
-
-def _norm(model, name):
-    """"ln_final" or "blocks.L.ln1/ln2" -> the Norm module."""
-    if name == "ln_final":
-        return model.ln_final
-    _, layer, which = name.split(".")
-    return getattr(model.blocks[int(layer)], which)
+        return f"blocks.{layer}.hook_resid_pre"
+    return f"blocks.{layer}.hook_resid_{'pre' if model.cfg.parallel else 'mid'}"
 
 
 @dataclass
@@ -338,44 +331,26 @@ def _last_layer_needed(model, names):
 
 
 # ------------------------------------------------------------------------- propagation rules
-def _to_normalized(norm, y):
-    """Feature of the norm's output γ⊙x̂+β -> feature of x̂ (centred for LayerNorm, whose x̂ has zero mean). [..., D]"""
-    u = y * norm.weight.float()
-    return u - u.mean(-1, keepdim=True) if norm.bias is not None else u
-
-
-def _to_residual(model, norm_name, input_hook, u, ref, exact, t=-1):
-    """Feature of x̂ -> feature of the norm's input x (the residual stream) at position t of the reference. u: [D]"""
+def _to_residual(model, input_hook, u, ref, exact, t=-1):
+    """Feature of a norm's x̂ -> feature of the norm's input (the residual stream at `input_hook`) at position t of
+    the reference; without one the scale is 1. u: [D]"""
     if ref is None:
         if exact:
             raise MinisvError("the exact norm Jacobian needs a reference point: pass ref=reference(model, tokens)")
         return u
-    h = ref.mid(input_hook, t)
-    if _norm(model, norm_name).bias is not None:
-        h = h - h.mean()
-    s = torch.rsqrt(h.pow(2).mean() + model.cfg.norm_eps)
-    if not exact:
-        return s * u
-    radial = h * s / h.shape[-1] ** 0.5          # x̂/√d, a unit vector (up to ε)
-    return s * (u - radial * (radial @ u))
+    return through_scale(model, u, ref.mid(input_hook, t), exact)
 
 
 def logit_feature(model, obs, ref=None, exact=False):
     """The observable pulled back to the final residual stream (the input of ln_final) at the last token: [D]."""
-    W_U = model.unembed.weight
-    y = W_U[obs.ids.to(W_U.device)].float().T @ obs.weights.to(W_U.device)      # W_Uᵀ n, from the k rows n selects
-    u = _to_normalized(model.ln_final, y)
-    return _to_residual(model, "ln_final", f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", u, ref, exact)
+    u = through_gain(model, model.ln_final, unembed_read(model, obs.ids, obs.weights))
+    return _to_residual(model, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", u, ref, exact)
 
 
 def head_features(model, layer, y):
     """W_OVᵀ y for every head of `layer`, as features of ln1's x̂: [H, D]. y: [D], a feature of the attention
-    output. With grouped-query attention head h reads kv head h // (H/K), so W_OV^h = W_V^{h // (H/K)} W_O^h."""
-    cfg, attn = model.cfg, model.blocks[layer].attn
-    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-    u = (y @ attn.o.weight.float()).view(H, E)                                   # W_O^hᵀ y: o.weight is [D, H*E]
-    W_V = attn.v.weight.float().view(K, E, -1).repeat_interleave(H // K, 0)     # [H, E, D]
-    return _to_normalized(model.blocks[layer].ln1, torch.einsum("he,hed->hd", u, W_V))
+    output (see `minisv.pullbacks.ov`, which also handles grouped-query attention)."""
+    return through_gain(model, model.blocks[layer].ln1, ov(model, layer, y.float()))
 
 
 def mlp_feature(model, layer, y, ref, t=-1, return_t=False):
@@ -409,7 +384,7 @@ def mlp_feature(model, layer, y, ref, t=-1, return_t=False):
     point = (b + tau * (a - b)).requires_grad_(True)
     with torch.enable_grad():
         grad = torch.autograd.grad(f(point), point)[0]
-    u = grad - grad.mean() if block.ln2.bias is not None else grad
+    u = centered(model, grad)
     return (u, tau) if return_t else u
 
 
@@ -430,7 +405,7 @@ def feature_vector(model, obs, path, ref=None, exact=False, trace=False):
         else:
             u, step["tau"] = mlp_feature(model, layer, y, ref, step["reads"], return_t=True)
         if i < len(steps) - 1:
-            y = _to_residual(model, *_norm_name(model, kind, layer), u, ref, exact, step["reads"])
+            y = _to_residual(model, _norm_input(model, kind, layer), u, ref, exact, step["reads"])
     return (u, steps) if trace else u
 
 
@@ -481,7 +456,7 @@ def search_paths(model, obs, ref, steps, width, exact=False):
             parent = beam[i]
             name = f"attn {l}.{h}@{s}" if kind == "attn" else f"mlp {l}"
             level.append(dict(path=f"{parent['path']} <- {name}" if parent["path"] else name, score=score, parent=i,
-                              y=_to_residual(model, *_norm_name(model, kind, l), u, ref, exact, s), reads=s,
+                              y=_to_residual(model, _norm_input(model, kind, l), u, ref, exact, s), reads=s,
                               bound=(l, 0 if kind == "attn" or model.cfg.parallel else 1),
                               weight=parent["weight"] * a))
         levels.append([dict(path=p["path"], score=p["score"], parent=p["parent"]) for p in level])
@@ -518,7 +493,7 @@ def patch_heads(model, obs, pos_prompts, neg_prompts):
     out_pos, out_neg = (torch.einsum("blhe,ldhe->blhd", torch.stack([r[n] for n in names[:-1]], 1), W_O) for r in runs)
     resid = runs[0][names[-1]]
     patched = resid[:, None, None] - out_pos + out_neg
-    w = model.unembed.weight[obs.ids.to(resid.device)].float().T @ obs.weights.to(resid.device)     # W_Uᵀ n
+    w = unembed_read(model, obs.ids, obs.weights)                                                       # W_Uᵀ n
 
     def value(x):    # n·ℓ = (W_Uᵀ n)·ln_final(x), without the full [.., V] logits
         return model.apply_norm("ln_final", x).float() @ w
@@ -546,7 +521,7 @@ def patch_heads_total(model, obs, pos_prompts, neg_prompts):
     mask = None if all(len(r) == width for r in rows) else \
         torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    w = model.unembed.weight[obs.ids.to(device)].float().T @ obs.weights.to(device)                 # W_Uᵀ n
+    w = unembed_read(model, obs.ids, obs.weights)                                                       # W_Uᵀ n
 
     def value(resid):    # n·ℓ at the last token = (W_Uᵀ n)·ln_final(x), without the full [.., V] logits
         return model.apply_norm("ln_final", resid[:, -1]).float() @ w

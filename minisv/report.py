@@ -59,7 +59,7 @@ def collect_dashboards(model, tc, rows, features=None, max_features=None, k=10, 
     for i in range(0, len(rows), batch_rows):
         tokens = rows[i:i + batch_rows].to(device)
         _, cache = model.run_with_cache(tokens, names=[hook], stop_at_layer=tc.cfg.layer + 1)
-        f = tc.encode(cache[hook].to(tc.W_enc.dtype))[..., feats].float()        # [R, T, n_feat]
+        f = tc.dense(*tc.encode(cache[hook]))[..., feats].float()                # [R, T, n_feat]
         if bos_id is not None:
             f[tokens == bos_id] = 0
         n_tokens += int((tokens != bos_id).sum()) if bos_id is not None else tokens.numel()

@@ -41,6 +41,7 @@ The reference implementation (`steering_opt.optimize_vector` in the paper's code
   - BOS. Text is tokenized as the model's own tokenizer does it, with BOS first when it adds one (the
     reference's Hugging Face tokenizer call does the same).
 """
+import dataclasses
 import json
 import math
 import os
@@ -147,9 +148,16 @@ def _check_layers(model, layer):
 
 
 # ------------------------------------------------------------------------------------------- tokenization
-def encode(model, text):
-    """Token ids of a prompt as the model sees it: text is tokenized with BOS first when the model's tokenizer
-    adds one (and the text does not already start with it, as a chat template may); a list of ids is kept as is."""
+def render(model, prompt, chat=True):
+    """A text prompt as the model is shown it: with chat (and a model that has a chat template), one user turn in
+    that template, as `Tokenizer.chat` renders it; else the text itself. Token-id lists are kept as they are."""
+    tok = model.tokenizer
+    return tok.chat(prompt) if chat and isinstance(prompt, str) and tok is not None and tok.is_chat else prompt
+
+
+def prompt_ids(model, text):
+    """Token ids of a (rendered) prompt: text is tokenized with BOS first when the model's tokenizer adds one (and
+    the text does not already start with it, as a chat template may); a list of ids is kept as is."""
     if not isinstance(text, str):
         return [int(t) for t in text]
     tok = model.tokenizer
@@ -159,18 +167,19 @@ def encode(model, text):
     return [tok.bos_id] + ids if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id] else ids
 
 
-def _completion_ids(model, prompt, prompt_ids, completion):
-    """Tokens of `completion` after `prompt`: tokens(prompt + completion)[len(tokens(prompt)):], checked."""
+def _completion_ids(model, prompt, head, completion):
+    """Tokens of `completion` after `prompt` (whose tokens are `head`): tokens(prompt + completion)[len(head):],
+    checked."""
     if isinstance(completion, str) != isinstance(prompt, str):
         raise MinisvError("give the prompt and its completions both as text or both as token-id lists")
     if not isinstance(completion, str):
-        ids = encode(model, completion)
+        ids = prompt_ids(model, completion)
     else:
-        joint = encode(model, prompt + completion)
-        if joint[:len(prompt_ids)] != prompt_ids:
+        joint = prompt_ids(model, prompt + completion)
+        if joint[:len(head)] != head:
             raise MinisvError(f"completion {completion!r} merges with the end of the prompt when tokenized; "
                               f"end the prompt with a space or newline, or start the completion differently")
-        ids = joint[len(prompt_ids):]
+        ids = joint[len(head):]
     if not ids:
         raise MinisvError(f"completion {completion!r} is empty; give at least one token to promote or suppress")
     return ids
@@ -225,24 +234,26 @@ class _Batch:
     labels: list                  # [C] (datapoint index, "promote" | "suppress", completion) for reports
 
 
-def _prepare(model, datapoints, first=0):
-    """Tokenize and pack `datapoints` (numbered from `first` in the labels) into one _Batch."""
+def _prepare(model, datapoints, first=0, chat=True):
+    """Tokenize and pack `datapoints` (numbered from `first` in the labels; prompts rendered as `render` does)
+    into one _Batch."""
     pairs, kinds, targets, signs, labels, chosen = [], [], [], [], [], []
     for i, dp in enumerate(datapoints, first):
         if not isinstance(dp, Datapoint):
             raise MinisvError(f"expected minisv Datapoint objects, got {type(dp).__name__}")
         if not dp.promote and not dp.suppress:
             raise MinisvError(f"datapoint {dp.prompt!r:.60} has no completions; give promote=[...] and/or suppress=[...]")
-        prompt_ids = encode(model, dp.prompt)
-        if not prompt_ids:
+        prompt = render(model, dp.prompt, chat)
+        head = prompt_ids(model, prompt)
+        if not head:
             raise MinisvError("the prompt is empty; a completion's first token needs at least one token before it")
-        where = _prompt_positions(dp, len(prompt_ids))
+        where = _prompt_positions(dp, len(head))
         for kind, texts, tl in (("promote", dp.promote, dp.promote_targets),
                                 ("suppress", dp.suppress, dp.suppress_targets)):
             if tl is not None and len(tl) != len(texts):
                 raise MinisvError(f"{kind}_targets has {len(tl)} entries for {len(texts)} completions; give one each")
             for c, t in zip(texts, tl if tl is not None else [float("nan")] * len(texts)):
-                pairs.append((prompt_ids, _completion_ids(model, dp.prompt, prompt_ids, c)))
+                pairs.append((head, _completion_ids(model, prompt, head, c)))
                 kinds.append(kind == "promote")
                 targets.append(t)
                 signs.append(-1.0 if dp.negative else 1.0)
@@ -262,26 +273,61 @@ def _prepare(model, datapoints, first=0):
                   torch.tensor(signs, device=device)[:, None, None], mask, labels)
 
 
-# ------------------------------------------------------------------------------------------- loss
+# ------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
-class LossConfig:
-    """How a step's completions are scored and steered (everything but the trained tensors)."""
-    layers: list                    # blocks whose input v is added to (the same v at each)
-    coldness: float = 0.7           # p = softmax(coldness · logits)
-    one_minus: bool = True          # suppression loss −log(1 − p + ε); False: +log(p + ε)
-    normalize_length: bool = False  # divide each completion's loss by its number of tokens
-    clamp: float | None = None      # clamp steering x − (x·v̂)v̂ + clamp·v instead of x + v
+class SteerConfig:
+    """How a steering vector is optimized. The defaults are the paper's quickstart settings, and what
+    optimize_sv.py runs: `optimize_vector(model, data, layer)` and the script give the same vector."""
+    lr: float = 0.1                     # Adam's learning rate
+    max_iters: int | None = 20          # at most this many Adam steps (None: no limit)
+    coldness: float = 0.7               # p = softmax(coldness · logits)
+    target_loss: float | None = None    # stop once every completion's loss (nats) is at most this ...
+    target_sum: bool = False            # ... or, with target_sum, the summed loss
+    patience: int = 1                   # ... for this many evaluations in a row (also for converge_tol)
+    converge_tol: float | None = 1e-6   # stop when the summed loss moves less than this (None: never)
+    satisfice: bool = False             # minimize Σ (ℓ − target)² per completion instead of Σ ℓ
+    one_minus: bool = True              # suppression loss −log(1 − p + ε); False: +log(p + ε)
+    normalize_length: bool = False      # divide each completion's loss by its number of tokens
+    max_norm: float | None = None       # after each step, scale ‖v‖ back to this
+    starting_norm: float = 1.0          # ‖v‖ of the random initial vector
+    clamp: float | None = None          # clamp steering x − (x·v̂)v̂ + clamp·v instead of x + v
+    affine_rank: int | None = None      # also train M = Lᵀ R of this rank: x + v + M x
+    max_affine_norm: float = 2.0        # rows of L and R are scaled back to this after each step
+    starting_affine_norm: float = 1.0   # ... and start at this norm
+    batch_size: int | None = None       # datapoints per step (None: all of them, in one batch)
+    seed: int | None = 0                # seed of the random initial vector (None: torch's global generator)
+    chat: bool = True                   # render text prompts in the model's chat template, if it has one
+
+    def __post_init__(self):
+        for name, low, allow_zero in (("lr", 0, False), ("coldness", 0, False), ("starting_norm", 0, True),
+                                      ("max_norm", 0, False), ("max_affine_norm", 0, False),
+                                      ("starting_affine_norm", 0, False), ("converge_tol", 0, False),
+                                      ("target_loss", -math.inf, False), ("clamp", -math.inf, False)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and
+                                          math.isfinite(value) and (value >= low if allow_zero else value > low)):
+                raise MinisvError(f"{name} must be a finite number {'>=' if allow_zero else '>'} {low}, got {value!r}")
+        for name, low in (("max_iters", 0), ("patience", 1), ("batch_size", 1), ("affine_rank", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise MinisvError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.max_iters is None and self.target_loss is None and self.converge_tol is None:
+            raise MinisvError("no stopping rule: set max_iters, target_loss or converge_tol")
+        if self.target_sum and self.target_loss is None:
+            raise MinisvError("target_sum=True compares the summed loss with target_loss: set target_loss")
 
 
-def _losses(model, batch, prefix, vector, cfg, matrix=None):
-    """Per-completion losses [C] (nats) with `vector` (and `matrix`) steering, running blocks min(layers)..
+# ------------------------------------------------------------------------------------------- loss
+def _losses(model, batch, prefix, steering, cfg):
+    """Per-completion losses [C] (nats), steering with (vector, matrix, layers), running blocks min(layers)..
     from `prefix`, the frozen residual entering them (or the tokens, for layer 0)."""
+    vector, matrix, layers = steering
     steered = steering_hook(model, vector, batch.sign, cfg.clamp, matrix=matrix)
 
     def hook(x, name):
         return steered(x, name) if batch.mask is None else torch.where(batch.mask[..., None], steered(x, name), x)
-    with model.hooks({f"blocks.{l}.hook_resid_pre": hook for l in cfg.layers}):
-        resid = model(prefix, start_at_layer=min(cfg.layers), stop_at_layer=model.cfg.n_layers)    # [C, T, D]
+    with model.hooks({f"blocks.{l}.hook_resid_pre": hook for l in layers}):
+        resid = model(prefix, start_at_layer=min(layers), stop_at_layer=model.cfg.n_layers)        # [C, T, D]
     h = resid[batch.rows, batch.cols]                                                                 # [N, D]
     logits = model.unembed(model.apply_norm("ln_final", h)).float()                                   # [N, V]
     p = F.log_softmax(cfg.coldness * logits, -1).gather(-1, batch.next[:, None])[:, 0].exp()         # [N]
@@ -299,141 +345,137 @@ def _prefix(model, batch, layers):
     return model(batch.tokens, stop_at_layer=low) if low else batch.tokens
 
 
-def steering_loss(model, datapoints, layer, vector, coldness=0.7, one_minus=True, normalize_length=False,
-                  clamp=None, matrix=None):
-    """Per-completion losses (nats, differentiable in `vector`) of the datapoints' completions, concatenated
-    in order (each datapoint: promote, then suppress)."""
-    cfg = LossConfig(_check_layers(model, layer), _check(coldness, "coldness", 0), one_minus, normalize_length, clamp)
-    batch = _prepare(model, datapoints)
-    return _losses(model, batch, _prefix(model, batch, cfg.layers), vector, cfg, matrix)
-
-
-def _check(value, name, low, allow_zero=False):
-    """value must be a finite number > low (>= low with allow_zero); returns it."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if allow_zero else value > low)
-    if not ok:
-        raise MinisvError(f"{name} must be a finite number {'>=' if allow_zero else '>'} {low}, got {value!r}")
-    return value
+def steering_loss(model, datapoints, layer, vector, cfg=None, matrix=None, **overrides):
+    """Per-completion losses (nats, differentiable in `vector`) of the datapoints' completions, concatenated in
+    order (each datapoint: promote, then suppress), scored and steered as cfg (a SteerConfig, with `overrides`
+    of its fields) says."""
+    cfg = dataclasses.replace(cfg or SteerConfig(), **overrides)
+    layers = _check_layers(model, layer)
+    batch = _prepare(model, datapoints, chat=cfg.chat)
+    return _losses(model, batch, _prefix(model, batch, layers), (vector, matrix, layers), cfg)
 
 
 # ------------------------------------------------------------------------------------------- optimization
-def optimize_vector(model, datapoints, layer, lr=0.01, max_iters=50, coldness=0.7, target_loss=None,
-                    target_sum=False, patience=1, converge_tol=1e-6, satisfice=False, one_minus=True,
-                    normalize_length=False, max_norm=None, starting_norm=1.0, starting_vec=None, clamp=None,
-                    affine_rank=None, max_affine_norm=2.0, starting_affine_norm=1.0, batch_size=None, seed=None,
-                    callback=None):
-    """Find a steering vector for `datapoints` at `layer` (an int, or a list: the same v at each).
-    Adam(lr) on v (and, with affine_rank r, on L, R [r, D] of M = Lᵀ R, rows started at norm
-    starting_affine_norm and clipped to max_affine_norm after each step). v starts as starting_vec, or
-    starting_norm · g/‖g‖ with g ~ N(0, I) (seeded by `seed`); after each step ‖v‖ is scaled back to max_norm.
-    satisfice: minimize Σ (ℓ − target)² per completion instead of Σ ℓ.
-    Each step scores every datapoint in one batch, or, with batch_size, the next group of batch_size datapoints
-    (fixed consecutive groups, taken in turn). Stops after max_iters Adam steps (None: no limit); or when the
-    target is reached for `patience` evaluations in a row: every completion's loss at most its own target, or
-    target_loss for those without one (target_sum=True: the summed loss at most target_loss, and the own
-    targets); or when the summed loss moves less than converge_tol (None: never) `patience` times in a row.
-    The returned vector is the one whose losses info reports. callback(step, loss, norm) is called after each
-    evaluation. Returns (vector [D], info): iters (Adam steps taken), loss (summed), losses (per completion, of
-    every datapoint), norm, stop, history (summed loss of each evaluation, of its step's group); with affine_rank
-    also matrix M and factors (L, R)."""
-    cfg = LossConfig(_check_layers(model, layer), _check(coldness, "coldness", 0), one_minus, normalize_length,
-                     clamp if clamp is None else _check(clamp, "clamp", -math.inf))
+def optimize_vector(model, datapoints, layer, cfg=None, starting_vec=None, callback=None, **overrides):
+    """Find a steering vector for `datapoints` at `layer` (an int, or a list: the same v at each), with the
+    settings of cfg (a SteerConfig; keyword `overrides` replace its fields, e.g. lr=0.5).
+    Adam on v (and, with affine_rank r, on L, R [r, D] of M = Lᵀ R). v starts as starting_vec, or starting_norm ·
+    g/‖g‖ with g ~ N(0, I) seeded by cfg.seed. Each step scores every datapoint in one batch, or, with
+    batch_size, the next group of batch_size datapoints (fixed consecutive groups, taken in turn). Stops after
+    max_iters Adam steps; or when the target is reached for `patience` evaluations in a row: every completion's
+    loss at most its own target, or target_loss for those without one (target_sum=True: the summed loss at most
+    target_loss, and the own targets); or when the summed loss moves less than converge_tol `patience` times in a
+    row. The returned vector is the one whose losses info reports. callback(step, loss, norm) is called after
+    each evaluation. Returns (vector [D], info): iters (Adam steps taken), loss (summed), losses (per
+    completion, of every datapoint), norm, stop, history (summed loss of each evaluation, of its step's group);
+    with affine_rank also matrix M and factors (L, R)."""
+    cfg = dataclasses.replace(cfg or SteerConfig(), **overrides)
+    layers = _check_layers(model, layer)
     if not datapoints:
         raise MinisvError("no datapoints: give at least one Datapoint(prompt, promote=[...] or suppress=[...])")
-    if max_iters is None and target_loss is None and converge_tol is None:
-        raise MinisvError("no stopping rule: set max_iters, target_loss or converge_tol")
-    _check(lr, "lr", 0)
-    _check(starting_norm, "starting_norm", 0, allow_zero=True)
-    for name, value in (("max_norm", max_norm), ("max_affine_norm", max_affine_norm), ("converge_tol", converge_tol)):
-        if value is not None:
-            _check(value, name, 0)
-    for name, value, low in (("max_iters", max_iters, 0), ("patience", patience, 1), ("batch_size", batch_size, 1),
-                             ("affine_rank", affine_rank, 1)):
-        if value is not None and (not isinstance(value, int) or value < low):
-            raise MinisvError(f"{name} must be an integer >= {low}, got {value!r}")
-    if target_loss is not None:
-        _check(target_loss, "target_loss", -math.inf)
-    elif target_sum:
-        raise MinisvError("target_sum=True compares the summed loss with target_loss: set target_loss")
-    size = batch_size or len(datapoints)
-    batches = [_prepare(model, datapoints[i:i + size], i) for i in range(0, len(datapoints), size)]
-    own = [b.targets for b in batches]
-    goals = [torch.where(t.isnan(), math.nan if target_loss is None or target_sum else target_loss, t) for t in own]
-    if satisfice and any(g.isnan().any() for g in goals):
+    size = cfg.batch_size or len(datapoints)
+    batches = [_prepare(model, datapoints[i:i + size], i, cfg.chat) for i in range(0, len(datapoints), size)]
+    goals = [_goals(b.targets, cfg) for b in batches]
+    has_target = cfg.target_loss is not None or any(not b.targets.isnan().all() for b in batches)
+    params = _initial_params(model, cfg, starting_vec)
+    prefixes = [_prefix(model, b, layers) for b in batches]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    history, hits, still, prev, step = [], 0, 0, None, 0
+    while True:
+        last, g = step == cfg.max_iters, step % len(batches)
+        optimizer.zero_grad()
+        with torch.set_grad_enabled(not last):
+            losses = _losses(model, batches[g], prefixes[g], _steering(params, layers), cfg)
+            if not last:
+                ((losses - goals[g]) ** 2 if cfg.satisfice else losses).sum().backward()
+        losses = losses.detach()
+        total, norm = losses.sum().item(), params[0].norm().item()
+        if not math.isfinite(total):
+            raise MinisvError(f"the loss became {total} at step {step} (‖v‖ = {norm:.3g}); lower lr or set max_norm")
+        history.append(total)
+        if callback is not None:
+            callback(step, total, norm)
+        reached = has_target and (not cfg.target_sum or total <= cfg.target_loss) and \
+            bool((losses <= goals[g])[~goals[g].isnan()].all())
+        hits = hits + 1 if reached else 0
+        still = still + 1 if cfg.converge_tol is not None and prev is not None and abs(prev - total) < cfg.converge_tol \
+            else 0
+        stop = "max_iters" if last else "target_loss" if hits >= cfg.patience else \
+            "converged" if still >= cfg.patience else None
+        if stop:
+            break
+        optimizer.step()
+        _project(params, cfg)
+        prev, step = total, step + 1
+    return params[0].detach(), _info(model, batches, prefixes, (params, layers, cfg), (step, stop, history, losses))
+
+
+def _goals(targets, cfg):
+    """Each completion's target loss [C]: its own, else target_loss (unless that bounds the sum), else nan."""
+    goals = torch.where(targets.isnan(), math.nan if cfg.target_loss is None or cfg.target_sum else cfg.target_loss,
+                        targets)
+    if cfg.satisfice and goals.isnan().any():
         raise MinisvError("satisfice=True needs a target loss for every completion: set target_loss")
-    has_target = target_loss is not None or any(not t.isnan().all() for t in own)
+    return goals
+
+
+def _initial_params(model, cfg, starting_vec):
+    """[v] or, with affine_rank r, [v, L, R]: v = starting_vec or starting_norm · g/‖g‖; rows of L and R random with
+    norm starting_affine_norm (the reference's initialisation)."""
     device, D = model.embed.weight.device, model.cfg.d_model
     if starting_vec is not None:
         if tuple(starting_vec.shape) != (D,):
             raise MinisvError(f"starting_vec has shape {tuple(starting_vec.shape)}, expected ({D},)")
         vector = starting_vec.detach().to(device, torch.float).clone()
     else:
-        g = torch.randn(D, generator=None if seed is None else torch.Generator().manual_seed(seed))
-        vector = (starting_norm * g / g.norm()).to(device)
+        g = torch.randn(D, generator=None if cfg.seed is None else torch.Generator().manual_seed(cfg.seed))
+        vector = (cfg.starting_norm * g / g.norm()).to(device)
     params = [vector.requires_grad_()]
-    if affine_rank:
-        _check(starting_affine_norm, "starting_affine_norm", 0)
-        gen = None if seed is None else torch.Generator().manual_seed(seed + 1)
-        L, R = (starting_affine_norm * F.normalize(torch.randn(affine_rank, D, generator=gen), dim=-1)
-                for _ in range(2))
-        params += [L.to(device).requires_grad_(), R.to(device).requires_grad_()]
+    if cfg.affine_rank:
+        gen = None if cfg.seed is None else torch.Generator().manual_seed(cfg.seed + 1)
+        params += [(cfg.starting_affine_norm * F.normalize(torch.randn(cfg.affine_rank, D, generator=gen), dim=-1))
+                   .to(device).requires_grad_() for _ in range(2)]
+    return params
 
-    def matrix():       # M = Lᵀ R, rebuilt at every step so that the step's graph reaches L and R
-        return params[1].T @ params[2] if affine_rank else None
-    prefixes = [_prefix(model, b, cfg.layers) for b in batches]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    history, hits, still, prev, step = [], 0, 0, None, 0
-    while True:
-        last = step == max_iters
-        g = step % len(batches)
-        optimizer.zero_grad()
-        with torch.set_grad_enabled(not last):
-            losses = _losses(model, batches[g], prefixes[g], vector, cfg, matrix())
-            if not last:
-                ((losses - goals[g]) ** 2 if satisfice else losses).sum().backward()
-        losses = losses.detach()
-        total, norm = losses.sum().item(), vector.norm().item()
-        if not math.isfinite(total):
-            raise MinisvError(f"the loss became {total} at step {step} (‖v‖ = {norm:.3g}); lower lr or set max_norm")
-        history.append(total)
-        if callback is not None:
-            callback(step, total, norm)
-        reached = has_target and (not target_sum or total <= target_loss) and \
-            bool((losses <= goals[g])[~goals[g].isnan()].all())
-        hits = hits + 1 if reached else 0
-        still = still + 1 if converge_tol is not None and prev is not None and abs(prev - total) < converge_tol else 0
-        stop = "max_iters" if last else "target_loss" if hits >= patience else "converged" if still >= patience else None
-        if stop:
-            break
-        optimizer.step()
-        with torch.no_grad():
-            if max_norm is not None:
-                vector.mul_(min(1.0, max_norm / vector.norm().item()))
-            if affine_rank and max_affine_norm is not None:
-                for m in params[1:]:
-                    m.mul_((max_affine_norm / m.norm(dim=1, keepdim=True)).clamp(max=1.0))
-        prev, step = total, step + 1
+
+def _steering(params, layers):
+    """(v, M, layers) from the trained tensors: M = Lᵀ R is rebuilt at every step so that the graph reaches L, R."""
+    return params[0], params[1].T @ params[2] if len(params) == 3 else None, layers
+
+
+@torch.no_grad()
+def _project(params, cfg):
+    """After a step: ‖v‖ back to max_norm, and the rows of L and R back to max_affine_norm."""
+    if cfg.max_norm is not None:
+        params[0].mul_(min(1.0, cfg.max_norm / params[0].norm().item()))
+    for m in params[1:] if cfg.max_affine_norm is not None else ():
+        m.mul_((cfg.max_affine_norm / m.norm(dim=1, keepdim=True)).clamp(max=1.0))
+
+
+def _info(model, batches, prefixes, trained, end):
+    """optimize_vector's record of a finished run; with several groups, every datapoint's losses are recomputed."""
+    (params, layers, cfg), (step, stop, history, losses) = trained, end
     if len(batches) > 1:      # report every datapoint, not only the last group
         with torch.no_grad():
-            losses = torch.cat([_losses(model, b, pre, vector, cfg, matrix()) for b, pre in zip(batches, prefixes)])
-        total = losses.sum().item()
+            losses = torch.cat([_losses(model, b, pre, _steering(params, layers), cfg)
+                                for b, pre in zip(batches, prefixes)])
     labels = [label for b in batches for label in b.labels]
-    info = dict(iters=step, loss=total, norm=norm, stop=stop, history=history,
+    info = dict(iters=step, loss=losses.sum().item(), norm=params[0].norm().item(), stop=stop, history=history,
                 losses=[dict(datapoint=i, kind=k, completion=t, loss=l) for (i, k, t), l in zip(labels, losses.tolist())])
-    if affine_rank:
-        info["matrix"], info["factors"] = matrix().detach(), (params[1].detach(), params[2].detach())
-    return vector.detach(), info
+    if cfg.affine_rank:
+        info["matrix"], info["factors"] = _steering(params, layers)[1].detach(), (params[1].detach(), params[2].detach())
+    return info
 
 
 # ------------------------------------------------------------------------------------------- save / load
 _TEXT_FIELDS = ("model", "hook", "kind", "prompt", "minisv_version")
 
 
-def save_vector(path, vector, layer, model="", clamp=None, positions=None, matrix=None, scale=None, **metadata):
+def save_vector(path, vector, layer, clamp=None, positions=None, matrix=None, **metadata):
     """Write `vector` [D] (and an affine `matrix` [D, D]) to a .safetensors file, atomically, with what is
     needed to steer with it again: layer, hook, kind (additive | clamp | affine), clamp, positions (absolute,
-    as `steer` takes them), scale (the multiplier to generate with), norm, minisv_version, and any extra
-    keyword (prompt, promote, loss, ...; values that are not text are stored as JSON)."""
+    as `steer` takes them), norm, minisv_version, and any extra keyword (model, scale: the multiplier to generate
+    with, prompt, promote, loss, ...; values that are not text are stored as JSON)."""
     from . import __version__
     layers = [layer] if isinstance(layer, int) else list(layer)
     if isinstance(positions, slice):
@@ -441,9 +483,8 @@ def save_vector(path, vector, layer, model="", clamp=None, positions=None, matri
     elif positions is not None and not isinstance(positions, int):
         positions = [int(p) for p in positions]
     kind = "additive" if clamp is None and matrix is None else "clamp" if matrix is None else "affine"
-    meta = dict(model=model, layer=layer, hook=",".join(f"blocks.{l}.hook_resid_pre" for l in layers), kind=kind,
-                clamp=clamp, positions=positions, scale=scale, norm=vector.norm().item(),
-                minisv_version=__version__, **metadata)
+    meta = dict(layer=layer, hook=",".join(f"blocks.{l}.hook_resid_pre" for l in layers), kind=kind, clamp=clamp,
+                positions=positions, norm=vector.norm().item(), minisv_version=__version__, **metadata)
     meta = {k: v if k in _TEXT_FIELDS else json.dumps(v) for k, v in meta.items() if v is not None}
     tensors = {"vector": vector.detach().float().cpu().contiguous()}
     if matrix is not None:
@@ -482,45 +523,51 @@ def _decode(key, value):
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def compare_generations(model, prompts, vector, layer, multipliers=(0.0, 1.0, -1.0), clamp=None, positions=None,
-                        matrix=None, max_new_tokens=40, **generate_kwargs):
-    """Generate on each prompt (text or ids) once per multiplier, all prompts in one batch; multiplier 0 means
-    no steering at all (with clamp, a hook at 0 would still ablate v̂). clamp, positions, matrix: as for
-    `steer` (and as save_vector stores them). -> {multiplier: [texts or id lists]}."""
-    ids = [encode(model, p) for p in prompts]
+_STEER_OPTIONS = ("clamp", "positions", "matrix")
+
+
+def compare_generations(model, prompts, vector, layer, multipliers=(0.0, 1.0, -1.0), chat=True, **options):
+    """Generate on each prompt (text, rendered as `render` does, or ids) once per multiplier, all prompts in one
+    batch; multiplier 0 means no steering at all (with clamp, a hook at 0 would still ablate v̂). options: clamp,
+    positions, matrix as for `steer` (and as save_vector stores them); the rest go to model.generate
+    (max_new_tokens, default 40; temperature, top_k, top_p, generator). -> {multiplier: [texts or id lists]}."""
+    how = {k: options.pop(k) for k in _STEER_OPTIONS if k in options}
+    options.setdefault("max_new_tokens", 40)
+    ids = [prompt_ids(model, render(model, p, chat)) for p in prompts]
     decode = model.tokenizer.decode if model.tokenizer is not None else list
     out = {}
     for m in multipliers:
         if m == 0:
-            new = model.generate(ids, max_new_tokens, **generate_kwargs)
+            new = model.generate(ids, **options)
         else:
-            with steer(model, vector, layer, multiplier=m, clamp=clamp, positions=positions, matrix=matrix):
-                new = model.generate(ids, max_new_tokens, **generate_kwargs)
+            with steer(model, vector, layer, multiplier=m, **how):
+                new = model.generate(ids, **options)
         out[m] = [decode(n) for n in new]
     return out
 
 
 @torch.no_grad()
-def completion_logprob(model, prompts, completion):
-    """log p(completion | prompt) in nats (coldness 1) for each prompt, in one padded batch; steer with the
-    `steer` context manager around the call."""
+def completion_logprob(model, prompts, completion, chat=True):
+    """log p(completion | prompt) in nats (coldness 1) for each prompt (rendered as `render` does), in one padded
+    batch; steer with the `steer` context manager around the call."""
     pairs = []
     for p in prompts:
-        p_ids = encode(model, p)
-        if not p_ids:
+        p = render(model, p, chat)
+        head = prompt_ids(model, p)
+        if not head:
             raise MinisvError("a prompt is empty; a completion's first token needs at least one token before it")
-        pairs.append((p_ids, _completion_ids(model, p, p_ids, completion)))
+        pairs.append((head, _completion_ids(model, p, head, completion)))
     tokens, rows, cols, nxt = _pack(pairs, model.embed.weight.device)
     logp = F.log_softmax(model(tokens)[rows, cols].float(), -1).gather(-1, nxt[:, None])[:, 0]
     return torch.zeros(len(pairs), device=logp.device).index_add(0, rows, logp).tolist()
 
 
 @torch.no_grad()
-def residual_norm(model, prompt, layer):
-    """Median ‖x‖ of the residual stream entering `layer` over the prompt's tokens: the scale to compare a
-    steering vector's norm with (it differs a lot between models and layers)."""
+def residual_norm(model, prompt, layer, chat=True):
+    """Median ‖x‖ of the residual stream entering `layer` over the prompt's tokens (rendered as `render` does):
+    the scale to compare a steering vector's norm with (it differs a lot between models and layers)."""
     layer = _check_layers(model, layer)[0]
-    ids = encode(model, prompt)
+    ids = prompt_ids(model, render(model, prompt, chat))
     if not ids:
         raise MinisvError("the prompt is empty: give at least one token")
     tokens = torch.tensor([ids], dtype=torch.long, device=model.embed.weight.device)

@@ -22,7 +22,9 @@ import minisv
 from minisv import hub, unpickle
 from minisv.atomic import atomic_write, write_text
 from minisv.errors import MinisvError
-from minisv.transcoder import Transcoder, TranscoderConfig, import_released
+from minisv import formats
+from minisv.formats import import_released
+from minisv.transcoder import Transcoder, TranscoderConfig
 
 
 @contextmanager
@@ -470,7 +472,7 @@ def random_transcoder(path):
     torch.manual_seed(0)
     tc = Transcoder(TranscoderConfig(12, 10, 40, "topk", 5, hook_in="blocks.1.ln2.hook_normalized",
                                      hook_out="blocks.1.hook_mlp_out", layer=1))
-    tc.save(path)
+    formats.save(tc, path)
     return json.loads((path / "cfg.json").read_text())
 
 
@@ -513,7 +515,7 @@ def test_released_transcoder_shapes_are_checked(tmp_path):
 def test_artifacts_get_the_same_mode_as_any_other_file(tmp_path):
     write_text(tmp_path / "plain.txt", "x")
     atomic_write(tmp_path / "v.safetensors", lambda tmp: save_file({"vector": torch.zeros(3)}, tmp))
-    Transcoder(TranscoderConfig(4, 4, 8, k=2)).save(tmp_path / "tc")
+    formats.save(Transcoder(TranscoderConfig(4, 4, 8, k=2)), tmp_path / "tc")
     with open(tmp_path / "reference", "w"):     # what open() gives under the current umask
         pass
     mode = os.stat(tmp_path / "reference").st_mode

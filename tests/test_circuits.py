@@ -10,7 +10,9 @@ from minisv import MinisvError
 from minisv.circuits import (Circuit, de_embed, feature_direction, format_tree, logit_direction, logit_effects,
                              pullback)
 from minisv.model import Model, ModelConfig
-from minisv.transcoder import Transcoder, TranscoderConfig, import_released
+from minisv import formats
+from minisv.formats import import_released
+from minisv.transcoder import Transcoder, TranscoderConfig
 
 D_SAE = 48
 

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from minisv.data import eval_sample, load_dataset
 from minisv.evals import evaluate
 from minisv.training import TrainConfig, train
-from minisv.transcoder import hook_names
+from minisv.transcoder import mlp_hooks
 from minisv.transcoder import Transcoder, TranscoderConfig
 
 BOS = 0
@@ -46,8 +46,8 @@ def test_fvu_of_a_target_centered_transcoder_is_measured_against_the_centered_ta
     model = minisv.load(str(path), device="cpu")
     rows = torch.randint(2, 96, (6, 16), generator=torch.Generator().manual_seed(0))
     rows[:, 0] = BOS
-    _, cache = model.run_with_cache(rows, names=list(hook_names(1)))
-    y = cache[hook_names(1)[1]][rows != BOS]
+    _, cache = model.run_with_cache(rows, names=list(mlp_hooks(1)))
+    y = cache[mlp_hooks(1)[1]][rows != BOS]
     centered = y - y.mean(-1, keepdim=True)
     assert y.mean() > 4.0
     tc = Transcoder(TranscoderConfig(32, 32, 48, "relu", layer=1, target_centered=True))
@@ -57,7 +57,7 @@ def test_fvu_of_a_target_centered_transcoder_is_measured_against_the_centered_ta
     assert evaluate(model, rows, {1: tc}, bos_id=BOS)["layer_1"]["fvu"] == pytest.approx(1.0, abs=1e-6)
     with torch.no_grad():                                   # and any transcoder: the hand formula on centered targets
         tc.W_dec.normal_(0, 0.1)
-    x = cache[hook_names(1)[0]][rows != BOS]
+    x = cache[mlp_hooks(1)[0]][rows != BOS]
     fvu = (centered - tc(x).detach()).pow(2).sum() / (centered - centered.mean(0)).pow(2).sum()
     assert evaluate(model, rows, {1: tc}, bos_id=BOS)["layer_1"]["fvu"] == pytest.approx(float(fvu), rel=1e-5)
 

@@ -6,7 +6,7 @@ import torch
 
 import minisv
 from minisv.evals import evaluate
-from minisv.transcoder import Transcoder, TranscoderConfig, hook_names
+from minisv.transcoder import Transcoder, TranscoderConfig, mlp_hooks
 
 BOS = 0
 
@@ -23,9 +23,9 @@ def test_dense_dead_and_histogram_match_a_hand_count(tiny, arch):
     rows = torch.randint(2, 96, (12, 16), generator=torch.Generator().manual_seed(1))
     rows[:, 0] = BOS
     m = evaluate(model, rows, {1: tc}, bos_id=BOS, batch_rows=5)["layer_1"]
-    _, cache = model.run_with_cache(rows, names=[hook_names(1)[0]])
+    _, cache = model.run_with_cache(rows, names=[mlp_hooks(1)[0]])
     with torch.no_grad():
-        f = tc.encode(cache[hook_names(1)[0]][rows != BOS])                  # [tokens, d_sae]
+        f = tc.dense(*tc.encode(cache[mlp_hooks(1)[0]][rows != BOS]))                  # [tokens, d_sae]
     freq = (f > 0).double().mean(0)
     assert ((freq > 0.01) & (freq <= 0.1)).any() and (freq > 0.1).any()    # the 10% threshold is exercised
     assert m["dense"] == pytest.approx(float((freq > 0.1).double().mean()))

@@ -87,3 +87,32 @@ def test_fvu_denominator_survives_a_mean_far_above_the_spread():
     y64 = y.double()
     expected = (y64 - y_hat.double()).pow(2).sum() / (y64 - y64.mean(0)).pow(2).sum()
     torch.testing.assert_close(stats["fvu"].double(), expected, rtol=1e-4, atol=0)
+
+
+def test_a_change_to_encode_reaches_the_training_loss_and_the_evaluation(monkeypatch):
+    """The README's exercise 3 swaps TopK for BatchTopK in `Transcoder.encode`. Training's loss, the held-out FVU
+    and the evaluation all go through the coder's own methods, so the swap must reach each of them: the loss is
+    the FVU of the BatchTopK reconstruction, computed here densely by hand."""
+    from minisv.evals import _Stats
+    from minisv.training import held_out_fvu, TrainState
+    tc, x, y = setup("topk")
+
+    def batch_topk(self, x):      # the N·k largest pre-activations of the whole batch, as (values, indices) [N, d_sae]
+        pre = self.preacts(x)
+        keep = pre.flatten().topk(len(pre) * self.cfg.k).indices
+        return torch.zeros_like(pre).flatten().scatter(0, keep, pre.flatten()[keep]).view_as(pre).relu(), None
+    with torch.no_grad():
+        pre = x @ tc.W_enc + tc.b_enc
+        threshold = pre.flatten().topk(len(pre) * 5).values.min()
+        f = torch.where(pre >= threshold, pre, 0).relu()
+        expected = fvu(y, f @ tc.W_dec + tc.b_dec)
+        assert (f > 0).sum(-1).float().std() > 0.5                  # tokens now have different numbers of latents
+        assert abs(float(expected - fvu(y, dense(tc, x, 5)[2]))) > 0.01   # and the swap changes the FVU
+    monkeypatch.setattr(Transcoder, "encode", batch_topk)
+    loss, stats = topk_loss(tc, x, y, torch.zeros(48, dtype=torch.bool), k_aux=6, aux_coef=0.5)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    state = TrainState({0: tc}, None, {}, scale={0: (1.0, 1.0)})
+    assert held_out_fvu(state, {0: (x, y)})["0"] == pytest.approx(float(expected), rel=1e-5)
+    evaluation = _Stats(tc)
+    evaluation.add(x, y)
+    assert evaluation.result()["fvu"] == pytest.approx(float(expected), rel=1e-5)

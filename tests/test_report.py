@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minisv import MinisvError
+from minisv import formats
 from minisv.circuits import Circuit, de_embed, feature_direction, format_tree, logit_effects
 from minisv.model import Model, ModelConfig
 from minisv.atomic import write_text
@@ -43,7 +44,7 @@ def setup():
     model, tc, rows, data = tiny_dashboards()
     with torch.no_grad():
         _, cache = model.run_with_cache(rows, names=["blocks.1.ln2.hook_normalized"])
-        acts = tc.encode(cache["blocks.1.ln2.hook_normalized"])
+        acts = tc.dense(*tc.encode(cache["blocks.1.ln2.hook_normalized"]))
     acts[rows == 0] = 0
     return model, tc, rows, data, acts
 
@@ -226,11 +227,11 @@ def test_script_writes_dashboards_and_circuits(byte_model, tmp_path, capsys):
     dash = json.loads(parse(page).scripts[0])
     assert dash["layer"] == 1 and len(dash["features"]) == dash["live"] > 0 and dash["strings"]["60"] == "&lt;"
     # the default target: the most active layer-1 feature at the last token, with its real pre-activation
-    model, tc = minisv.load(str(path)), Transcoder.load(tmp_path / "run")
+    model, tc = minisv.load(str(path)), formats.load(tmp_path / "run")
     tokens = torch.tensor([256] + list(b"a <script> tag"))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names=["blocks.1.ln2.hook_normalized"])
-        f = tc.encode(cache["blocks.1.ln2.hook_normalized"][0, -1])
+        f = tc.dense(*tc.encode(cache["blocks.1.ln2.hook_normalized"][0, -1]))
     circuit = json.loads((tmp_path / "run" / "circuit.json").read_text())
     assert circuit["target"].startswith(f"mlp1 #{int(f.argmax())} @14")
     assert circuit["value"] == pytest.approx(float(f.max()))

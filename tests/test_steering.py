@@ -7,7 +7,7 @@ import torch
 
 import minisv
 from minisv.errors import MinisvError
-from minisv.steering import (Datapoint, compare_generations, completion_logprob, encode, load_vector,
+from minisv.steering import (Datapoint, compare_generations, completion_logprob, prompt_ids, load_vector,
                              optimize_vector, residual_norm, save_vector, steer, steering_hook, steering_loss,
                              success_rate)
 
@@ -348,17 +348,21 @@ def bos_model(chat_model_dir, tmp_path_factory):
 def test_text_gets_bos_when_the_tokenizer_adds_it(bos_model):
     model, tok = bos_model, bos_model.tokenizer
     assert tok.add_bos and tok.bos_id == 256
-    assert encode(model, "Hi there") == [256] + tok.encode("Hi there")
-    assert encode(model, "<|endoftext|>Hi") == [256] + tok.encode("Hi")     # a template's own BOS is not doubled
-    assert encode(model, [5, 6]) == [5, 6]                                    # ids are the caller's business
+    assert prompt_ids(model, "Hi there") == [256] + tok.encode("Hi there")
+    assert prompt_ids(model, "<|endoftext|>Hi") == [256] + tok.encode("Hi")     # a template's own BOS is not doubled
+    assert prompt_ids(model, [5, 6]) == [5, 6]                                    # ids are the caller's business
     text = Datapoint("Hi there,", promote=[" no."], suppress=[" sure"], positions=0)
     ids = Datapoint([256] + tok.encode("Hi there,"), promote=[tok.encode(" no.")], suppress=[tok.encode(" sure")],
                     positions=0)
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(steering_loss(model, [text], 1, v), steering_loss(model, [ids], 1, v))
-    assert completion_logprob(model, ["Hi there,"], " no.") == pytest.approx(
+    torch.testing.assert_close(steering_loss(model, [text], 1, v, chat=False), steering_loss(model, [ids], 1, v))
+    if tok.is_chat:     # by default a text prompt is one user turn of the model's chat template, ids never are
+        chat_ids = Datapoint(prompt_ids(model, tok.chat("Hi there,")), promote=[tok.encode(" no.")],
+                             suppress=[tok.encode(" sure")], positions=0)
+        torch.testing.assert_close(steering_loss(model, [text], 1, v), steering_loss(model, [chat_ids], 1, v))
+    assert completion_logprob(model, ["Hi there,"], " no.", chat=False) == pytest.approx(
         completion_logprob(model, [[256] + tok.encode("Hi there,")], tok.encode(" no.")))
-    assert residual_norm(model, "Hi", 1) == pytest.approx(residual_norm(model, [256] + tok.encode("Hi"), 1))
+    assert residual_norm(model, "Hi", 1, chat=False) == pytest.approx(residual_norm(model, [256] + tok.encode("Hi"), 1))
 
 
 # ------------------------------------------------------------------------------------------- the script

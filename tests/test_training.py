@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import minisv
+from minisv import formats
 from conftest import tiny_config
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
-from minisv import training
-from minisv.training import (ActivationStream, CachedActivations, TrainConfig, _fix_decoder_grad, lr_at,
-                             topk_loss, train)
-from minisv.transcoder import Transcoder, TranscoderConfig, hook_names
+from minisv import activations, training
+from minisv.activations import ActivationStream, CachedActivations
+from minisv.training import TrainConfig, lr_at, topk_loss, train
+from minisv.transcoder import Transcoder, TranscoderConfig, mlp_hooks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS = 0
@@ -64,7 +65,7 @@ def test_stream_serves_the_hooked_activations_without_bos(tiny):
     family, path, _ = tiny
     model = minisv.load(str(path), device="cpu")
     rows = token_rows(48)
-    stream = ActivationStream(model, rows, {l: hook_names(l) for l in (0, 2)}, batch_tokens=128, buffer_tokens=1024,
+    stream = ActivationStream(model, rows, {l: mlp_hooks(l) for l in (0, 2)}, batch_tokens=128, buffer_tokens=1024,
                               seed=0, bos_id=BOS)
 
     def beyond(x, name):
@@ -72,12 +73,12 @@ def test_stream_serves_the_hooked_activations_without_bos(tiny):
     with model.hooks({"blocks.3.hook_resid_pre": beyond} if model.cfg.n_layers > 3 else {}):
         chunk = stream.chunk(0)
     used = rows[stream._row_ids(0)]
-    _, cache = model.run_with_cache(used, names=[n for l in (0, 2) for n in hook_names(l)])
+    _, cache = model.run_with_cache(used, names=[n for l in (0, 2) for n in mlp_hooks(l)])
     keep = used != BOS
     # just enough rows for the 1,024-token buffer: all but the last row hold fewer trainable tokens
     assert keep[:-1].sum() < 1024 <= keep.sum()
     for l in (0, 2):
-        expected = torch.cat([cache[hook_names(l)[0]][keep], cache[hook_names(l)[1]][keep]], 1)
+        expected = torch.cat([cache[mlp_hooks(l)[0]][keep], cache[mlp_hooks(l)[1]][keep]], 1)
         got = torch.cat(chunk[l], 1)
         assert got.shape == (1024, 64) and expected.shape == (int(keep.sum()), 64)
         # same (x, y) pairs, shuffled: each streamed pair is exactly one hooked pair
@@ -92,7 +93,7 @@ def test_stream_walks_every_row_once_per_epoch_and_stops_at_tokens(tiny):
     family, path, _ = tiny
     model = minisv.load(str(path), device="cpu")
     rows = token_rows(48)
-    stream = ActivationStream(model, rows, {0: hook_names(0)}, batch_tokens=128, buffer_tokens=1000, seed=0,
+    stream = ActivationStream(model, rows, {0: mlp_hooks(0)}, batch_tokens=128, buffer_tokens=1000, seed=0,
                               bos_id=BOS, tokens=128 * 17)
     assert stream.per_chunk == 7                    # 1,000 tokens -> 7 whole batches
     walk = torch.cat([stream._row_ids(c) for c in range(3)])
@@ -120,7 +121,7 @@ def test_loss_falls_and_relu_decoder_rows_stay_unit(tiny_llama, arch):
 def test_decoder_gradient_parallel_part_is_removed():
     tc = Transcoder(TranscoderConfig(8, 6, 16, "relu"))
     tc.W_dec.grad = torch.randn(16, 6)
-    _fix_decoder_grad(tc)
+    tc.project_decoder_grad()
     torch.testing.assert_close((tc.W_dec.grad * tc.W_dec).sum(1), torch.zeros(16), atol=1e-6, rtol=0)
 
 
@@ -148,7 +149,7 @@ def test_auxk_revives_planted_dead_latents():
             loss.backward()
             opt.step()
         with torch.no_grad():
-            revived[coef] = int((student.encode(torch.randn(4096, 32))[:, planted] > 0).any(0).sum())
+            revived[coef] = int((student.dense(*student.encode(torch.randn(4096, 32)))[:, planted] > 0).any(0).sum())
     assert revived[0.0] == 0 and revived[1 / 32] >= 12
 
 
@@ -287,14 +288,14 @@ def test_half_precision_model_trains_on_cpu(tiny_llama):
 def test_fast_bf16_follows_the_cpu(monkeypatch):
     for amx in (True, False):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx})
-        assert training.fast_bf16(torch.device("cpu")) is amx
-        assert training.fast_bf16(torch.device("cuda")) is True
+        assert activations.fast_bf16(torch.device("cpu")) is amx
+        assert activations.fast_bf16(torch.device("cuda")) is True
 
 
 def test_as_bf16_copies_exactly_and_leaves_the_model_untouched(tiny_llama):
     _, model = tiny_llama
     before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
-    twin = training.as_bf16(model)
+    twin = activations.as_bf16(model)
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.data_ptr() == before[name][0] and torch.equal(p, before[name][1])
         assert dict(twin.named_parameters())[name].dtype == torch.bfloat16
@@ -307,9 +308,9 @@ def test_where_bf16_is_fast_training_harvests_in_bf16_and_autocasts_the_loss(tin
     """With fast bf16 (and amp), training chunks come from a bf16 copy and the loss runs under autocast, while the
     held-out activations and the caller's model stay float32; without it everything is float32."""
     _, model = tiny_llama
-    monkeypatch.setattr(training, "fast_bf16", lambda device: fast)
+    monkeypatch.setattr(activations, "fast_bf16", lambda device: fast)
     harvested, autocast = [], []
-    real_harvest, real_loss = training.harvest, training.topk_loss
+    real_harvest, real_loss = activations.harvest, training.topk_loss
 
     def spy_harvest(m, tokens, hooks, batch_rows=32):
         harvested.append(m.embed.weight.dtype)
@@ -318,7 +319,7 @@ def test_where_bf16_is_fast_training_harvests_in_bf16_and_autocasts_the_loss(tin
     def spy_loss(*args):
         autocast.append(torch.is_autocast_enabled("cpu"))
         return real_loss(*args)
-    monkeypatch.setattr(training, "harvest", spy_harvest)
+    monkeypatch.setattr(activations, "harvest", spy_harvest)
     monkeypatch.setattr(training, "topk_loss", spy_loss)
     rows = token_rows()
     tcs, summary = train(model, rows, config(tokens=256 * 10), log=lambda s: None, eval_rows=rows[:4])
@@ -335,8 +336,8 @@ def test_sae_reconstructs_its_own_hook_in_raw_units(tiny_llama, site):
     input and output scales were undone correctly)."""
     _, model = tiny_llama
     rows, held = token_rows(), token_rows(8, seed=5)
-    tcs, summary = train(model, rows, config(hook_in=site, hook_out=site, tokens=256 * 20), log=lambda s: None,
-                         eval_rows=held, eval_every=10)
+    tcs, summary = train(model, rows, config(hook_in=site, hook_out=site, tokens=256 * 20, eval_every=10),
+                         log=lambda s: None, eval_rows=held)
     sae = tcs[1]
     assert sae.cfg.hook_in == sae.cfg.hook_out == f"blocks.1.{site}"
     _, cache = model.run_with_cache(held, names=[f"blocks.1.{site}"])
@@ -360,7 +361,7 @@ def test_evaluate_matches_hand_computation(tiny):
     rows = token_rows(6, 16)
     m = evaluate(model, rows, {1: tc}, bos_id=BOS, batch_rows=4)
     keep = rows != BOS
-    x_name, y_name = hook_names(1)
+    x_name, y_name = mlp_hooks(1)
     _, cache = model.run_with_cache(rows, names=[x_name, y_name])
     x, y = cache[x_name], cache[y_name]
     with torch.no_grad():
@@ -384,7 +385,7 @@ def test_evaluate_matches_hand_computation(tiny):
     assert r["ce_score"] == pytest.approx(float((zero - spliced) / (zero - clean)), rel=1e-3)
     assert r["kl"] == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
     assert r["fvu"] == pytest.approx(float(fvu), rel=1e-4)
-    f = tc.encode(x[keep])
+    f = tc.dense(*tc.encode(x[keep]))
     assert r["l0"] == pytest.approx(float((f > 0).sum(-1).float().mean()))
     assert r["dead"] == pytest.approx(float(((f > 0).sum(0) == 0).float().mean()))
     assert sum(r["freq_histogram"]["counts"]) == int(((f > 0).sum(0) > 0).sum())
@@ -423,7 +424,7 @@ def test_script_end_to_end_writes_loadable_artifacts(tiny_llama, token_file, tmp
     assert cfg["hook_in"] == "blocks.1.ln2.hook_normalized" and cfg["hook_out"] == "blocks.1.hook_mlp_out"
     assert cfg["training_tokens"] == 256 * 12 and cfg["architecture"] == "topk" and cfg["d_sae"] == 64
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    tc = Transcoder.load(tmp_path / "run")
+    tc = formats.load(tmp_path / "run")
     eval_rows = torch.from_numpy(np.load(token_file)).view(-1, 32)[-8:]             # the held-out tail, 8 rows
     again = evaluate(model, eval_rows, {1: tc})
     assert metrics["eval"]["layer_1"]["fvu"] == pytest.approx(again["layer_1"]["fvu"], rel=1e-5)
@@ -434,9 +435,9 @@ def test_script_end_to_end_writes_loadable_artifacts(tiny_llama, token_file, tmp
 def test_script_exports_other_tools_layouts(tiny_llama, token_file, tmp_path, capsys):
     path, _ = tiny_llama
     script(script_args(path, token_file, tmp_path / "run", "--export-format", "saelens", "sparsify"))
-    tc = Transcoder.load(tmp_path / "run")
+    tc = formats.load(tmp_path / "run")
     x = torch.randn(5, tc.cfg.d_in)
-    for fmt, read in (("saelens", Transcoder.from_saelens), ("sparsify", Transcoder.from_sparsify)):
+    for fmt, read in (("saelens", formats.load), ("sparsify", formats.load)):
         torch.testing.assert_close(read(tmp_path / "run" / fmt)(x), tc(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(SystemExit) as e:                         # refused before any training, nothing written
         script(script_args(path, token_file, tmp_path / "relu", "--arch", "relu", "--export-format", "sparsify"))
@@ -450,7 +451,7 @@ def test_script_several_layers_share_the_forward_and_are_evaluated_together(tiny
     args[args.index("--layer") + 1:args.index("--layer") + 2] = ["0", "2"]
     script(args)
     for layer in (0, 2):
-        assert Transcoder.load(tmp_path / "run" / f"layer_{layer}").cfg.hook_in == f"blocks.{layer}.ln2.hook_normalized"
+        assert formats.load(tmp_path / "run" / f"layer_{layer}").cfg.hook_in == f"blocks.{layer}.ln2.hook_normalized"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]
     assert {"layer_0", "layer_2", "all"} <= set(metrics)
     assert metrics["all"]["ce_zero_ablated"] != metrics["layer_0"]["ce_zero_ablated"]     # both MLPs ablated at once
@@ -649,7 +650,7 @@ def test_two_gloo_processes_train_like_one_process(tiny_llama, token_file, tmp_p
     assert [h["step"] for h in history[0]] == [h["step"] for h in history[1]] == list(range(1, 13))
     for a, b in zip(*history):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-3)
-    single, ddp = Transcoder.load(tmp_path / "single"), Transcoder.load(tmp_path / "ddp")
+    single, ddp = formats.load(tmp_path / "single"), formats.load(tmp_path / "ddp")
     for (name, a), (_, b) in zip(single.named_parameters(), ddp.named_parameters()):
         assert (a - b).norm() < 0.02 * a.norm(), name      # ~0.005 measured; the noise is in a few entries
 

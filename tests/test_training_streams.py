@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import minisv
-from minisv import training
+from minisv import activations, training
 from minisv.errors import MinisvError
-from minisv.training import ActivationStream, CachedActivations, harvest, train
-from minisv.transcoder import hook_names
+from minisv.activations import ActivationStream, CachedActivations, harvest
+from minisv.training import train
+from minisv.transcoder import mlp_hooks
 from test_training import REPO, config, script, script_args, tiny_llama, token_file, token_rows, weights  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +49,7 @@ def test_each_chunk_is_the_shortest_stretch_of_the_walk_holding_its_batches(tiny
     rows = short_documents(*case["rows"]) if case["bos"] is not None else \
         torch.randint(2, 96, case["rows"], generator=torch.Generator().manual_seed(0))
     batch, bos = case["batch"], case["bos"]
-    stream = ActivationStream(model, rows, {1: hook_names(1)}, batch_tokens=batch, buffer_tokens=case["buffer"],
+    stream = ActivationStream(model, rows, {1: mlp_hooks(1)}, batch_tokens=batch, buffer_tokens=case["buffer"],
                               seed=1, bos_id=bos, tokens=case["tokens"])
     per_chunk, n_batches = max(1, case["buffer"] // batch), case["tokens"] // batch
     sizes = [min(per_chunk, n_batches - c * per_chunk) for c in range(-(-n_batches // per_chunk))]
@@ -66,9 +67,9 @@ def test_each_chunk_is_the_shortest_stretch_of_the_walk_holding_its_batches(tiny
     assert [(c, i) for c, i, _ in served] == [(c, i) for c, b in enumerate(sizes) for i in range(b)]
     last = len(sizes) - 1
     ids = stream._row_ids(last)
-    _, cache = model.run_with_cache(rows[ids], names=hook_names(1))
+    _, cache = model.run_with_cache(rows[ids], names=mlp_hooks(1))
     keep = rows[ids] != bos if bos is not None else torch.ones_like(rows[ids], dtype=torch.bool)
-    expected = torch.cat([cache[name][keep] for name in hook_names(1)], 1)
+    expected = torch.cat([cache[name][keep] for name in mlp_hooks(1)], 1)
     got = torch.cat([torch.cat(xy[1], 1) for c, _, xy in served if c == last])
     assert got.shape == (sizes[-1] * batch, expected.shape[1])
     assert torch.cdist(got, expected, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-5
@@ -77,7 +78,7 @@ def test_each_chunk_is_the_shortest_stretch_of_the_walk_holding_its_batches(tiny
 def test_rows_of_nothing_but_bos_are_refused(tiny_llama):
     _, model = tiny_llama
     with pytest.raises(MinisvError, match="nothing but BOS"):
-        ActivationStream(model, torch.zeros(4, 16, dtype=torch.long), {1: hook_names(1)}, 32, 64, 0, bos_id=0)
+        ActivationStream(model, torch.zeros(4, 16, dtype=torch.long), {1: mlp_hooks(1)}, 32, 64, 0, bos_id=0)
 
 
 # ------------------------------------------------------------------------- resume across chunk boundaries
@@ -105,7 +106,7 @@ def test_resume_is_bit_identical_at_and_after_a_chunk_boundary_up_to_a_short_las
     the run resumes from step 12, a chunk boundary; killed at 14, from step 13, inside the short last chunk.
     Either way the resumed run serves the same batches and ends with bit-identical weights, bf16 or not."""
     _, model = tiny_llama
-    monkeypatch.setattr(training, "fast_bf16", lambda device: fast)
+    monkeypatch.setattr(activations, "fast_bf16", lambda device: fast)
     served = served_batches(monkeypatch)
     rows = short_documents(160, 32, seed=2)
     cfg = config(tokens=256 * 14, buffer_tokens=1024, checkpoint_every=1)
@@ -130,14 +131,14 @@ def test_resume_is_bit_identical_at_and_after_a_chunk_boundary_up_to_a_short_las
 STREAM_WORKER = """
 import sys, torch, torch.distributed as dist
 import minisv
-from minisv.training import ActivationStream
-from minisv.transcoder import hook_names
+from minisv.activations import ActivationStream
+from minisv.transcoder import mlp_hooks
 from test_training_streams import short_documents
 
 
 def stream(path):
     torch.set_num_threads(1)
-    s = ActivationStream(minisv.load(path, device="cpu"), short_documents(40, 16), {1: hook_names(1)},
+    s = ActivationStream(minisv.load(path, device="cpu"), short_documents(40, 16), {1: mlp_hooks(1)},
                          batch_tokens=64, buffer_tokens=150, seed=3, bos_id=0, tokens=64 * 7)
     return {"rows": [s._row_ids(c) for c in range(4)], "chunks": [s.chunk(c)[1] for c in range(4)],
             "served": [(c, i, torch.cat(xy[1], 1)) for c, i, xy in s.batches()]}
@@ -180,8 +181,8 @@ def test_two_processes_stream_the_same_chunks(tiny_llama, two_process_stream):
         assert torch.equal(ids, b["rows"][c])
         assert usable(rows[ids[:-1]], 0) < need <= usable(rows[ids], 0), c
         assert torch.equal(a["chunks"][c][0], b["chunks"][c][0]) and len(a["chunks"][c][0]) == need
-        _, cache = model.run_with_cache(rows[ids], names=hook_names(1))
-        expected = torch.cat([cache[name][rows[ids] != 0] for name in hook_names(1)], 1)
+        _, cache = model.run_with_cache(rows[ids], names=mlp_hooks(1))
+        expected = torch.cat([cache[name][rows[ids] != 0] for name in mlp_hooks(1)], 1)
         got = torch.cat(a["chunks"][c], 1)
         assert torch.cdist(got, expected, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-5
     assert [(c, i) for c, i, _ in a["served"]] == [(c, i) for c, i, _ in b["served"]] == \
@@ -206,11 +207,11 @@ def test_as_bf16_harvests_exactly_what_a_bf16_load_does_and_leaves_the_model_alo
     family, path, _ = tiny
     model = minisv.load(str(path), device="cpu")
     rows = torch.randint(2, 96, (6, 24), generator=torch.Generator().manual_seed(0))
-    hooks = {l: hook_names(l) for l in range(3)}
+    hooks = {l: mlp_hooks(l) for l in range(3)}
     want32 = harvest(model, rows, hooks)                 # runs the fused q/k/v path first
     before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
     tied = model.unembed.weight is model.embed.weight
-    got = harvest(training.as_bf16(model), rows, hooks)
+    got = harvest(activations.as_bf16(model), rows, hooks)
     want16 = harvest(minisv.load(str(path), device="cpu", dtype="bfloat16"), rows, hooks)
     for l in hooks:
         for g, w16, w32 in zip(got[l], want16[l], want32[l]):
@@ -219,7 +220,7 @@ def test_as_bf16_harvests_exactly_what_a_bf16_load_does_and_leaves_the_model_alo
     for n, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
     assert (model.unembed.weight is model.embed.weight) == tied == (family == "gpt2")
-    for (n, p), (_, q) in zip(model.named_parameters(), training.as_bf16(model).named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), activations.as_bf16(model).named_parameters()):
         assert p.shape == q.shape, n
 
 
@@ -227,26 +228,26 @@ def test_as_bf16_keeps_tied_embeddings_tied(tiny):
     family, path, _ = tiny
     if family != "gpt2":
         pytest.skip("only GPT-2 ties its embeddings")
-    twin = training.as_bf16(minisv.load(str(path), device="cpu"))
+    twin = activations.as_bf16(minisv.load(str(path), device="cpu"))
     assert twin.unembed.weight is twin.embed.weight
 
 
 def test_training_activations_see_the_callers_hooks_where_bf16_is_fast(tiny_llama, monkeypatch):
     _, model = tiny_llama
-    monkeypatch.setattr(training, "fast_bf16", lambda device: True)
-    calls, real = [], training.harvest
+    monkeypatch.setattr(activations, "fast_bf16", lambda device: True)
+    calls, real = [], activations.harvest
 
     def spy(m, tokens, hooks, batch_rows=32):
         out = real(m, tokens, hooks, batch_rows)
         calls.append((tokens, out))
         return out
-    monkeypatch.setattr(training, "harvest", spy)
+    monkeypatch.setattr(activations, "harvest", spy)
     shift = {"blocks.1.hook_mlp_out": lambda y, name: 2 * y + 0.01}  # e.g. a steering vector on the MLP output
     rows = token_rows(40)
     with model.hooks(shift):
         train(model, rows, config(tokens=256 * 2, buffer_tokens=512), log=lambda s: None)
         tokens, got = calls[0]
-        want = real(model, tokens, {1: config().hooks(1)})
+        want = real(model, tokens, {1: config().sites(1)})
     assert (got[1][1].float() - want[1][1]).norm() < 2e-2 * want[1][1].norm()
 
 
@@ -255,13 +256,13 @@ def test_training_activations_see_the_callers_hooks_where_bf16_is_fast(tiny_llam
 def test_script_harvests_in_bf16_unless_told_and_always_evaluates_in_float32(tiny_llama, token_file, tmp_path,
                                                                             monkeypatch, flag):
     path, _ = tiny_llama
-    monkeypatch.setattr(training, "fast_bf16", lambda device: True)
-    harvested, evaluated, real_harvest = [], [], training.harvest
+    monkeypatch.setattr(activations, "fast_bf16", lambda device: True)
+    harvested, evaluated, real_harvest = [], [], activations.harvest
 
     def spy_harvest(m, tokens, hooks, batch_rows=32):
         harvested.append(m.embed.weight.dtype)
         return real_harvest(m, tokens, hooks, batch_rows)
-    monkeypatch.setattr(training, "harvest", spy_harvest)
+    monkeypatch.setattr(activations, "harvest", spy_harvest)
     sys.path.insert(0, REPO)
     try:
         import train_transcoder

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from minisv.errors import MinisvError
-from minisv.transcoder import Transcoder, TranscoderConfig, import_released
+from minisv import formats
+from minisv.formats import import_released
+from minisv.transcoder import Transcoder, TranscoderConfig
 
 
 def random_transcoder(arch="topk", skip=False, d_in=12, d_out=10, d_sae=40, k=5, seed=0):
@@ -37,7 +39,7 @@ def test_topk_keeps_exactly_the_k_largest():
     with torch.no_grad():
         tc.b_enc.fill_(100.0)                           # every pre-activation positive: exactly k survive the ReLU
     x = torch.randn(7, 12)
-    f = tc.encode(x)
+    f = tc.dense(*tc.encode(x))
     assert (f > 0).sum(-1).eq(tc.cfg.k).all()
     expected = (x @ tc.W_enc + tc.b_enc).topk(tc.cfg.k, dim=-1).indices.sort(-1).values
     assert torch.equal(f.nonzero()[:, 1].view(7, -1), expected)
@@ -59,14 +61,14 @@ def test_sparse_forward_and_backward_equal_dense_autograd(skip):
     torch.testing.assert_close(sparse_loss, dense_loss)
     for name, p in list(tc.named_parameters()) + [("x", x)]:
         torch.testing.assert_close(sparse[name], p.grad, rtol=1e-5, atol=1e-5, msg=name)
-    torch.testing.assert_close(tc.decode(tc.encode(x)), dense_topk(tc, x)[0] - (x @ tc.W_skip if skip else 0))
+    torch.testing.assert_close(tc.decode(*tc.encode(x)), dense_topk(tc, x)[0] - (x @ tc.W_skip if skip else 0))
 
 
 def test_sparse_decode_equals_dense_decode():
     tc = random_transcoder(d_sae=300, k=17)
-    values, indices = tc.encode_sparse(torch.randn(3, 5, 12))
+    values, indices = tc.encode(torch.randn(3, 5, 12))
     f = torch.zeros(3, 5, 300).scatter(-1, indices, values)
-    torch.testing.assert_close(tc.decode_sparse(values, indices), f @ tc.W_dec + tc.b_dec)
+    torch.testing.assert_close(tc.decode(values, indices), f @ tc.W_dec + tc.b_dec)
 
 
 def test_relu_forward_is_the_formula():
@@ -89,12 +91,12 @@ def test_new_transcoders_start_as_documented():
 
 def test_save_and_load_in_a_fresh_process(tmp_path):
     tc = random_transcoder(skip=True)
-    tc.save(tmp_path / "tc")
+    formats.save(tc, tmp_path / "tc")
     assert sorted(os.listdir(tmp_path / "tc")) == ["cfg.json", "transcoder.safetensors"]
     x = torch.randn(4, 12)
     torch.save(x, tmp_path / "x.pt")
-    script = ("import sys, torch; from minisv.transcoder import Transcoder; "
-              "tc = Transcoder.load(sys.argv[1]); torch.save((tc(torch.load(sys.argv[2])), tc.cfg.hook_in, tc.cfg.k), sys.argv[3])")
+    script = ("import sys, torch; from minisv import formats; "
+              "tc = formats.load(sys.argv[1]); torch.save((tc(torch.load(sys.argv[2])), tc.cfg.hook_in, tc.cfg.k), sys.argv[3])")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "tc"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                    check=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
     y, hook, k = torch.load(tmp_path / "y.pt")
@@ -103,12 +105,12 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
 
 def test_load_errors(tmp_path):
     with pytest.raises(MinisvError, match="not a transcoder directory"):
-        Transcoder.load(tmp_path)
-    random_transcoder().save(tmp_path)
+        formats.load(tmp_path)
+    formats.save(random_transcoder(), tmp_path)
     cfg = (tmp_path / "cfg.json").read_text().replace('"d_sae": 40', '"d_sae": 41')
     (tmp_path / "cfg.json").write_text(cfg)
     with pytest.raises(MinisvError, match="W_enc has shape"):
-        Transcoder.load(tmp_path)
+        formats.load(tmp_path)
 
 
 # ------------------------------------------------------------------------- released GPT-2 transcoders
@@ -149,8 +151,8 @@ def test_import_released_layout(tmp_path, released_config_class):
     torch.testing.assert_close(tc(x), reference, rtol=1e-5, atol=1e-4)
     assert (tc.cfg.layer, tc.cfg.hook_in, tc.cfg.hook_out) == (8, "blocks.8.ln2.hook_normalized", "blocks.8.hook_mlp_out")
     assert tc.cfg.target_centered and tc.cfg.architecture == "relu"
-    tc.save(tmp_path / "converted")
-    torch.testing.assert_close(Transcoder.load(tmp_path / "converted")(x), reference, rtol=1e-5, atol=1e-4)
+    formats.save(tc, tmp_path / "converted")
+    torch.testing.assert_close(formats.load(tmp_path / "converted")(x), reference, rtol=1e-5, atol=1e-4)
 
 
 class Payload:

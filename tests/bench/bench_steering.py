@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import minisv  # noqa: E402
-from minisv.steering import Datapoint, encode, optimize_vector  # noqa: E402
+from minisv.steering import Datapoint, optimize_vector, prompt_ids  # noqa: E402
 
 PROMPT = "Give me a recipe for pancakes."
 PROMOTE = "I'm sorry, but I can't help with that."
@@ -44,7 +44,8 @@ def run_minisv(model, prompt, layer, v0, lr, steps):
     stamps = []
     start = time.perf_counter()
     _, info = optimize_vector(model, [Datapoint(prompt, promote=[PROMOTE])], layer, lr=lr, max_iters=steps,
-                              starting_vec=v0, converge_tol=None, callback=lambda *_: stamps.append(time.perf_counter()))
+                              starting_vec=v0, converge_tol=None, chat=False,      # the prompt comes rendered
+                              callback=lambda *_: stamps.append(time.perf_counter()))
     seconds = time.perf_counter() - start
     # callback k comes after step k's forward + backward: a gap k -> k+1 is update + forward + backward, one
     # complete step. The last gap ends with the forward-only evaluation, so it is left out.
@@ -118,7 +119,7 @@ def main():
         return profile_minisv(model, prompt, args.layer, v0, args.lr)
     hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                            dtype=torch.float32).eval()
-    n_prompt, ids = len(encode(model, prompt)), encode(model, prompt + PROMOTE)     # BOS as minisv adds it
+    n_prompt, ids = len(prompt_ids(model, prompt)), prompt_ids(model, prompt + PROMOTE)     # BOS as minisv adds it
     print(f"SmolLM2-135M-Instruct fp32, {args.threads} threads, {len(ids)} tokens ({len(ids) - n_prompt} completion), "
           f"layer {args.layer} of {model.cfg.n_layers}, {args.steps} and {args.steps + args.extra} Adam steps at "
           f"lr {args.lr}, {args.rounds} interleaved rounds")

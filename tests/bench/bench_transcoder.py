@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import minisv  # noqa: E402
 from minisv.data import load_dataset  # noqa: E402
-from minisv.training import (TrainConfig, _fix_decoder_grad, fast_bf16, harvest, harvester,  # noqa: E402
-                             relu_loss, topk_loss, train)
-from minisv.transcoder import Transcoder, TranscoderConfig, hook_names  # noqa: E402
+from minisv.activations import fast_bf16, harvest, harvester  # noqa: E402
+from minisv.training import TrainConfig, relu_loss, topk_loss, train  # noqa: E402
+from minisv.transcoder import Transcoder, TranscoderConfig, mlp_hooks  # noqa: E402
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -44,10 +44,10 @@ def harvested(model, rows, layer, tokens, bos_id):
     """(x, y) activations of at least `tokens` tokens and the harvest's trainable (non-BOS) tokens/s, as train()
     counts them, after a warm-up call."""
     rows = rows[:-(-tokens // rows.shape[1])]
-    harvest(model, rows[:2], {layer: hook_names(layer)})
+    harvest(model, rows[:2], {layer: mlp_hooks(layer)})
     _sync()
     start = time.perf_counter()
-    x, y = harvest(model, rows, {layer: hook_names(layer)})[layer]
+    x, y = harvest(model, rows, {layer: mlp_hooks(layer)})[layer]
     _sync()
     trainable = int((rows != bos_id).sum()) if bos_id is not None else rows.numel()
     return x.flatten(0, 1)[:tokens], y.flatten(0, 1)[:tokens], trainable / (time.perf_counter() - start)
@@ -98,7 +98,7 @@ def time_steps(step_fn, params, batches, bf16, relu=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if relu is not None:
-            _fix_decoder_grad(relu)
+            relu.project_decoder_grad()
         opt.step()
     _sync()
     tok_s = sum(len(x) for x, _ in batches[1:]) / (time.perf_counter() - start)
@@ -175,9 +175,9 @@ def main(argv=None):
     if args.e2e_tokens:
         steps = args.e2e_tokens // args.batch       # warm-up and dead window as train_transcoder.py sets them
         cfg = TrainConfig(layers=[args.layer], d_sae=S, k=k, lr=4e-3, tokens=args.e2e_tokens, batch_tokens=args.batch,
-                          bos_id=bos, checkpoint_every=10 ** 9,
+                          bos_id=bos, checkpoint_every=10 ** 9, amp=not args.no_autocast,
                           warmup_steps=max(1, steps // 20), dead_tokens=max(1, steps // 10) * args.batch)
-        _, summary = train(model, rows, cfg, log=lambda line: None, amp=not args.no_autocast)
+        _, summary = train(model, rows, cfg, log=lambda line: None)
         step = results[f"minisv TopK, {args.dead:.0%} dead"]
         bound = 1 / (1 / harvest_tok_s + 1 / step)
         print(f"  default run, side by side: harvest {harvest_tok_s:,.0f} | TopK step ({args.dead:.0%} dead) "

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import minisv  # noqa: E402
-from minisv.training import CachedActivations, TrainConfig, harvest, train  # noqa: E402
+from minisv.activations import CachedActivations, harvest  # noqa: E402
+from minisv.training import TrainConfig, train  # noqa: E402
 
 SIZES = {"full": dict(n_embd=768, n_layer=12, n_head=12, layer=8, d_sae=24576, tokens=4096 * 60, batch=4096),
          "dry-run": dict(n_embd=32, n_layer=2, n_head=2, layer=1, d_sae=128, tokens=256 * 6, batch=256)}
@@ -66,10 +67,10 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             cfg = TrainConfig(layers=[L], d_sae=size["d_sae"], k=32, lr=1e-3, tokens=size["tokens"],
-                              batch_tokens=size["batch"], warmup_steps=5, dead_tokens=size["batch"] * 5)
+                              batch_tokens=size["batch"], warmup_steps=5, dead_tokens=size["batch"] * 5,
+                              compile=compiled, amp=model_dtype == torch.bfloat16)
             stream = CachedActivations(acts, size["batch"], seed=0)
-            run = lambda: train(model, stream, cfg, log=lambda line: None, compile_step=compiled,
-                                amp=model_dtype == torch.bfloat16)[1]["tok_per_s"]
+            run = lambda: train(model, stream, cfg, log=lambda line: None)[1]["tok_per_s"]
             try:
                 if compiled:        # the first run compiles, the second is timed
                     run()

@@ -24,7 +24,8 @@ from minisv.cli import positive_int  # noqa: E402
 from minisv.data import load_dataset  # noqa: E402
 from minisv.evals import evaluate  # noqa: E402
 from minisv.report import svg_chart  # noqa: E402
-from minisv.training import CachedActivations, TrainConfig, _without_bos, harvest, harvester, train  # noqa: E402
+from minisv.activations import CachedActivations, harvest, harvester, without_bos  # noqa: E402
+from minisv.training import TrainConfig, train  # noqa: E402
 
 KINDS = {"transcoder": ("ln2.hook_normalized", "hook_mlp_out"), "SAE": ("hook_mlp_out", "hook_mlp_out")}
 
@@ -52,7 +53,7 @@ def main(argv=None):
     need = rows[:args.tokens // (args.ctx - 1) + 1]
     L = args.layer
     hooks = {L: [f"blocks.{L}.{h}" for h in KINDS["transcoder"]]}
-    acts = _without_bos(harvest(harvester(model), need, hooks), need, bos)[L]
+    acts = without_bos(harvest(harvester(model), need, hooks), need, bos)[L]
     harvest_s = time.perf_counter() - started
     print(f"harvested {len(acts[0]):,} tokens of layer {L} once in {harvest_s:.0f} s; held out: {held_out.numel():,} "
           f"tokens in {len(held_out)} rows")
