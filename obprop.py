@@ -13,7 +13,6 @@ Paths (--path) are evaluated token by token: a head reads its upstream component
 with --json, to a machine-readable file that records the reference prompts, positions and linearization points).
 """
 import argparse
-import html
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ from minisv import cli, data
 from minisv import obprop as ob
 from minisv.atomic import write_text
 from minisv.errors import MinisvError
+from minisv.report import obprop_html
 
 EPILOG = """examples:
   python obprop.py                                   # the gendered-pronoun study on SmolLM2 (offline)
@@ -302,14 +302,6 @@ def pearson(a, b):
 
 
 # ------------------------------------------------------------------------- printing
-def head(x):
-    return f"{x[0]}.{x[1]}"
-
-
-def step_name(step):
-    return f"attn {step['layer']}.{step['head']}" if step["kind"] == "attn" else f"mlp {step['layer']}"
-
-
 def print_results(results, couplings, args):
     basis = "exact norms at one prompt pair" if args.exact_norms else "no data"
     for r in results:
@@ -339,18 +331,18 @@ def print_results(results, couplings, args):
                   f"{c['train_examples']} examples per class and template):")
             print(f"  {'head':>6}  {'AUC ObProp':>10}  {'AUC mean-diff':>13}")
             for x in c["heads"]:
-                print(f"  {head(x['head']):>6}  {x['auc_obprop']:10.3f}  {x['auc_mean_difference']:13.3f}")
+                print(f"  {ob.head_name(x['head']):>6}  {x['auc_obprop']:10.3f}  {x['auc_mean_difference']:13.3f}")
             if any(x["auc_obprop"] < 0.5 for x in c["heads"]):
                 print("  (an ObProp AUC below 0.5: the head reads the name with the opposite sign, i.e. pushes the "
                       "observable the other way)")
         words = r["reference"]["text"][0]
         for path, y in r["paths"].items():
-            where = "; ".join(f"{step_name(s)} reads token {s['reads']} {words[s['reads']]!r}" for s in y["steps"])
+            where = "; ".join(f"{ob.step_name(s)} reads token {s['reads']} {words[s['reads']]!r}" for s in y["steps"])
             print(f"  path {path}: ‖y‖ = {y['norm']:.4f}   ({where})")
         if "search" in r:
             print(f"  path search (score: contribution to n·ℓ(pos) − n·ℓ(neg) at the reference prompts; "
                   f"@k = source token k of {words}):")
-            for line in search_tree(r["search"]):
+            for line in ob.format_search(r["search"]):
                 print("    " + line)
     for c in couplings:
         print(f"\ncoupling {c['source']} -> {c['target']} over all {len(c['heads'])} heads (observables' cosine "
@@ -361,129 +353,8 @@ def print_results(results, couplings, args):
             print(f"  {s['bin']:<20} {s['heads']:>4} heads  {corr}")
         print(f"  {'head':>6}  {'predicted':>9}  {'weights-only':>12}  {'slope':>7}  {'r²':>5}  {'cosine':>6}")
         for x in c["top_heads"]:
-            print(f"  {head(x['head']):>6}  {x['predicted']:9.3f}  {x['predicted_weights_only']:12.3f}  "
+            print(f"  {ob.head_name(x['head']):>6}  {x['predicted']:9.3f}  {x['predicted_weights_only']:12.3f}  "
                   f"{x['slope']:7.3f}  {x['r2']:5.3f}  {x['cosine']:6.3f}")
-
-
-def search_tree(levels):
-    """The path search as indented lines: each path under the path it extends."""
-    lines = []
-
-    def walk(depth, parent):
-        for i, p in enumerate(levels[depth]):
-            if p["parent"] == parent:
-                lines.append(f"{'  ' * depth}{p['score']:+8.3f}  {p['path']}")
-                if depth + 1 < len(levels):
-                    walk(depth + 1, i)
-    walk(0, 0)
-    return lines
-
-
-# ------------------------------------------------------------------------- the HTML report
-def heatmap(values, title):
-    """An [L, H] grid of cells: red for positive, blue for negative, opacity ∝ |value|; hover shows the value."""
-    peak = max(abs(v) for row in values for v in row) or 1.0
-
-    def cell(l, h, v):
-        color = "200,40,40" if v >= 0 else "40,80,200"
-        return f'<td title="{l}.{h}: {v:.4g}" style="background:rgba({color},{abs(v) / peak:.2f})"></td>'
-    rows = "".join(f"<tr><th>{l}</th>{''.join(cell(l, h, v) for h, v in enumerate(row))}</tr>"
-                   for l, row in enumerate(values))
-    heads = "".join(f"<th>{h}</th>" for h in range(len(values[0])))
-    return f"<div class=map><h4>{html.escape(title)}</h4><table><tr><th></th>{heads}</tr>{rows}</table></div>"
-
-
-def table(header, rows):
-    """An HTML table; numbers are shown with 3 decimals, every string is escaped."""
-    def cells(row, tag):
-        return "".join(f"<{tag}>{html.escape(c if isinstance(c, str) else f'{c:.3f}')}</{tag}>" for c in row)
-    body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
-    return f"<table class=t><tr>{cells(header, 'th')}</tr>{body}</table>"
-
-
-def scatter(heads, size=360, pad=40):
-    """Predicted coupling (x) vs empirical slope (y) of every head as an inline SVG, colored by |cosine| bin,
-    with the y = x line; hovering a dot names the head."""
-    xs, ys = [x["predicted"] for x in heads], [x["slope"] for x in heads]
-    lo, hi = min(xs + ys), max(xs + ys)
-    span = (hi - lo) or 1.0
-
-    def px(v):
-        return pad + (v - lo) / span * (size - 2 * pad)
-
-    def color(c):
-        return "#c0392b" if abs(c) >= 0.9 else "#e69f00" if abs(c) >= 0.5 else "#7f8c8d"
-    dots = "".join(f'<circle cx="{px(x["predicted"]):.1f}" cy="{size - px(x["slope"]):.1f}" r="3" '
-                   f'fill="{color(x["cosine"])}"><title>{head(x["head"])}: predicted {x["predicted"]:.3f}, slope '
-                   f'{x["slope"]:.3f}, cosine {x["cosine"]:.3f}</title></circle>' for x in heads)
-    line = f'<line x1="{px(lo)}" y1="{size - px(lo)}" x2="{px(hi)}" y2="{size - px(hi)}" stroke="#999"/>'
-    labels = (f'<text x="{size / 2}" y="{size - 8}" text-anchor="middle">predicted coupling</text>'
-              f'<text x="12" y="{size / 2}" transform="rotate(-90 12 {size / 2})" text-anchor="middle">empirical '
-              f'slope</text><text x="{pad}" y="{size - pad + 14}">{lo:.2f}</text>'
-              f'<text x="{size - pad}" y="{size - pad + 14}" text-anchor="end">{hi:.2f}</text>')
-    return (f'<svg width="{size}" height="{size}" viewBox="0 0 {size} {size}" font-size="11">'
-            f'<rect x="{pad}" y="{pad}" width="{size - 2 * pad}" height="{size - 2 * pad}" fill="none" stroke="#ccc"/>'
-            f'{line}{dots}{labels}</svg><p>red: |cos| ≥ 0.9, orange: 0.5–0.9, grey: &lt; 0.5; the line is y = x.</p>')
-
-
-def report_html(model_name, results, couplings):
-    e, parts = html.escape, [f"<h1>Observable propagation on {html.escape(model_name)}</h1>"]
-    for r in results:
-        agreement = "; ".join(f"{k.replace('_', ' ')}: top-k overlap {a['top_k_overlap']:.0%}, Spearman "
-                              f"{a['spearman']:.3f}" for k, a in r["agreement"].items())
-        total = r["total_patching"] is not None
-        rows = [[str(i + 1), head(a), r["feature_norms"][a[0]][a[1]], head(b), r["patching"][b[0]][b[1]]]
-                + ([head(c), r["total_patching"][c[0]][c[1]]] if total else [])
-                for i, (a, b, c) in enumerate(zip(r["top_by_norm"], r["top_by_patching"],
-                                                  r["top_by_total_patching"] or r["top_by_norm"]))]
-        parts += [f"<h2>{e(r['observable'])}</h2><p>Heads ranked by feature norm (from the weights, no data), by "
-                  f"direct-path patching over {r['pairs']} pair(s)"
-                  + (f" and by total-effect activation patching over {r['total_pairs']} pair(s)" if total else "")
-                  + f". {e(agreement)} (over all heads).</p>",
-                  table(["rank", "head by ‖y‖", "‖y‖", "head by direct patching", "effect"]
-                        + (["head by total patching", "effect"] if total else []), rows),
-                  table(["MLP by ‖y‖", "‖y‖"],
-                        [[f"mlp {m}", r["mlp_feature_norms"][m]] for m in r["top_mlps_by_norm"]]),
-                  heatmap(r["feature_norms"], "feature norm ‖y‖ (layer × head)"),
-                  heatmap(r["patching"], "direct-path patching effect (layer × head)")]
-        if total:
-            parts.append(heatmap(r["total_patching"], "total-effect patching effect (layer × head)"))
-        if "classifier" in r:
-            c = r["classifier"]
-            parts += [f"<p>Classifying the class from x̂ at the name token (the last token without a template): the "
-                      f"head's ObProp feature (no training data) vs the mean difference of {c['train_examples']} "
-                      f"examples per class and template; AUC on "
-                      f"{c['test_names'][0]} + {c['test_names'][1]} held-out prompts (below 0.5: the head pushes the "
-                      f"other way).</p>",
-                      table(["head", "AUC ObProp", "AUC mean difference"],
-                            [[head(x["head"]), x["auc_obprop"], x["auc_mean_difference"]] for x in c["heads"]])]
-        words = r["reference"]["text"][0]
-        parts.append(f"<p>Reference prompts (norm scales, MLP linearizations, default source tokens): "
-                     f"{' / '.join(e(repr(''.join(t))) for t in r['reference']['text'])}.</p>")
-        if r["paths"]:
-            parts.append(table(["path", "‖y‖", "tokens read"], [
-                [p, y["norm"], "; ".join(f"{step_name(s)}: {s['reads']} {words[s['reads']]!r}" for s in y["steps"])]
-                for p, y in r["paths"].items()]))
-        if "search" in r:
-            parts.append("<h3>Path search</h3><pre>" + e("\n".join(search_tree(r["search"]))) + "</pre>")
-    for c in couplings:
-        parts += [f"<h2>Coupling {e(c['source'])} → {e(c['target'])}</h2><p>Predicted C(y1, y2) = y1·y2/‖y1‖² of the "
-                  f"norm-scaled features (= weights-only × {c['scale_ratio']:.3f}) vs the least-squares slope of the "
-                  f"y2-scores on the y1-scores over {c['tokens']} corpus tokens, every head. Cosine of the two "
-                  f"observables at the final residual: {c['observables_cosine']:.3f}.</p>",
-                  table(["heads", "n", "Pearson", "Spearman"],
-                        [[s["bin"], str(s["heads"]), *(("–", "–") if s["pearson"] is None else
-                                                       (s["pearson"], s["spearman"]))] for s in c["summary"]]),
-                  scatter(c["heads"]),
-                  table(["head", "predicted", "weights-only", "empirical slope", "r²", "cosine"],
-                        [[head(x["head"]), x["predicted"], x["predicted_weights_only"], x["slope"], x["r2"],
-                          x["cosine"]] for x in c["top_heads"]])]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:70em}table.t{border-collapse:collapse;margin:.5em 0}"
-             "table.t td,table.t th{border:1px solid #ccc;padding:.2em .6em;text-align:right}.map{display:inline-block;"
-             "margin-right:2em;vertical-align:top}.map table{border-collapse:collapse;font-size:9px}.map td{width:14px;"
-             "height:10px;border:1px solid #eee}")
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>ObProp</title><style>{style}</style></head><body>"
-            + "\n".join(parts) + "</body></html>\n")
 
 
 # ------------------------------------------------------------------------- main
@@ -512,7 +383,7 @@ def run(args):
     results, head_feats = zip(*(analyse(model, task, args, say) for task in tasks))
     couplings = couple(model, tasks, results, head_feats, args, say) if len(tasks) > 1 else []
     print_results(results, couplings, args)
-    write_text(args.html, report_html(args.model, results, couplings))
+    write_text(args.html, obprop_html(args.model, results, couplings))
     if args.json:
         write_text(args.json, json.dumps(dict(model=args.model, settings=vars(args), observables=results,
                                               couplings=couplings, seconds=round(time.time() - t0, 1)), indent=1))

@@ -30,7 +30,8 @@ from minisv.cli import device as parse_device, main as cli_main, nonneg_float, n
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
 from minisv.atomic import write_text
-from minisv.report import circuit_html, collect_dashboards, dashboards_html, training_html
+from minisv.dashboards import DashboardConfig, collect_dashboards
+from minisv.report import circuit_html, dashboards_html, training_html
 from minisv.training import TrainConfig, train
 from minisv import formats
 from minisv.formats import check_export, import_released
@@ -258,8 +259,8 @@ def analyze(args, model, transcoders, held_out, out, say):
         rows = held_out[:max(1, args.dash_tokens // held_out.shape[1])]
         for layer, tc in sorted(transcoders.items()):
             say(f"dashboards: layer {layer} transcoder on {rows.numel():,} held-out tokens ...")
-            data = collect_dashboards(model, tc, rows, features=args.features, max_features=args.dash_features,
-                                      bos_id=bos, seed=args.seed, log=say)
+            cfg = DashboardConfig(features=args.features, max_features=args.dash_features, bos_id=bos, seed=args.seed)
+            data = collect_dashboards(model, tc, rows, cfg, log=say)
             path = os.path.join(out, "dashboards.html" if len(transcoders) == 1 else f"dashboards-L{layer}.html")
             write_text(path, dashboards_html(data, token_str, f"Layer {layer} transcoder features of {args.model}"))
             say(f"wrote {path}: {len(data['features']):,} features ({data['live']:,} of {tc.cfg.d_sae:,} fired)")

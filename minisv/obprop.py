@@ -464,6 +464,30 @@ def search_paths(model, obs, ref, steps, width, exact=False):
     return levels
 
 
+def head_name(head):
+    """(13, 11) -> "13.11"."""
+    return f"{head[0]}.{head[1]}"
+
+
+def step_name(step):
+    """A `locate` step as written in a path: "attn 13.11" or "mlp 12"."""
+    return f"attn {step['layer']}.{step['head']}" if step["kind"] == "attn" else f"mlp {step['layer']}"
+
+
+def format_search(levels):
+    """`search_paths`' result as indented lines, each path under the path it extends."""
+    lines = []
+
+    def walk(depth, parent):
+        for i, p in enumerate(levels[depth]):
+            if p["parent"] == parent:
+                lines.append(f"{'  ' * depth}{p['score']:+8.3f}  {p['path']}")
+                if depth + 1 < len(levels):
+                    walk(depth + 1, i)
+    walk(0, 0)
+    return lines
+
+
 def coupling(y1, y2):
     """C(y1, y2) = y1·y2 / ‖y1‖²: the expected y2-score of an input scoring 1 on y1 (inputs uniform on a sphere).
     Asymmetric and scale-aware, unlike the cosine."""

@@ -1,168 +1,16 @@
-"""Self-contained HTML reports: transcoder feature dashboards and circuit graphs (`docs/methods.md` §2.6).
+"""Self-contained HTML reports: feature dashboards, circuit graphs, training curves, steering runs and ObProp
+studies (`docs/methods.md` §2.6). One file each, inline CSS/SVG (and a little JavaScript for the dashboards), no
+network. Every string from a model or a user is HTML-escaped in Python before it is embedded; data for scripts
+goes in as JSON inside <script type="application/json">, where no string can close the tag.
 
-A dashboard shows, per feature, what it reads and writes: its top-activating contexts with per-token
-highlighting, contexts sampled from quantile bands of its activation distribution (what it does at typical
-strength, not only at its peak), a histogram of its activations, its firing frequency, the tokens whose
-embeddings activate it directly (de-embedding, W_E·W_enc) and the logits its output promotes and
-suppresses (W_U·W_dec).
-
-`collect_dashboards` gathers all of this for every feature in one pass over a corpus, in memory independent of
-the corpus size: per feature it keeps running buffers, merged batch by batch with `torch.topk`, of the k
-largest activations and of a uniform random sample of its firing tokens (a random key per token, keep the
-largest keys), each with the feature's activations in a window around the token; and an exact histogram whose
-range doubles when needed. The HTML keeps the data as JSON and draws a feature's card only when it is opened,
-so thousands of features load instantly. Every token string is HTML-escaped in Python before it is embedded.
+The dashboard page keeps `minisv.dashboards.collect_dashboards` data as JSON and draws a feature's card only
+when it is opened, so thousands of features load instantly.
 """
 import html
 import json
 import math
 
-import torch
-import torch.nn.functional as F
-
-from . import circuits
-from .errors import MinisvError
-
-BINS = 32
-
-
-# ------------------------------------------------------------------------- collecting dashboard data
-@torch.no_grad()
-def collect_dashboards(model, tc, rows, features=None, max_features=None, k=10, samples=24, bands=4, per_band=3,
-                       window=(12, 3), bos_id=None, seed=0, batch_rows=None, log=None) -> dict:
-    """Dashboard data for transcoder `tc` over token rows [N, T]. features: the feature ids to report (default:
-    every live one, or a seeded random sample of `max_features` of them). k top contexts; `samples` random
-    firing tokens per feature, split into `bands` activation-quantile bands of which `per_band` are shown;
-    window = (tokens before, tokens after) each context. Positions holding `bos_id` are skipped. batch_rows:
-    rows per forward (default: as many as keep the dense [tokens, d_sae] encoding near 16M numbers)."""
-    if not 0 <= tc.cfg.layer < model.cfg.n_layers or tc.cfg.d_in != model.cfg.d_model:
-        raise MinisvError(f"this transcoder (layer {tc.cfg.layer}, d_in {tc.cfg.d_in}) does not fit the model "
-                          f"({model.cfg.n_layers} layers, d_model {model.cfg.d_model})")
-    device = model.embed.weight.device
-    feats = torch.arange(tc.cfg.d_sae) if features is None else torch.as_tensor(features, dtype=torch.long)
-    if len(feats) == 0 or feats.min() < 0 or feats.max() >= tc.cfg.d_sae:
-        raise MinisvError(f"features must be ids in 0..{tc.cfg.d_sae - 1}")
-    feats = feats.to(device)
-    n_feat, T = len(feats), rows.shape[1]
-    before, after = window
-    W = before + 1 + after
-    hook = f"blocks.{tc.cfg.layer}.ln2.hook_normalized"
-    top = (torch.zeros(k, n_feat, device=device), torch.zeros(k, n_feat, dtype=torch.long, device=device),
-           torch.zeros(k, n_feat, W, device=device))               # (activation, global token, window activations)
-    sample = (torch.full((samples, n_feat), -1.0, device=device),
-              torch.zeros(samples, n_feat, dtype=torch.long, device=device),
-              torch.zeros(samples, n_feat, W, device=device))      # (random key, global token, window)
-    fired = torch.zeros(n_feat, device=device)
-    hist, hist_top = torch.zeros(n_feat, BINS, device=device), torch.zeros(n_feat, device=device)
-    gen = torch.Generator(device).manual_seed(seed)
-    batch_rows, n_tokens = batch_rows or max(1, 2 ** 24 // (T * tc.cfg.d_sae)), 0
-    for i in range(0, len(rows), batch_rows):
-        tokens = rows[i:i + batch_rows].to(device)
-        _, cache = model.run_with_cache(tokens, names=[hook], stop_at_layer=tc.cfg.layer + 1)
-        f = tc.dense(*tc.encode(cache[hook]))[..., feats].float()                # [R, T, n_feat]
-        if bos_id is not None:
-            f[tokens == bos_id] = 0
-        n_tokens += int((tokens != bos_id).sum()) if bos_id is not None else tokens.numel()
-        flat = f.flatten(0, 1)                                                  # token n of the batch = row·T + pos
-        fired += (flat > 0).sum(0)
-        _histogram(hist, hist_top, flat)
-        padded = F.pad(f, (0, 0, before, after))                                # [R, T + W - 1, n_feat]
-
-        def windows(idx):    # batch token indices [m, n_feat] -> each feature's activations around them [m, n_feat, W]
-            return padded[(idx // T)[..., None], (idx % T)[..., None] + torch.arange(W, device=device),
-                          torch.arange(n_feat, device=device)[None, :, None]]
-        values, idx = flat.topk(min(k, len(flat)), dim=0)
-        top = _merge(top, values, idx + i * T, windows(idx))
-        keys = torch.rand(flat.shape, generator=gen, device=device).masked_fill(flat <= 0, -1.0)
-        keys, idx = keys.topk(min(samples, len(flat)), dim=0)
-        sample = _merge(sample, keys, idx + i * T, windows(idx))
-        if log is not None:
-            log(f"dashboards: {min(i + batch_rows, len(rows))}/{len(rows)} rows")
-    if features is None:
-        live = feats[fired > 0]
-        if max_features is not None and len(live) > max_features:
-            pick = torch.randperm(len(live), generator=torch.Generator().manual_seed(seed))[:max_features]
-            live = live[pick.sort().values.to(device)]
-        keep = torch.searchsorted(feats, live)
-    else:
-        keep = torch.arange(n_feat, device=device)
-    out = []
-    top_keys, top_ex = _examples(rows, top, keep, window)
-    sample_keys, sample_ex = _examples(rows, sample, keep, window)
-    for j, count, h, h_top, tk, te, sk, se in zip(feats[keep].tolist(), fired[keep].tolist(),
-                                                   hist[keep].long().tolist(), hist_top[keep].tolist(),
-                                                   top_keys, top_ex, sample_keys, sample_ex):
-        sampled = sorted((e for key, e in zip(sk, se) if key >= 0), key=lambda e: -e[1][before])
-        out.append({"id": j, "freq": count / max(n_tokens, 1), "max": tk[0], "hist": h, "hist_top": h_top,
-                    "top": [e for key, e in zip(tk, te) if key > 0],
-                    "bands": _bands(sampled, bands, per_band, before)})
-    _add_weight_views(model, tc, out)
-    return {"layer": tc.cfg.layer, "model": tc.cfg.model, "d_sae": tc.cfg.d_sae, "tokens": n_tokens,
-            "live": int((fired > 0).sum()), "tracked": n_feat, "window": [before, after], "features": out}
-
-
-def _merge(buffer, keys, tokens, windows):
-    """Keep, per feature (column), the len(buffer) largest keys of the buffer and a batch's candidates."""
-    keys_all = torch.cat([buffer[0], keys])
-    order = keys_all.topk(len(buffer[0]), dim=0).indices
-    return (keys_all.gather(0, order), torch.cat([buffer[1], tokens]).gather(0, order),
-            torch.cat([buffer[2], windows]).gather(0, order[..., None].expand(-1, -1, windows.shape[-1])))
-
-
-def _histogram(counts, top, acts):
-    """Add the positive activations acts [N, n_feat] to per-feature histograms counts [n_feat, BINS] over
-    [0, top). top is a power of two; when a larger activation arrives, neighbouring bins merge pairwise and top
-    doubles, so the histogram stays exact with a range that adapts to each feature."""
-    batch_max = acts.max(0).values
-    new = (top == 0) & (batch_max > 0)
-    top[new] = 2.0 ** torch.ceil(torch.log2(batch_max[new]))
-    while (grow := batch_max > top).any():
-        c = counts[grow]
-        counts[grow] = torch.cat([c[:, 0::2] + c[:, 1::2], torch.zeros_like(c[:, :BINS // 2])], 1)
-        top[grow] *= 2
-    token, feat = (acts > 0).nonzero(as_tuple=True)
-    bins = (acts[token, feat] / top[feat] * BINS).long().clamp(max=BINS - 1)
-    counts.view(-1).index_add_(0, feat * BINS + bins, torch.ones_like(bins, dtype=counts.dtype))
-
-
-def _examples(rows, buffer, keep, window):
-    """A buffer's entries for the kept features as nested lists: keys [n][m], and examples [n][m], each
-    [token ids of the window (−1 outside the row), activations, row, position]."""
-    keys, tokens, acts = (b[:, keep].transpose(0, 1) for b in buffer)                 # [n, m], [n, m], [n, m, W]
-    before, after = window
-    T = rows.shape[1]
-    r, p = tokens // T, tokens % T
-    padded = F.pad(rows.to(tokens.device), (before, after), value=-1)
-    ids = padded[r[..., None], p[..., None] + torch.arange(before + 1 + after, device=tokens.device)]
-    rows_of = zip(ids.tolist(), acts.round(decimals=4).tolist(), r.tolist(), p.tolist())
-    return keys.tolist(), [[list(e) for e in zip(*per_feature)] for per_feature in rows_of]
-
-
-def _bands(sampled, bands, per_band, center):
-    """Split the random firing examples (sorted by activation, high to low) into `bands` equal-count groups, i.e.
-    quantile bands of the activation distribution, and keep `per_band` evenly spaced ones from each."""
-    out, n = [], len(sampled)
-    bands = min(bands, n)
-    for b in range(bands):
-        group = sampled[b * n // bands:(b + 1) * n // bands]
-        out.append({"lo": group[-1][1][center], "hi": group[0][1][center],
-                    "examples": [group[i * len(group) // per_band] for i in range(min(per_band, len(group)))]})
-    return out
-
-
-def _add_weight_views(model, tc, features, n=8, chunk=256):
-    """The input-invariant part: top de-embedded tokens, and the logits each feature promotes / suppresses."""
-    vocab = model.tokenizer.vocab_size if model.tokenizer is not None else model.cfg.vocab_size
-    for i in range(0, len(features), chunk):
-        part = features[i:i + chunk]
-        ids = torch.tensor([f["id"] for f in part], device=tc.W_enc.device)
-        de = circuits.de_embed(model, circuits.feature_direction(model, tc, ids))[:, :vocab]
-        logits = circuits.logit_effects(model, tc, ids)[:, :vocab]
-        for key, (values, tokens) in (("de_embed", de.topk(n)), ("promote", logits.topk(n)),
-                                      ("suppress", (-logits).topk(n))):
-            sign = -1 if key == "suppress" else 1
-            for f, v, t in zip(part, values.tolist(), tokens.tolist()):
-                f[key] = [[a, round(sign * b, 4)] for a, b in zip(t, v)]
+from . import obprop
 
 
 # ------------------------------------------------------------------------- HTML
@@ -190,6 +38,8 @@ details.feat{border-top:1px solid #ddd;padding:4px 0}details.feat>summary{cursor
 .card{display:grid;grid-template-columns:260px minmax(0,1fr);gap:14px;margin:8px 0 8px 18px}
 .num{font-variant-numeric:tabular-nums}table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12.5px}
+table.t{border-collapse:collapse;margin:.5em 0}table.t td,table.t th{border:1px solid #ccc;padding:.2em .6em;text-align:right}
+.map{display:inline-block;margin-right:2em;vertical-align:top}
 """
 
 DASHBOARD_JS = """
@@ -410,48 +260,107 @@ def training_html(metrics, title="Transcoder training") -> str:
 MAX_INT_TICKS = 12    # svg_chart: up to this many distinct integer x values get a tick each
 
 
-def svg_chart(series, xlabel, ylabel, title="", log_x=False, log_y=False, y_range=None, width=460, height=260) -> str:
-    """A line chart with markers as inline SVG: series {name: [(x, y), ...]}, one color each, axes with 5 ticks
-    (log10 axes tick at powers of ten; x values that are all Python ints, at most MAX_INT_TICKS of them, such as
-    layer numbers, get one tick each), the y axis over the data or over y_range=(low, high); hovering a marker
-    shows its values. Non-finite points are left out."""
-    tx = (lambda v: math.log10(v)) if log_x else float
-    ty = (lambda v: math.log10(v)) if log_y else float
-    pts = {name: [(tx(x), ty(y)) for x, y in p if _plottable(x, log_x) and _plottable(y, log_y)]
-           for name, p in series.items()}
-    every = [q for p in pts.values() for q in p] or [(0.0, 0.0)]
-    (x0, x1), (y0, y1) = [(min(v), max(v)) if max(v) > min(v) else (min(v) - 1, max(v) + 1) for v in zip(*every)]
-    if y_range is not None:
-        y0, y1 = ty(y_range[0]), ty(y_range[1])
-    left, right, top, bottom = 58, 12, 24, 40
-    X = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)
-    Y = lambda v: height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)
-    parts = [f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
-             f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#888" fill="none"/>']
-    # ticks: value labels in data units (10^v on log axes). x given as a few integers (layers): one tick at
-    # each, not at 2, 3.5, 5, ...; otherwise 5 evenly spaced, as on the y axis.
-    xs = sorted({x for p in pts.values() for x, _ in p})
+def svg_chart(series, xlabel, ylabel, title="", *, log_x=False, log_y=False, y_range=None, size=(460, 260)) -> str:
+    """A line chart with markers as inline SVG: series {name: [(x, y), ...]}, one color and marker shape each
+    (so overlapping series stay apart), a legend, axes with 5 ticks (log10 axes tick at powers of ten; x values
+    that are all Python ints, at most MAX_INT_TICKS of them, such as layer numbers, get one tick each), the y axis
+    over the data or over y_range=(low, high); hovering a marker shows its values. Non-finite points are left
+    out. size: (width, height) in pixels."""
     integers = all(isinstance(x, int) and not isinstance(x, bool) for p in series.values() for x, _ in p)
-    evenly = [x0 + (x1 - x0) * i / 4 for i in range(5)]
-    x_ticks = xs if integers and not log_x and 0 < len(xs) <= MAX_INT_TICKS else evenly
-    parts += [f'<text x="{X(vx):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10">'
-              f'{_tick(vx, log_x)}</text>' for vx in x_ticks]
-    parts += [f'<text x="{left - 4}" y="{Y(vy) + 3:.1f}" text-anchor="end" font-size="10">{_tick(vy, log_y)}</text>'
-              for vy in (y0 + (y1 - y0) * i / 4 for i in range(5))]
-    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle" font-size="11">'
-                 f'{html.escape(xlabel)}</text><text x="12" y="{(top + height - bottom) / 2}" font-size="11" '
-                 f'text-anchor="middle" transform="rotate(-90 12 {(top + height - bottom) / 2})">'
-                 f'{html.escape(ylabel)}</text>')
-    for i, (name, p) in enumerate(pts.items()):
+    plot = _Axes(series, (log_x, log_y), y_range, size, integers)
+    parts = plot.frame(xlabel, ylabel, title)
+    for i, (name, p) in enumerate(plot.points.items()):
         color = COLORS[i % len(COLORS)]
-        path = " ".join(f"{'M' if j == 0 else 'L'}{X(x):.1f},{Y(y):.1f}" for j, (x, y) in enumerate(p))
+        path = " ".join(f"{'M' if j == 0 else 'L'}{plot.X(x):.1f},{plot.Y(y):.1f}" for j, (x, y) in enumerate(p))
         parts.append(f'<path d="{path}" stroke="{color}" fill="none" stroke-width="1.5"/>' if p else "")
-        parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}"><title>{html.escape(name)}: '
-                  f'{_tick(x, log_x)}, {_tick(y, log_y)}</title></circle>' for x, y in p]
-        parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 13 * i}" text-anchor="end" font-size="10" '
-                     f'fill="{color}">{html.escape(name)}</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'font-family="system-ui,sans-serif">{"".join(parts)}</svg>')
+        parts += [_marker(i, plot.X(x), plot.Y(y), color, f"{name}: {plot.label(x, 0)}, {plot.label(y, 1)}")
+                  for x, y in p]
+        parts.append(plot.legend(i, name, color))
+    return plot.svg(parts)
+
+
+def svg_scatter(points, xlabel, ylabel, title="", *, groups=("",), diagonal=False, size=(420, 380)) -> str:
+    """A scatter plot as inline SVG: points [(x, y, hover text, group index)], each group (named in `groups`, for
+    the legend) in its own color and marker, ticks on both axes, optionally the dashed line y = x."""
+    series = {"all": [(x, y) for x, y, *_ in points]}
+    lo, hi = (min(min(x, y) for x, y, *_ in points), max(max(x, y) for x, y, *_ in points)) if points else (0, 1)
+    if diagonal:           # the y = x line must fit: the same range on both axes
+        series["y = x"] = [(lo, lo), (hi, hi)]
+    plot = _Axes(series, (False, False), None, size, False)
+    parts = plot.frame(xlabel, ylabel, title)
+    if diagonal:
+        parts.append(f'<path d="M{plot.X(lo):.1f},{plot.Y(lo):.1f}L{plot.X(hi):.1f},{plot.Y(hi):.1f}" stroke="#999" '
+                     f'stroke-dasharray="4 3"/>')
+    parts += [_marker(g, plot.X(x), plot.Y(y), COLORS[g % len(COLORS)], text) for x, y, text, g in points]
+    parts += [plot.legend(g, name, COLORS[g % len(COLORS)]) for g, name in enumerate(groups) if name]
+    return plot.svg(parts)
+
+
+class _Axes:
+    """The frame of a chart: data ranges, the maps X, Y from data to pixels, ticks and labels, the legend."""
+    RIGHT, TOP, BOTTOM = 12, 24, 40
+
+    def __init__(self, series, logs, y_range, size, integer_x):
+        self.logs, (self.width, self.height) = logs, size
+        t = [(lambda v: math.log10(v)) if log else float for log in logs]
+        self.points = {name: [(t[0](x), t[1](y)) for x, y in p if _plottable(x, logs[0]) and _plottable(y, logs[1])]
+                       for name, p in series.items()}
+        every = [q for p in self.points.values() for q in p] or [(0.0, 0.0)]
+        (self.x0, self.x1), (self.y0, self.y1) = [(min(v), max(v)) if max(v) > min(v) else (min(v) - 1, max(v) + 1)
+                                                  for v in zip(*every)]
+        if y_range is not None:
+            self.y0, self.y1 = t[1](y_range[0]), t[1](y_range[1])
+        xs = sorted({x for p in self.points.values() for x, _ in p})
+        self.x_ticks = xs if integer_x and not logs[0] and 0 < len(xs) <= MAX_INT_TICKS else \
+            [self.x0 + (self.x1 - self.x0) * i / 4 for i in range(5)]
+        self.y_ticks = [self.y0 + (self.y1 - self.y0) * i / 4 for i in range(5)]
+        # room for the widest y tick label (≈ 6 px a character) and the rotated y title left of it
+        self.LEFT = max(58, 6 * max(len(self.label(v, 1)) for v in self.y_ticks) + 26)
+
+    def X(self, v):
+        return self.LEFT + (v - self.x0) / (self.x1 - self.x0) * (self.width - self.LEFT - self.RIGHT)
+
+    def Y(self, v):
+        return self.height - self.BOTTOM - (v - self.y0) / (self.y1 - self.y0) * (self.height - self.TOP - self.BOTTOM)
+
+    def label(self, v, axis):
+        """A tick label in data units (10^v on a log axis): 16k, 327k, 1.2M rather than 1.64e+04."""
+        return _tick(v, self.logs[axis])
+
+    def frame(self, xlabel, ylabel, title):
+        w, h, mid_y = self.width, self.height, (self.TOP + self.height - self.BOTTOM) / 2
+        parts = [f'<text x="{w / 2}" y="15" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
+                 f'<path d="M{self.LEFT},{self.TOP}V{h - self.BOTTOM}H{w - self.RIGHT}" stroke="#888" fill="none"/>']
+        parts += [f'<text x="{self.X(v):.1f}" y="{h - self.BOTTOM + 14}" text-anchor="middle" font-size="10">'
+                  f'{self.label(v, 0)}</text>' for v in self.x_ticks]
+        parts += [f'<text x="{self.LEFT - 4}" y="{self.Y(v) + 3:.1f}" text-anchor="end" font-size="10">'
+                  f'{self.label(v, 1)}</text>' for v in self.y_ticks]
+        parts.append(f'<text x="{(self.LEFT + w - self.RIGHT) / 2}" y="{h - 6}" text-anchor="middle" font-size="11">'
+                     f'{html.escape(xlabel)}</text><text x="11" y="{mid_y}" font-size="11" text-anchor="middle" '
+                     f'transform="rotate(-90 11 {mid_y})">{html.escape(ylabel)}</text>')
+        return parts
+
+    def legend(self, i, name, color):
+        x, y = self.width - self.RIGHT - 4, self.TOP + 12 + 13 * i
+        return (f'{_marker(i, x - len(name) * 5.6 - 8, y - 3.5, color)}<text x="{x}" y="{y}" '
+                f'text-anchor="end" font-size="10" fill="{color}">{html.escape(name)}</text>')
+
+    def svg(self, parts):
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" '
+                f'font-family="system-ui,sans-serif">{"".join(parts)}</svg>')
+
+
+def _marker(i, x, y, color, text=None):
+    """Marker shape i (circle, square, triangle, diamond, ...) at (x, y), with `text` on hover."""
+    shape = ("circle", "square", "triangle", "diamond")[i % 4]
+    title = f"<title>{html.escape(text)}</title>" if text is not None else ""
+    if shape == "circle":
+        return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.8" fill="{color}">{title}</circle>'
+    if shape == "square":
+        return f'<rect x="{x - 2.6:.1f}" y="{y - 2.6:.1f}" width="5.2" height="5.2" fill="{color}">{title}</rect>'
+    points = [(0, -3.6), (3.3, 2.4), (-3.3, 2.4)] if shape == "triangle" else [(0, -3.6), (3.4, 0), (0, 3.6), (-3.4, 0)]
+    return (f'<polygon points="{" ".join(f"{x + dx:.1f},{y + dy:.1f}" for dx, dy in points)}" fill="{color}">'
+            f'{title}</polygon>')
 
 
 def _plottable(v, log):
@@ -459,7 +368,12 @@ def _plottable(v, log):
 
 
 def _tick(v, log):
-    return f"{10 ** v:.3g}" if log else f"{v:.3g}"
+    """3 significant digits, large numbers with k / M suffixes (16k, 327k, 1.2M), never in e-notation."""
+    v = 10 ** v if log else v
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{suffix}"
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
 
 
 def _freq_histogram_svg(hist, title, width=460, height=200):
@@ -521,3 +435,113 @@ def steering_html(run, title="One-shot steering vector") -> str:
             "<style>.gen{white-space:pre-wrap;max-width:24em;vertical-align:top;border:1px solid #ddd}"
             ".hit{background:#fde2e2}</style>")
     return _page(title, body)
+
+
+# ------------------------------------------------------------------------- ObProp report
+def obprop_html(model_name, results, couplings, title=None) -> str:
+    """The page of an obprop.py run, from its results and couplings (the dicts its --json writes): per observable
+    the head rankings (feature norm, direct-path and total-effect patching) as tables and layer × head heatmaps,
+    the MLPs, the classifiers, the paths and the path search; per coupling the predicted-vs-empirical scatter."""
+    e, parts = html.escape, []
+    for r in results:
+        parts += _obprop_observable(r)
+    for c in couplings:
+        parts += [f"<h2>Coupling {e(c['source'])} → {e(c['target'])}</h2><p>Predicted C(y1, y2) = y1·y2/‖y1‖² of the "
+                  f"norm-scaled features (= weights-only × {c['scale_ratio']:.3f}) vs the least-squares slope of the "
+                  f"y2-scores on the y1-scores over {c['tokens']} corpus tokens, every head. Cosine of the two "
+                  f"observables at the final residual: {c['observables_cosine']:.3f}.</p>",
+                  _table(["heads", "n", "Pearson", "Spearman"],
+                         [[s["bin"], str(s["heads"]), *(("–", "–") if s["pearson"] is None else
+                                                        (s["pearson"], s["spearman"]))] for s in c["summary"]]),
+                  svg_scatter([(x["predicted"], x["slope"], f"head {obprop.head_name(x['head'])}: predicted "
+                                f"{x['predicted']:.3f}, slope {x['slope']:.3f}, cosine {x['cosine']:.3f}",
+                                0 if abs(x["cosine"]) >= 0.9 else 1 if abs(x["cosine"]) >= 0.5 else 2)
+                               for x in c["heads"]], "predicted coupling", "empirical slope",
+                              "every head: predicted vs measured (dashed: y = x)", diagonal=True,
+                              groups=("|cos| ≥ 0.9", "|cos| 0.5–0.9", "|cos| < 0.5")),
+                  _table(["head", "predicted", "weights-only", "empirical slope", "r²", "cosine"],
+                         [[obprop.head_name(x["head"]), x["predicted"], x["predicted_weights_only"], x["slope"],
+                           x["r2"], x["cosine"]] for x in c["top_heads"]])]
+    return _page(title or f"Observable propagation on {model_name}", "\n".join(parts))
+
+
+def _obprop_observable(r):
+    """The sections of one observable's results."""
+    e, name = html.escape, obprop.head_name
+    agreement = "; ".join(f"{k.replace('_', ' ')}: top-k overlap {a['top_k_overlap']:.0%}, Spearman "
+                          f"{a['spearman']:.3f}" for k, a in r["agreement"].items())
+    total = r["total_patching"] is not None
+    rows = [[str(i + 1), name(a), r["feature_norms"][a[0]][a[1]], name(b), r["patching"][b[0]][b[1]]]
+            + ([name(c), r["total_patching"][c[0]][c[1]]] if total else [])
+            for i, (a, b, c) in enumerate(zip(r["top_by_norm"], r["top_by_patching"],
+                                              r["top_by_total_patching"] or r["top_by_norm"]))]
+    parts = [f"<h2>{e(r['observable'])}</h2><p>Heads ranked by feature norm (from the weights, no data), by "
+             f"direct-path patching over {r['pairs']} pair(s)"
+             + (f" and by total-effect activation patching over {r['total_pairs']} pair(s)" if total else "")
+             + f". {e(agreement)} (over all heads).</p>",
+             _table(["rank", "head by ‖y‖", "‖y‖", "head by direct patching", "effect"]
+                    + (["head by total patching", "effect"] if total else []), rows),
+             _table(["MLP by ‖y‖", "‖y‖"], [[f"mlp {m}", r["mlp_feature_norms"][m]] for m in r["top_mlps_by_norm"]]),
+             _heatmap(r["feature_norms"], "feature norm ‖y‖"),
+             _heatmap(r["patching"], "direct-path patching effect")]
+    if total:
+        parts.append(_heatmap(r["total_patching"], "total-effect patching effect"))
+    if "classifier" in r:
+        c = r["classifier"]
+        parts += [f"<p>Classifying the class from x̂ at the name token (the last token without a template): the head's "
+                  f"ObProp feature (no training data) vs the mean difference of {c['train_examples']} examples per "
+                  f"class and template; AUC on {c['test_names'][0]} + {c['test_names'][1]} held-out prompts (below "
+                  f"0.5: the head pushes the other way).</p>",
+                  _table(["head", "AUC ObProp", "AUC mean difference"],
+                         [[name(x["head"]), x["auc_obprop"], x["auc_mean_difference"]] for x in c["heads"]])]
+    words = r["reference"]["text"][0]
+    parts.append(f"<p>Reference prompts (norm scales, MLP linearizations, default source tokens): "
+                 f"{' / '.join(e(repr(''.join(t))) for t in r['reference']['text'])}.</p>")
+    if r["paths"]:
+        parts.append(_table(["path", "‖y‖", "tokens read"], [
+            [p, y["norm"], "; ".join(f"{obprop.step_name(s)}: {s['reads']} {words[s['reads']]!r}" for s in y["steps"])]
+            for p, y in r["paths"].items()]))
+    if "search" in r:
+        parts.append("<h3>Path search</h3><pre>" + e("\n".join(obprop.format_search(r["search"]))) + "</pre>")
+    return parts
+
+
+HEATMAP_CELL = (16, 12)      # px per head (column) and per layer (row)
+
+
+def _heatmap(values, title):
+    """An [L, H] grid as inline SVG, layers as rows (0 at the top) and heads as columns, labelled; red for positive,
+    blue for negative, opacity ∝ |value| against a colour scale; hovering a cell shows "layer.head: value"."""
+    (cw, ch), L, H = HEATMAP_CELL, len(values), len(values[0])
+    peak = max(abs(v) for row in values for v in row) or 1.0
+    left, top = 46, 34
+    color = lambda v: f"rgba({'200,40,40' if v >= 0 else '40,80,200'},{abs(v) / peak:.2f})"
+    cells = "".join(f'<rect x="{left + h * cw}" y="{top + l * ch}" width="{cw - 1}" height="{ch - 1}" '
+                    f'fill="{color(v)}"><title>{l}.{h}: {v:.4g}</title></rect>'
+                    for l, row in enumerate(values) for h, v in enumerate(row))
+    step = max(1, L // 10)
+    labels = "".join(f'<text x="{left - 4}" y="{top + l * ch + ch - 2}" text-anchor="end" font-size="9">{l}</text>'
+                     for l in range(0, L, step))
+    labels += "".join(f'<text x="{left + h * cw + cw / 2}" y="{top - 4}" text-anchor="middle" font-size="9">{h}</text>'
+                      for h in range(H))
+    width, height = left + H * cw + 90, top + L * ch + 10
+    scale_x = left + H * cw + 16
+    scale = "".join(f'<rect x="{scale_x}" y="{top + i * 4}" width="12" height="4" fill="{color(peak * (1 - i / 25))}"/>'
+                    for i in range(51))
+    scale += (f'<text x="{scale_x + 16}" y="{top + 8}" font-size="9">{peak:.3g}</text><text x="{scale_x + 16}" '
+              f'y="{top + 104}" font-size="9">0</text><text x="{scale_x + 16}" y="{top + 204}" font-size="9">'
+              f'{-peak:.3g}</text>')
+    axes = (f'<text x="{left + H * cw / 2}" y="12" text-anchor="middle" font-size="11">head</text>'
+            f'<text x="12" y="{top + L * ch / 2}" font-size="11" text-anchor="middle" '
+            f'transform="rotate(-90 12 {top + L * ch / 2})">layer</text>')
+    return (f'<div class="map"><h4>{html.escape(title)} (layer × head)</h4><svg xmlns="http://www.w3.org/2000/svg" '
+            f'width="{width}" height="{max(height, top + 214)}" font-family="system-ui,sans-serif">{axes}{labels}'
+            f'{cells}{scale}</svg></div>')
+
+
+def _table(header, rows):
+    """An HTML table; numbers are shown with 3 decimals, every string is escaped."""
+    def cells(row, tag):
+        return "".join(f"<{tag}>{html.escape(c if isinstance(c, str) else f'{c:.3f}')}</{tag}>" for c in row)
+    body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
+    return f"<table class=t><tr>{cells(header, 'th')}</tr>{body}</table>"

@@ -486,16 +486,16 @@ def test_transcoder_cfg_and_weights_are_checked_before_allocating(tmp_path):
              ({"d_sae": 0}, "need positive sizes"), ({"architecture": "gelu"}, "unknown transcoder architecture")]
     for changes, message in cases:
         write_text(tmp_path / "cfg.json", json.dumps({**cfg, **changes}))
-        refused(message, Transcoder.load, tmp_path)
+        refused(message, formats.load, tmp_path)
     for text, message in [("[1]", "holds a JSON list, not an object"), ("{", "is not readable JSON"),
                           (json.dumps({"d_in": 12}), "lacks d_out, d_sae")]:
         write_text(tmp_path / "cfg.json", text)
-        refused(message, Transcoder.load, tmp_path)
+        refused(message, formats.load, tmp_path)
     write_text(tmp_path / "cfg.json", json.dumps(cfg))
     header = 8 + int.from_bytes(weights[:8], "little")
     for cut in (0, 7, 8, header // 2, header, header + 1, len(weights) - 1):
         (tmp_path / "transcoder.safetensors").write_bytes(weights[:cut])
-        refused("transcoder.safetensors: truncated or corrupt", Transcoder.load, tmp_path)
+        refused("transcoder.safetensors: truncated or corrupt", formats.load, tmp_path)
 
 
 def test_released_transcoder_shapes_are_checked(tmp_path):

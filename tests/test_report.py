@@ -15,7 +15,8 @@ from minisv import formats
 from minisv.circuits import Circuit, de_embed, feature_direction, format_tree, logit_effects
 from minisv.model import Model, ModelConfig
 from minisv.atomic import write_text
-from minisv.report import BINS, MAX_INT_TICKS, circuit_html, collect_dashboards, dashboards_html, svg_chart
+from minisv.dashboards import BINS, DashboardConfig, collect_dashboards
+from minisv.report import MAX_INT_TICKS, circuit_html, dashboards_html, svg_chart
 from minisv.transcoder import Transcoder, TranscoderConfig
 from test_circuits import planted, released_file
 
@@ -34,8 +35,8 @@ def tiny_dashboards():
         tc.W_dec.normal_(0, 0.3)
     rows = torch.randint(1, 40, (23, 32), generator=torch.Generator().manual_seed(1))
     rows[:, 0] = 0                                        # BOS
-    data = collect_dashboards(model, tc, rows, k=5, samples=8, bands=3, per_band=2, window=WINDOW, bos_id=0,
-                              batch_rows=5)               # 5 batches, the last one partial: buffers must merge
+    data = collect_dashboards(model, tc, rows, DashboardConfig(k=5, samples=8, bands=3, per_band=2, window=WINDOW,
+                                                               bos_id=0, batch_rows=5))  # 5 batches, the last partial
     return model, tc, rows, data
 
 
@@ -78,10 +79,11 @@ def test_dashboards_match_brute_force(setup):
         assert [t for t, _ in f["de_embed"]] == \
             de_embed(model, feature_direction(model, tc, f["id"])).topk(8).indices.tolist()
         assert [t for t, _ in f["promote"]] == logit_effects(model, tc, f["id"]).topk(8).indices.tolist()
-    some = collect_dashboards(model, tc, rows, max_features=3, k=2, samples=2, window=WINDOW, bos_id=0, seed=1)
+    some = collect_dashboards(model, tc, rows, DashboardConfig(max_features=3, k=2, samples=2, window=WINDOW, bos_id=0,
+                                                               seed=1))
     assert len(some["features"]) == 3 and {f["id"] for f in some["features"]} <= set(live)
     with pytest.raises(MinisvError, match="features must be ids"):
-        collect_dashboards(model, tc, rows, features=[99])
+        collect_dashboards(model, tc, rows, DashboardConfig(features=(99,)))
 
 
 class Checker(HTMLParser):
@@ -153,6 +155,14 @@ def test_circuit_html_draws_the_graph_and_escapes():
     assert json.loads(checker.scripts[0]) == data
 
 
+def markers(page):
+    """(center x, center y, hover text) of every marker with a hover text: circles, and squares 5.2 px wide."""
+    found = [(float(cx), float(cy), t) for cx, cy, t in
+             re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"[^>]*><title>(.*?)</title>', page)]
+    return found + [(float(x) + 2.6, float(y) + 2.6, t) for x, y, t in
+                    re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="5.2"[^>]*><title>(.*?)</title>', page)]
+
+
 def test_svg_chart_places_markers_on_the_axis_range():
     """Markers sit where the axes put them: x over the data, y over y_range (a fraction's 0..1) or the data, in
     the plot area 58..448 x 24..220 of a 460 x 260 chart; each marker's hover text gives its values."""
@@ -160,8 +170,7 @@ def test_svg_chart_places_markers_on_the_axis_range():
     for y_range, (low, high) in ((None, (0.2, 0.4)), ((0, 1), (0, 1))):
         page = svg_chart(series, "layer", "success", y_range=y_range)
         parse(page)
-        got = [(float(cx), float(cy), text) for cx, cy, text in
-               re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"[^>]*><title>(.*?)</title>', page)]
+        got = markers(page)
         want = [(58 + (x - 2) / 4 * 390, 220 - (y - low) / (high - low) * 196, f"{name}: {x}, {y}")
                 for name, xy in (("a &lt;b&gt;", series["a <b>"]), ("c", series["c"][1:])) for x, y in xy]
         assert [t for *_, t in got] == [t for *_, t in want] and "<b>" not in page
