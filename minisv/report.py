@@ -524,18 +524,18 @@ def _heatmap(values, title):
                      for l in range(0, L, step))
     labels += "".join(f'<text x="{left + h * cw + cw / 2}" y="{top - 4}" text-anchor="middle" font-size="9">{h}</text>'
                       for h in range(H))
-    width, height = left + H * cw + 90, top + L * ch + 10
+    bar = max(L * ch, 120)                  # the colour scale: +peak at the top, 0 in the middle, −peak below
+    width, height = left + H * cw + 90, top + max(L * ch, bar) + 10
     scale_x = left + H * cw + 16
-    scale = "".join(f'<rect x="{scale_x}" y="{top + i * 4}" width="12" height="4" fill="{color(peak * (1 - i / 25))}"/>'
-                    for i in range(51))
-    scale += (f'<text x="{scale_x + 16}" y="{top + 8}" font-size="9">{peak:.3g}</text><text x="{scale_x + 16}" '
-              f'y="{top + 104}" font-size="9">0</text><text x="{scale_x + 16}" y="{top + 204}" font-size="9">'
-              f'{-peak:.3g}</text>')
+    scale = "".join(f'<rect x="{scale_x}" y="{top + i * bar / 50:.1f}" width="12" height="{bar / 50 + 0.5:.1f}" '
+                    f'fill="{color(peak * (1 - i / 25))}"/>' for i in range(50))
+    scale += "".join(f'<text x="{scale_x + 16}" y="{top + y + 4:.1f}" font-size="9">{v:.3g}</text>'
+                     for y, v in ((0, peak), (bar / 2, 0), (bar, -peak)))
     axes = (f'<text x="{left + H * cw / 2}" y="12" text-anchor="middle" font-size="11">head</text>'
             f'<text x="12" y="{top + L * ch / 2}" font-size="11" text-anchor="middle" '
             f'transform="rotate(-90 12 {top + L * ch / 2})">layer</text>')
     return (f'<div class="map"><h4>{html.escape(title)} (layer × head)</h4><svg xmlns="http://www.w3.org/2000/svg" '
-            f'width="{width}" height="{max(height, top + 214)}" font-family="system-ui,sans-serif">{axes}{labels}'
+            f'width="{width}" height="{height}" font-family="system-ui,sans-serif">{axes}{labels}'
             f'{cells}{scale}</svg></div>')
 
 
