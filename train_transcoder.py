@@ -260,7 +260,7 @@ def analyze(args, model, transcoders, held_out, out, say):
         for layer, tc in sorted(transcoders.items()):
             say(f"dashboards: layer {layer} transcoder on {rows.numel():,} held-out tokens ...")
             cfg = DashboardConfig(features=args.features, max_features=args.dash_features, bos_id=bos, seed=args.seed)
-            data = collect_dashboards(model, tc, rows, cfg, log=say)
+            data = collect_dashboards(model, tc, rows, cfg)
             path = os.path.join(out, "dashboards.html" if len(transcoders) == 1 else f"dashboards-L{layer}.html")
             write_text(path, dashboards_html(data, token_str, f"Layer {layer} transcoder features of {args.model}"))
             say(f"wrote {path}: {len(data['features']):,} features ({data['live']:,} of {tc.cfg.d_sae:,} fired)")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .errors import MinisvError
 from .model import Model
+from .progress import progress
 
 
 def world():
@@ -46,7 +47,7 @@ def harvest(model, tokens, hooks, batch_rows=32):
     the model only up to the deepest layer needed."""
     out = {l: ([], []) for l in hooks}
     names = sorted({n for pair in hooks.values() for n in pair})
-    for i in range(0, len(tokens), batch_rows):
+    for i in progress(range(0, len(tokens), batch_rows), "harvesting", unit=" batches"):
         _, cache = model.run_with_cache(tokens[i:i + batch_rows].to(model.embed.weight.device), names=names,
                                         stop_at_layer=max(hooks) + 1)
         for l, (x_name, y_name) in hooks.items():

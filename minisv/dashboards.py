@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import circuits
 from .errors import MinisvError
+from .progress import progress
 
 BINS = 32
 
@@ -37,8 +38,8 @@ class DashboardConfig:
 
 
 @torch.no_grad()
-def collect_dashboards(model, tc, rows, cfg=DashboardConfig(), log=None) -> dict:
-    """Dashboard data for transcoder `tc` over token rows [N, T]; log(message) reports progress."""
+def collect_dashboards(model, tc, rows, cfg=DashboardConfig()) -> dict:
+    """Dashboard data for transcoder `tc` over token rows [N, T]."""
     if not 0 <= tc.cfg.layer < model.cfg.n_layers or tc.cfg.d_in != model.cfg.d_model:
         raise MinisvError(f"this transcoder (layer {tc.cfg.layer}, d_in {tc.cfg.d_in}) does not fit the model "
                           f"({model.cfg.n_layers} layers, d_model {model.cfg.d_model})")
@@ -50,14 +51,12 @@ def collect_dashboards(model, tc, rows, cfg=DashboardConfig(), log=None) -> dict
     run = _Running(len(feats), cfg, device)
     hook, T = tc.sites(tc.cfg.layer)[0], rows.shape[1]
     batch_rows = cfg.batch_rows or max(1, 2 ** 24 // (T * tc.cfg.d_sae))
-    for i in range(0, len(rows), batch_rows):
+    for i in progress(range(0, len(rows), batch_rows), "dashboards", unit=" batches"):
         tokens = rows[i:i + batch_rows].to(device)
         _, cache = model.run_with_cache(tokens, names=[hook], stop_at_layer=tc.cfg.layer + 1)
         f = tc.dense(*tc.encode(cache[hook]))[..., feats].float()                # [R, T, n_feat]
         keep = tokens != cfg.bos_id if cfg.bos_id is not None else torch.ones_like(tokens, dtype=torch.bool)
         run.add(f * keep[..., None], i * T, int(keep.sum()))
-        if log is not None:
-            log(f"dashboards: {min(i + batch_rows, len(rows))}/{len(rows)} rows")
     kept = _kept(feats, run.fired, cfg)
     out = run.features(rows, feats, kept)
     _add_weight_views(model, tc, out)

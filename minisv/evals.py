@@ -22,6 +22,7 @@ the all-ones vector, which every later LayerNorm subtracts anyway (such transcod
 import torch
 
 from .pullbacks import splice_hooks
+from .progress import progress
 
 
 def moments(y):
@@ -53,7 +54,7 @@ def evaluate(model, rows, transcoders, bos_id=None, batch_rows=16):
     sites = {l: tc.sites(l) for l, tc in transcoders.items()}
     names = sorted({n for pair in sites.values() for n in pair})
     n_pred = 0
-    for i in range(0, len(rows), batch_rows):
+    for i in progress(range(0, len(rows), batch_rows), "evaluating", unit=" batches"):
         tokens = rows[i:i + batch_rows].to(model.embed.weight.device)
         keep = tokens != bos_id if bos_id is not None else torch.ones_like(tokens, dtype=torch.bool)
         # nothing changes below the first layer: run those blocks once (layer 0 starts from the tokens)

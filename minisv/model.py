@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MinisvError
+from .progress import progress
 
 
 @dataclass
@@ -357,7 +358,7 @@ class Model(nn.Module):
         eos = getattr(self.tokenizer, "eos_id", None) if stop_at_eos else None
         cache, out = KVCache(self.cfg.n_layers, capacity=width + max_new_tokens), []
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
+        for step in progress(range(max_new_tokens), "generating", unit=" tokens"):
             logits = self(ids, kv_cache=cache, attention_mask=mask[:, :width + step] if padded else None)
             nxt = _sample(logits[:, -1, :usable].float(), temperature, top_k, top_p, generator)
             out.append(nxt)

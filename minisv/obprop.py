@@ -42,6 +42,7 @@ import torch
 
 from .errors import MinisvError
 from .pullbacks import centered, ov, through_gain, through_scale, unembed_read
+from .progress import progress
 
 # The paper's templates (3 per observable); `template_prompts` fills [NAME] with female (positive) and male names.
 SUBJECT_TEMPLATES = ["So, [NAME] really is a great friend, isn't", "Man, [NAME] is so funny, isn't",
@@ -435,7 +436,7 @@ def search_paths(model, obs, ref, steps, width, exact=False):
         return ref.acts[0][name] - ref.acts[1][name] if pair else ref.acts[0][name]
     beam = [dict(path="", y=logit_feature(model, obs, ref, exact), reads=T - 1, bound=(L, 0), weight=1.0, parent=None)]
     levels = []
-    for _ in range(steps):
+    for _ in progress(range(steps), "path search", unit=" steps"):
         candidates = []
         for i, p in enumerate(beam):
             r = p["reads"]
@@ -553,7 +554,7 @@ def patch_heads_total(model, obs, pos_prompts, neg_prompts):
     clean = value(resid[:B])                                                                       # [B]
     effects = torch.zeros(L, H, device=device)
     heads = torch.arange(H, device=device).repeat_interleave(B)                     # copy h·B + b patches head h
-    for l in range(L):
+    for l in progress(range(L), "total-effect patching", unit=" layers"):
         z_neg = cache[f"blocks.{l}.attn.hook_z"][B:].repeat(H, 1, 1, 1)                 # [H·B, T, H, E]
 
         def patch(z, name):
@@ -592,7 +593,7 @@ def feature_scores(model, features, rows, batch_size=16, skip_first=True):
         out[name].append((x[:, int(skip_first):].float() @ y.T).reshape(-1, len(y)))
     stop = _last_layer_needed(model, features)
     with model.hooks({name: score for name in features}):
-        for i in range(0, len(rows), batch_size):
+        for i in progress(range(0, len(rows), batch_size), "scoring the corpus", unit=" batches"):
             model(rows[i:i + batch_size].to(model.embed.weight.device), stop_at_layer=stop)
     return {name: torch.cat(s).T.cpu() for name, s in out.items()}
 

@@ -426,7 +426,7 @@ def test_script_many_prompts_and_a_layer_sweep(chat_model_dir, tmp_path, capsys)
     report = out.with_suffix(".html").read_text()
     assert "held-out success vs layer" in report and "Sing a song." in report
     chart = report[report.index("held-out success vs layer"):report.index("</svg>")]
-    points = re.findall(r"<circle [^>]*><title>(.*?)</title>", chart)     # hover text: column: layer, success
+    points = re.findall(r"<(?:circle|rect|polygon) [^>]*><title>(.*?)</title>", chart)   # hover: column: layer, success
     printed_rates = re.findall(r"layer +(\d+) .*?unsteered (\d+)/12, \+1v (\d+)/12, −1v (\d+)/12", printed)
     assert sorted(points) == sorted(f"{name}: {layer}, {int(n) / 12:.3g}" for layer, *counts in printed_rates
                                     for name, n in zip(("unsteered", "+1v", "−1v"), counts))

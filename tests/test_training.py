@@ -690,7 +690,8 @@ def test_sweep_trains_both_kinds_on_the_same_tokens_and_writes_table_and_plot(ti
     table = (tmp_path / "tc_vs_sae.md").read_text()
     assert f"| 4 | {runs[1]['l0']:.1f} / {runs[3]['l0']:.1f} | {runs[1]['fvu']:.3f} / {runs[3]['fvu']:.3f} |" in table
     svg = (tmp_path / "tc_vs_sae.svg").read_text()
-    assert svg.count("<svg") == 3 and svg.count("<circle") == 8
+    markers = re.findall(r"<(circle|rect) [^>]*><title>", svg)          # 2 kinds (circle, square) × 2 k × 2 charts
+    assert svg.count("<svg") == 3 and sorted(markers) == ["circle"] * 4 + ["rect"] * 4
 
 
 def test_gpu_bench_steps_run_on_cpu():
