@@ -42,6 +42,7 @@ from .activations import all_reduce, world
 from .atomic import atomic_write
 from .errors import MinisvError
 from .evals import fvu, moments
+from .clt import CLTConfig, CrossLayerTranscoder
 from .transcoder import Transcoder, TranscoderConfig, convention_of
 
 CHECKPOINT = "checkpoint.pt"
@@ -63,6 +64,10 @@ class TrainConfig:
     warmup_steps: int = 100
     dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens is dead (AuxK / ghost grads)
     aux_coef: float = 1 / 32       # AuxK coefficient (OpenAI / sparsify)
+    clt_window: int | None = None  # None: a transcoder per layer; else one cross-layer transcoder over every layer,
+                                   # its decoders reaching the next clt_window layers (0: all later layers)
+    sparsity: float = 1e-3         # JumpReLU CLT: coefficient of the tanh sparsity penalty ...
+    sparsity_c: float = 4.0        # ... and its c in tanh(c · ‖W_dec‖ · a)
     seed: int = 0
     bos_id: int | None = None      # when set, positions holding this token are not trained on
     checkpoint_every: int = 50     # steps
@@ -102,22 +107,50 @@ def topk_loss(tc: Transcoder, x, y, dead, k_aux, aux_coef):
     y_hat, values, indices = tc.reconstruct(x)
     err = y_hat.float() - y.float()
     m = all_reduce(moments(y))
-    loss = fvu_value = fvu(err.pow(2).sum(), m)
-    n_dead = int(dead.sum())
-    if n_dead:
-        # dense over the dead latents only: k_aux is large (d_in / 2 per token), and four matmuls of
-        # [N, n_dead] × [n_dead, d] beat gathering N·k_aux rows (2-3× on CPU at 40% dead)
-        ids = dead.nonzero().squeeze(1)                                       # [n_dead]
-        # index_select, not W[ids]: its backward is an index_add, not a sorting, accumulating index_put (2× slower)
-        W_enc, b_enc, W_dec = (t.index_select(0, ids) for t in (tc.W_enc.t(), tc.b_enc, tc.W_dec))
-        pre_dead = F.linear(x, W_enc, b_enc)                                  # [N, n_dead], differentiable
-        floor = pre_dead.detach().topk(min(k_aux, n_dead), dim=-1, sorted=False).values.min(-1, keepdim=True).values
-        f_aux = pre_dead.relu() * (pre_dead.detach() >= floor)               # the k_aux largest per token
-        e = -err.detach()
-        aux = fvu((f_aux @ W_dec).float().sub(e).pow(2).sum(), all_reduce(moments(e)))
-        loss = loss + aux_coef * min(n_dead / k_aux, 1.0) * aux
+    fvu_value = fvu(err.pow(2).sum(), m)
+    loss = fvu_value + aux_coef * auxk(x, (tc.W_enc.t(), tc.b_enc, tc.W_dec), dead, -err.detach(), k_aux)
     return loss, {"fvu": fvu_value.detach(), "l0": (values > 0).sum() / m[-1].float(),
                   "fired": tc.fired(values, indices)}
+
+
+def auxk(x, weights, dead, e, k_aux):
+    """AuxK: the k_aux largest pre-activations among the dead latents (weights = (W_enc [F, d_in], b_enc [F],
+    W_dec [F, d_out]); dead: bool [F]) must reconstruct the error e [N, d_out]; their FVU, weighted by
+    min(n_dead / k_aux, 1), or 0 with no dead latent."""
+    n_dead = int(dead.sum())
+    if not n_dead:
+        return 0.0
+    # dense over the dead latents only: k_aux is large (d_in / 2 per token), and four matmuls of
+    # [N, n_dead] × [n_dead, d] beat gathering N·k_aux rows (2-3× on CPU at 40% dead)
+    ids = dead.nonzero().squeeze(1)                                           # [n_dead]
+    # index_select, not W[ids]: its backward is an index_add, not a sorting, accumulating index_put (2× slower)
+    W_enc, b_enc, W_dec = (t.index_select(0, ids) for t in weights)
+    pre_dead = F.linear(x, W_enc, b_enc)                                      # [N, n_dead], differentiable
+    floor = pre_dead.detach().topk(min(k_aux, n_dead), dim=-1, sorted=False).values.min(-1, keepdim=True).values
+    f_aux = pre_dead.relu() * (pre_dead.detach() >= floor)                   # the k_aux largest per token
+    return min(n_dead / k_aux, 1.0) * fvu((f_aux @ W_dec).float().sub(e).pow(2).sum(), all_reduce(moments(e)))
+
+
+def clt_loss(clt, x, y, dead, cfg):
+    """A cross-layer transcoder's loss on x, y [N, L, d] (each layer's activations divided by their own RMS):
+    Σ_l FVU_l, so every layer's target counts in units of its own variance; plus per layer AuxK (TopK: layer l's
+    dead features fit layer l's error through their own-layer decoder) or Anthropic's sparsity penalty (JumpReLU:
+    sparsity · mean over tokens of Σ_l,f tanh(c · ‖W_dec[l, f]‖ · a[l, f])). dead: bool [L, F]."""
+    y_hat, values, indices = clt.reconstruct(x)
+    err = y_hat.float() - y.float()
+    loss, stats, fired = 0.0, {}, clt.fired(values, indices)
+    for i, l in enumerate(cfg.layers):
+        m = all_reduce(moments(y[:, i]))
+        fvu_l = fvu(err[:, i].pow(2).sum(), m)
+        loss = loss + fvu_l
+        if cfg.architecture == "topk":
+            weights = (clt.W_enc[i], clt.b_enc[i], clt.W_dec[i][0])
+            loss = loss + cfg.aux_coef * auxk(x[:, i], weights, dead[i], -err[:, i].detach(), max(1, x.shape[-1] // 2))
+        stats[l] = {"fvu": fvu_l.detach(), "l0": (values[:, i] > 0).sum() / m[-1].float(), "fired": fired[i]}
+    if cfg.architecture == "jumprelu":
+        n = all_reduce(torch.tensor(float(len(x)), device=x.device))
+        loss = loss + cfg.sparsity * torch.tanh(cfg.sparsity_c * clt.decoder_norms() * values).sum() / n
+    return loss, stats
 
 
 def relu_loss(tc: Transcoder, x, y, dead, l1):
@@ -200,7 +233,9 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, eval_rows=N
         if world()[0] == 0 and ckpt and (state.step % cfg.checkpoint_every == 0 or done):
             _save_checkpoint(ckpt, cfg, state)
     seen = n_steps * cfg.batch_tokens
-    return {l: _unscaled(tc, *state.scale[l], seen) for l, tc in state.coders.items()}, \
+    coders = {"clt": _unscaled_clt(state.coders["clt"], [state.scale[l] for l in cfg.layers], seen)} \
+        if "clt" in state.coders else {l: _unscaled(tc, *state.scale[l], seen) for l, tc in state.coders.items()}
+    return coders, \
         {"steps": n_steps, "tokens": seen, "seconds": round(state.seconds, 1),
          "tok_per_s": round((n_steps - start_step) * cfg.batch_tokens / (time.perf_counter() - t0)),
          "dead": {str(l): _dead(v, seen, cfg.dead_tokens) for l, v in state.last_fired.items()},
@@ -208,12 +243,21 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, eval_rows=N
 
 
 def _new_state(model, cfg):
-    """Fresh coders (seeded), their Adam optimizer and zeroed clocks."""
+    """Fresh coders (seeded): a transcoder per layer, or one CLT under the key "clt"; their Adam optimizer and
+    zeroed clocks."""
     torch.manual_seed(cfg.seed)
     d, device = model.cfg.d_model, model.embed.weight.device
-    coders = {l: Transcoder(TranscoderConfig(d, d, cfg.d_sae, cfg.architecture, cfg.k, cfg.skip, cfg.model, l,
-                                             *cfg.sites(l), convention_of(cfg.hook_in), dataset=cfg.dataset)).to(device)
-              for l in cfg.layers}
+    if cfg.clt_window is not None:
+        if list(cfg.layers) != list(range(model.cfg.n_layers)):
+            raise MinisvError(f"a cross-layer transcoder replaces every MLP: train it on all layers 0.."
+                              f"{model.cfg.n_layers - 1}, not {list(cfg.layers)}")
+        coders = {"clt": CrossLayerTranscoder(CLTConfig(
+            len(cfg.layers), d, cfg.d_sae, cfg.architecture, cfg.k, cfg.clt_window, cfg.skip, cfg.model, cfg.dataset,
+            hook_in=cfg.hook_in, hook_out=cfg.hook_out)).to(device)}
+    else:
+        coders = {l: Transcoder(TranscoderConfig(d, d, cfg.d_sae, cfg.architecture, cfg.k, cfg.skip, cfg.model, l,
+                                                 *cfg.sites(l), convention_of(cfg.hook_in), dataset=cfg.dataset))
+                  .to(device) for l in cfg.layers}
     opt = torch.optim.Adam([p for tc in coders.values() for p in tc.parameters()], lr=cfg.lr, fused=True)
     return TrainState(coders, opt, {l: torch.zeros(cfg.d_sae, dtype=torch.long, device=device) for l in cfg.layers})
 
@@ -223,26 +267,29 @@ def train_step(state: TrainState, cfg: TrainConfig, acts, n_steps, ckpt=None):
     layers and ranks, {layer: stats})."""
     step, seen = state.step, state.step * cfg.batch_tokens
     if step == 0:   # inputs and targets are divided by their RMS (the MLP input's is ~1 already), so one
-        for l, tc in state.coders.items():       # learning rate suits every model, layer and hook
+        for l in cfg.layers:                     # learning rate suits every model, layer and hook
             _check_resolution(acts[l][1], l)
             state.scale[l] = (_rms(acts[l][0]), _rms(acts[l][1]))
-            x, y = _scaled(acts[l], state.scale[l])
-            stats = all_reduce(torch.cat([x.sum(0), y.sum(0), torch.tensor([len(x)], device=x.device)]))
-            tc.center_on(stats[:x.shape[1]] / stats[-1], stats[x.shape[1]:-1] / stats[-1])
+        _center(state, cfg, acts)
     for group in state.opt.param_groups:
-        group["lr"] = lr_at(step, n_steps, cfg.lr, cfg.warmup_steps, decay=cfg.architecture == "topk")
-    loss_fn, device = _loss_fn(cfg), state.last_fired[cfg.layers[0]].device
-    total, stats = 0.0, {}
+        group["lr"] = lr_at(step, n_steps, cfg.lr, cfg.warmup_steps, decay=cfg.architecture != "relu")
+    device = state.last_fired[cfg.layers[0]].device
+    dead = {l: seen - state.last_fired[l] >= cfg.dead_tokens for l in cfg.layers}
     with torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp and activations.fast_bf16(device) else nullcontext():
-        for l, tc in state.coders.items():
-            dead = seen - state.last_fired[l] >= cfg.dead_tokens
-            loss, stats[l] = loss_fn(tc, *_scaled(acts[l], state.scale[l]), dead)
-            total = total + loss
+        if "clt" in state.coders:
+            x, y = (torch.stack(t, 1) for t in zip(*(_scaled(acts[l], state.scale[l]) for l in cfg.layers)))
+            total, stats = clt_loss(state.coders["clt"], x, y, torch.stack([dead[l] for l in cfg.layers]), cfg)
+        else:
+            loss_fn, total, stats = _loss_fn(cfg), 0.0, {}
+            for l, tc in state.coders.items():
+                loss, stats[l] = loss_fn(tc, *_scaled(acts[l], state.scale[l]), dead[l])
+                total = total + loss
     params = [p for tc in state.coders.values() for p in tc.parameters()]
     state.opt.zero_grad(set_to_none=True)
     total.backward()
     for p in params:             # each rank's loss is (its share) / (global size): summed grads = global grad
-        all_reduce(p.grad)
+        if p.grad is not None:   # (a JumpReLU threshold nobody came near has none)
+            all_reduce(p.grad)
     if cfg.architecture == "relu":
         for tc in state.coders.values():
             tc.project_decoder_grad()
@@ -251,13 +298,27 @@ def train_step(state: TrainState, cfg: TrainConfig, acts, n_steps, ckpt=None):
         for tc in state.coders.values():
             tc.normalize_decoder()
     loss = _check_finite(total, params, step, ckpt)
-    for l in state.coders:       # the clock behind "dead": the training-token count at which each latent last fired
+    for l in cfg.layers:         # the clock behind "dead": the training-token count at which each latent last fired
         state.last_fired[l][all_reduce(stats[l]["fired"]) > 0] = seen + cfg.batch_tokens
     state.step, state.offset = step + 1, state.offset + 1
     return loss, stats
 
 
 _COMPILED = {}
+
+
+def _center(state, cfg, acts):
+    """On the first batch: b_dec = the mean (scaled) target, b_enc = −mean(x) W_enc, over all ranks."""
+    means = {}
+    for l in cfg.layers:
+        x, y = _scaled(acts[l], state.scale[l])
+        stats = all_reduce(torch.cat([x.sum(0), y.sum(0), torch.tensor([len(x)], device=x.device)]))
+        means[l] = (stats[:x.shape[1]] / stats[-1], stats[x.shape[1]:-1] / stats[-1])
+    if "clt" in state.coders:
+        state.coders["clt"].center_on(*(torch.stack(m) for m in zip(*(means[l] for l in cfg.layers))))
+    else:
+        for l, tc in state.coders.items():
+            tc.center_on(*means[l])
 
 
 def _loss_fn(cfg):
@@ -309,12 +370,15 @@ def _scaled(xy, scale):
 def held_out_fvu(state, held_out, batch=1024):
     """{layer: FVU} on held-out activations {layer: (x, y)}, in the scaled units training uses (FVU does not depend
     on them)."""
-    out = {}
-    for l, tc in state.coders.items():
-        x, y = _scaled(held_out[l], state.scale[l])
-        sse = sum(float((tc(x[i:i + batch]) - y[i:i + batch]).pow(2).sum()) for i in range(0, len(x), batch))
-        out[str(l)] = float(fvu(torch.tensor(sse, dtype=torch.float64), moments(y)))
-    return out
+    layers = sorted(held_out)
+    x, y = (torch.stack(t, 1) for t in zip(*(_scaled(held_out[l], state.scale[l]) for l in layers)))   # [n, L, d]
+    if "clt" in state.coders:
+        y_hat = torch.cat([state.coders["clt"](x[i:i + batch]) for i in range(0, len(x), batch)])
+    else:
+        y_hat = torch.stack([torch.cat([state.coders[l](x[i:i + batch, j]) for i in range(0, len(x), batch)])
+                             for j, l in enumerate(layers)], 1)
+    return {str(l): float(fvu((y_hat[:, j].double() - y[:, j].double()).pow(2).sum(), moments(y[:, j])))
+            for j, l in enumerate(layers)}
 
 
 def _rms(y):
@@ -333,6 +397,23 @@ def _unscaled(tc, s_in, s_out, tokens):
         p.mul_(s_out)
     for p in (out.W_enc,) + ((out.W_skip,) if out.W_skip is not None else ()):
         p.mul_(s_out / s_in)
+    out.cfg.training_tokens = tokens
+    return out
+
+
+@torch.no_grad()
+def _unscaled_clt(clt, scales, tokens):
+    """A copy of a CLT for raw activations. Trained on x'_l = x_l / s_in_l to predict y'_t = y_t / s_out_t: the
+    encoders take the input scale (x_l (W_enc[l] / s_in_l) = x'_l W_enc[l], so activations and thresholds are
+    unchanged) and the decoders, biases and skips into layer t the output scale s_out_t."""
+    out = copy.deepcopy(clt)
+    s_in, s_out = (torch.tensor(s, dtype=out.b_dec.dtype, device=out.b_dec.device) for s in zip(*scales))
+    out.W_enc.div_(s_in[:, None, None])
+    out.b_dec.mul_(s_out[:, None])
+    for l, W in enumerate(out.W_dec):
+        W.mul_(s_out[l:l + len(W), None, None])
+    if out.W_skip is not None:
+        out.W_skip.mul_((s_out / s_in)[:, None, None])
     out.cfg.training_tokens = tokens
     return out
 
@@ -391,10 +472,10 @@ def _first_line(e):
 
 def _progress(state, cfg, n_steps, loss, stats, tok_s):
     seen = state.step * cfg.batch_tokens
-    mean = lambda key: sum(float(all_reduce(stats[l][key].detach().float().reshape(1))) for l in state.coders) / \
-        len(state.coders)
+    mean = lambda key: sum(float(all_reduce(stats[l][key].detach().float().reshape(1))) for l in cfg.layers) / \
+        len(cfg.layers)
     fvu_, l0 = mean("fvu"), mean("l0")
-    dead = sum(_dead(v, seen, cfg.dead_tokens) for v in state.last_fired.values()) / len(state.coders)
+    dead = sum(_dead(v, seen, cfg.dead_tokens) for v in state.last_fired.values()) / len(cfg.layers)
     eta = (n_steps - state.step) * cfg.batch_tokens / max(tok_s, 1e-9)
     line = (f"step {state.step}/{n_steps} | {seen:,} tok | {tok_s:,.0f} tok/s | ETA {eta:,.0f} s | loss "
             f"{loss:.4f} | L0 {l0:.1f} | FVU {fvu_:.3f} | dead {dead:.1%}")
