@@ -21,6 +21,7 @@ the all-ones vector, which every later LayerNorm subtracts anyway (such transcod
 """
 import torch
 
+from .clt import CrossLayerTranscoder
 from .pullbacks import splice_hooks
 from .progress import progress
 
@@ -40,20 +41,23 @@ def fvu(sse, m):
 
 
 @torch.no_grad()
-def evaluate(model, rows, transcoders, bos_id=None, batch_rows=16):
+def evaluate(model, rows, coders, bos_id=None, batch_rows=16, per_row=False):
     """Metrics on token rows [N, T] for {layer: Transcoder}: per layer ("layer_L": that transcoder alone spliced
-    in) and, with several layers, "all" (every one of those MLPs replaced at once). Returns plain numbers."""
-    layers = sorted(transcoders)
+    in) and, with several layers, "all" (every one of those MLPs replaced at once); for a CrossLayerTranscoder,
+    per layer L0/FVU/dead of its reconstruction and "all", the replacement model with every MLP replaced. Each
+    spliced run reports CE, CE score, KL and top-1 agreement with the clean model. per_row: also each row's
+    summed NLL and KL per run under "rows" (for paired standard errors across rows). Returns plain numbers."""
+    clt = coders if isinstance(coders, CrossLayerTranscoder) else None
+    layers = list(range(clt.cfg.n_layers)) if clt is not None else sorted(coders)
     runs = {"clean": {}}                              # name -> the coders spliced in (None: that MLP zero-ablated)
-    for l in layers:
-        runs[f"layer_{l}"], runs[f"layer_{l}_zero"] = {l: transcoders[l]}, {l: None}
-    if len(layers) > 1:
-        runs["all"], runs["all_zero"] = dict(transcoders), dict.fromkeys(layers)
-    nll, kl = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
-    stats = {l: _Stats(transcoders[l]) for l in layers}
-    sites = {l: tc.sites(l) for l, tc in transcoders.items()}
-    names = sorted({n for pair in sites.values() for n in pair})
-    n_pred = 0
+    for l in layers if clt is None else ():
+        runs[f"layer_{l}"], runs[f"layer_{l}_zero"] = {l: coders[l]}, {l: None}
+    if len(layers) > 1 or clt is not None:
+        runs["all"], runs["all_zero"] = clt if clt is not None else dict(coders), dict.fromkeys(layers)
+    sums = {name: {"nll": [], "kl": [], "agree": 0} for name in runs}
+    stats, n_pred = {l: _Stats(clt.cfg.d_sae if clt else coders[l].cfg.d_sae) for l in layers}, 0
+    sites = {l: (f"blocks.{l}.{clt.cfg.hook_in}", f"blocks.{l}.{clt.cfg.hook_out}") if clt else coders[l].sites(l)
+             for l in layers}
     for i in progress(range(0, len(rows), batch_rows), "evaluating", unit=" batches"):
         tokens = rows[i:i + batch_rows].to(model.embed.weight.device)
         keep = tokens != bos_id if bos_id is not None else torch.ones_like(tokens, dtype=torch.bool)
@@ -62,44 +66,62 @@ def evaluate(model, rows, transcoders, bos_id=None, batch_rows=16):
         for name, spliced in runs.items():
             with model.hooks(splice_hooks(spliced, keep)):
                 if name == "clean":
-                    logits, cache = model.run_with_cache(start, names=names, start_at_layer=layers[0])
-                    for l, (x_name, y_name) in sites.items():
-                        stats[l].add(cache[x_name][keep], cache[y_name][keep])
+                    logits, cache = model.run_with_cache(start, names=sorted({n for p in sites.values() for n in p}),
+                                                         start_at_layer=layers[0])
+                    _reconstruction_stats(coders, clt, stats, sites, cache, keep)
                 else:
                     logits = model(start, start_at_layer=layers[0])
             logp = logits[:, :-1].float().log_softmax(-1)
             if name == "clean":
                 clean = logp
-            nll[name] += float(-logp.gather(-1, tokens[:, 1:, None]).sum())
-            kl[name] += float((clean.exp() * (clean - logp)).sum())
+            sums[name]["nll"] += (-logp.gather(-1, tokens[:, 1:, None])[..., 0]).sum(-1).tolist()
+            sums[name]["kl"] += (clean.exp() * (clean - logp)).sum((-1, -2)).tolist()
+            sums[name]["agree"] += int((logp.argmax(-1) == clean.argmax(-1)).sum())
         n_pred += tokens[:, 1:].numel()
-    out = {"tokens": n_pred, "ce_clean": nll["clean"] / n_pred}
+    out = {"tokens": n_pred, "ce_clean": sum(sums["clean"]["nll"]) / n_pred}
     for l in layers:
-        out[f"layer_{l}"] = {**stats[l].result(), **_ce(nll, kl, f"layer_{l}", n_pred)}
-    if len(layers) > 1:
-        out["all"] = _ce(nll, kl, "all", n_pred)
+        out[f"layer_{l}"] = {**stats[l].result(), **(_ce(sums, f"layer_{l}", n_pred) if clt is None else {})}
+    if "all" in runs:
+        out["all"] = _ce(sums, "all", n_pred)
+    if per_row:      # each row predicts rows.shape[1] − 1 tokens
+        out["rows"] = {name: {k: sums[name][k] for k in ("nll", "kl")} for name in runs}
     return out
 
 
-def _ce(nll, kl, name, n):
-    zero, spliced, clean = nll[name + "_zero"], nll[name], nll["clean"]
+def _reconstruction_stats(coders, clt, stats, sites, cache, keep):
+    """Feed each layer's reconstruction of the clean activations to its running statistics."""
+    if clt is not None:
+        x = torch.stack([cache[sites[l][0]][keep] for l in stats], 1)
+        y_hat, values, indices = clt.reconstruct(x)
+        fired = clt.fired(values, indices)
+        for l in stats:
+            stats[l].add(cache[sites[l][1]][keep], y_hat[:, l], fired[l])
+        return
+    for l, (x_name, y_name) in sites.items():
+        tc = coders[l]
+        y_hat, values, indices = tc.reconstruct(cache[x_name][keep])
+        stats[l].add(tc.target(cache[y_name][keep]), y_hat, tc.fired(values, indices))
+
+
+def _ce(sums, name, n):
+    zero, spliced, clean = (sum(sums[k]["nll"]) for k in (name + "_zero", name, "clean"))
     return {"ce_spliced": spliced / n, "ce_zero_ablated": zero / n, "ce_score": (zero - spliced) / (zero - clean),
-            "kl": kl[name] / n}
+            "kl": sum(sums[name]["kl"]) / n, "top1_agreement": sums[name]["agree"] / n}
 
 
 class _Stats:
-    """Running sums for L0, FVU and firing frequencies of one transcoder, so no [tokens, d_sae] matrix is kept."""
+    """Running sums for L0, FVU and firing frequencies of one layer's coder, so no [tokens, d_sae] matrix is kept."""
 
-    def __init__(self, tc):
-        self.tc, self.n, self.sse, self.moments = tc, 0, 0.0, 0.0
-        self.fired = torch.zeros(tc.cfg.d_sae, dtype=torch.float64)
+    def __init__(self, d_sae):
+        self.n, self.sse, self.moments = 0, 0.0, 0.0
+        self.fired = torch.zeros(d_sae, dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, x, mlp_out):
-        y_hat, values, indices = self.tc.reconstruct(x)
-        y = self.tc.target(mlp_out.double())
+    def add(self, y, y_hat, fired):
+        """Targets y and predictions y_hat [n, d] of n tokens, and how often each latent fired on them."""
+        y = y.double()
         self.n += len(y)
-        self.fired += self.tc.fired(values, indices).double().cpu()
+        self.fired += fired.double().cpu()
         self.sse += float((y - y_hat.double()).pow(2).sum())
         self.moments = self.moments + moments(y).cpu()
 

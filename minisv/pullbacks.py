@@ -21,6 +21,7 @@ and accepts a batch [..., D].
 """
 import torch
 
+from .clt import CrossLayerTranscoder
 from .transcoder import mlp_hooks
 
 
@@ -71,11 +72,15 @@ def unembed_read(model, ids, weights, dtype=torch.float32):
     return rows.T @ torch.as_tensor(weights, device=W_U.device).to(dtype)
 
 
-def splice_hooks(coders: dict, keep=None) -> dict:
+def splice_hooks(coders, keep=None) -> dict:
     """Hooks that build the replacement model: each coder {layer: Transcoder} reads its hook_in and its output takes
     the place of its hook_out (an SAE: the same hook; coders without hook names: the MLP's); a layer mapped to None
-    has its MLP output zeroed instead (ablation). keep [B, T] bool: replace only there (BOS positions, which coders
-    are not trained on, are left alone)."""
+    has its MLP output zeroed instead (ablation). A CrossLayerTranscoder replaces every MLP: layer l's features are
+    encoded from the MLP input the replacement model computes there, and MLP l's output becomes what the features
+    of layers ≤ l write to it. keep [B, T] bool: replace only there (BOS positions, which coders are not trained
+    on, are left alone)."""
+    if isinstance(coders, CrossLayerTranscoder):
+        return _clt_hooks(coders, keep)
     hooks, inputs = {}, {}
     for l, coder in coders.items():
         x_name, y_name = coder.sites(l) if coder is not None else mlp_hooks(l)
@@ -90,3 +95,26 @@ def splice_hooks(coders: dict, keep=None) -> dict:
             hooks[x_name] = read
         hooks[y_name] = write
     return hooks
+
+
+def _clt_hooks(clt, keep):
+    """The CLT's side of `splice_hooks`: MLP l's input is encoded when the forward reaches it (its code, and for a
+    skip path the input itself, are kept), and MLP l's output is replaced by what the features of layers ≤ l write."""
+    codes, inputs = {}, {}
+
+    def read(x, name):
+        l = int(name.split(".")[1])
+        inputs[l] = x.flatten(0, 1)
+        codes[l] = clt.encode_layer(l, inputs[l])
+
+    def write(y, name):
+        l = int(name.split(".")[1])
+        values = [codes[s][0] for s in range(l + 1)]
+        indices = [codes[s][1] for s in range(l + 1)] if codes[0][1] is not None else None
+        new = clt.decode_layer(l, values, indices)
+        if clt.W_skip is not None:
+            new = new + inputs[l].to(new.dtype) @ clt.W_skip[l]
+        new = new.view_as(y).to(y.dtype)
+        return new if keep is None else torch.where(keep[..., None], new, y)
+    L, x_hook, y_hook = clt.cfg.n_layers, clt.cfg.hook_in, clt.cfg.hook_out
+    return {f"blocks.{l}.{h}": fn for l in range(L) for h, fn in ((x_hook, read), (y_hook, write))}

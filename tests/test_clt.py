@@ -129,3 +129,68 @@ def test_a_clt_must_cover_every_layer(tiny_llama):
     cfg = TrainConfig(layers=[1], d_sae=16, tokens=512, batch_tokens=256, clt_window=0)
     with pytest.raises(minisv.MinisvError, match="replaces every MLP"):
         train(model, token_rows(), cfg, log=lambda s: None)
+
+
+def clt_for(model, arch="topk", window=0, seed=0, F=16):
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(model.cfg.n_layers, model.cfg.d_model, F, arch, 4, window))
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.normal_(0, 0.2)
+    return clt
+
+
+def test_the_replacement_model_replaces_every_mlp_with_what_earlier_features_write(tiny_llama):
+    """Spliced in, MLP l's output is ŷ_l of the dense formula applied to the MLP inputs the *replacement* model
+    computes (which differ from the clean ones from layer 1 on): checked against a forward where each layer's
+    MLP output is replaced by hand, layer by layer."""
+    _, model = tiny_llama
+    clt = clt_for(model, window=2)
+    rows = token_rows(4, seed=3)
+    from minisv.pullbacks import splice_hooks
+    with torch.no_grad(), model.hooks(splice_hooks(clt)):
+        ours = model(rows)
+    seen = []
+
+    def read(x, name):
+        seen.append(x.flatten(0, 1))
+
+    def write(y, name):
+        l = int(name.split(".")[1])
+        x = torch.stack(seen + [seen[-1]] * (3 - len(seen)), 1)            # layers > l do not reach ŷ_l
+        return dense_reconstruction(clt, x)[0][:, l].view_as(y)
+    hooks = {f"blocks.{l}.{h}": fn for l in range(3) for h, fn in (("ln2.hook_normalized", read),
+                                                                   ("hook_mlp_out", write))}
+    with torch.no_grad(), model.hooks(hooks):
+        theirs = model(rows)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (ours - model(rows)).abs().max() > 0.1                       # the replacement changes the logits
+
+
+def test_evaluation_of_a_window_1_clt_is_the_per_layer_sets(tiny_llama):
+    """evaluate() of a per-layer set with all MLPs replaced, and of the same set as a window-1 CLT, agree on every
+    number; top-1 agreement is the fraction of predictions whose argmax matches the clean model's (by hand)."""
+    from minisv.evals import evaluate
+    _, model = tiny_llama
+    torch.manual_seed(1)
+    tcs = {}
+    for l in range(3):
+        tcs[l] = Transcoder(TranscoderConfig(32, 32, 16, "topk", 4, layer=l))
+        with torch.no_grad():
+            for p in tcs[l].parameters():
+                p.normal_(0, 0.2)
+    rows = token_rows(6, seed=2)
+    per_layer = evaluate(model, rows, tcs, bos_id=BOS, per_row=True)
+    as_clt = evaluate(model, rows, CrossLayerTranscoder.from_transcoders(tcs, 3), bos_id=BOS, per_row=True)
+    for key in ("ce_spliced", "ce_zero_ablated", "ce_score", "kl", "top1_agreement"):
+        assert as_clt["all"][key] == pytest.approx(per_layer["all"][key], rel=1e-5), key
+    for l in range(3):
+        for key in ("l0", "fvu", "dead"):
+            assert as_clt[f"layer_{l}"][key] == pytest.approx(per_layer[f"layer_{l}"][key], rel=1e-5)
+    from minisv.pullbacks import splice_hooks
+    with torch.no_grad():
+        clean = model(rows)[:, :-1].argmax(-1)
+        with model.hooks(splice_hooks(tcs, rows != BOS)):
+            spliced = model(rows)[:, :-1].argmax(-1)
+    assert per_layer["all"]["top1_agreement"] == pytest.approx(float((clean == spliced).float().mean()))
+    assert sum(per_layer["rows"]["all"]["nll"]) / per_layer["tokens"] == pytest.approx(per_layer["all"]["ce_spliced"])

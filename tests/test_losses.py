@@ -93,7 +93,7 @@ def test_a_change_to_encode_reaches_the_training_loss_and_the_evaluation(monkeyp
     """The README's exercise 3 swaps TopK for BatchTopK in `Transcoder.encode`. Training's loss, the held-out FVU
     and the evaluation all go through the coder's own methods, so the swap must reach each of them: the loss is
     the FVU of the BatchTopK reconstruction, computed here densely by hand."""
-    from minisv.evals import _Stats
+    from minisv.evals import _reconstruction_stats, _Stats
     from minisv.training import held_out_fvu, TrainState
     tc, x, y = setup("topk")
 
@@ -113,6 +113,6 @@ def test_a_change_to_encode_reaches_the_training_loss_and_the_evaluation(monkeyp
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
     state = TrainState({0: tc}, None, {}, scale={0: (1.0, 1.0)})
     assert held_out_fvu(state, {0: (x, y)})["0"] == pytest.approx(float(expected), rel=1e-5)
-    evaluation = _Stats(tc)
-    evaluation.add(x, y)
-    assert evaluation.result()["fvu"] == pytest.approx(float(expected), rel=1e-5)
+    evaluation = {0: _Stats(48)}
+    _reconstruction_stats({0: tc}, None, evaluation, {0: ("x", "y")}, {"x": x, "y": y}, torch.ones(64, dtype=bool))
+    assert evaluation[0].result()["fvu"] == pytest.approx(float(expected), rel=1e-5)
