@@ -26,15 +26,20 @@ import torch.distributed as dist
 import minisv
 from minisv.circuits import Circuit, format_tree
 from minisv.data import eval_sample, load_dataset
-from minisv.cli import device as parse_device, main as cli_main, nonneg_float, nonneg_int, positive_float, positive_int
+from minisv.cli import (device as parse_device, fraction, main as cli_main, nonneg_float, nonneg_int, positive_float,
+                        positive_int)
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
 from minisv.atomic import write_text
 from minisv.dashboards import DashboardConfig, collect_dashboards
-from minisv.report import circuit_html, dashboards_html, training_html
+from minisv.report import circuit_html, dashboards_html, graph_html, training_html
 from minisv.training import TrainConfig, train
 from minisv import formats
+from minisv import circuit_tracer
+from minisv.clt import CrossLayerTranscoder
+from minisv.dashboards import graph_contexts
 from minisv.formats import check_export, import_released
+from minisv.graph import attribute, prune, scores
 
 DEFAULT_LAYER = 6
 SAE_SITES = {"mlp_out": "hook_mlp_out", "resid_mid": "hook_resid_mid", "ln2": "ln2.hook_normalized"}
@@ -58,20 +63,21 @@ def parse_args(argv):
     p.add_argument("--sae-site", choices=list(SAE_SITES), default="mlp_out", help="what an SAE reconstructs: the "
                    "MLP output (hook_mlp_out), the residual before the MLP (hook_resid_mid) or the MLP input "
                    "(ln2.hook_normalized) (default: mlp_out)")
-    p.add_argument("--arch", choices=["topk", "relu"], default="topk", help="topk: keep the k largest latents, "
-                   "FVU + AuxK loss; relu: ReLU + L1 with unit-norm decoder rows, the paper's loss, init and "
-                   "constant-after-warm-up schedule, with shorter warm-up and dead windows (see the README) "
-                   "(default: topk)")
+    p.add_argument("--arch", choices=["topk", "relu", "jumprelu"], default="topk", help="topk: keep the k largest "
+                   "latents, FVU + AuxK loss; relu: ReLU + L1 with unit-norm decoder rows, the paper's loss, init and "
+                   "constant-after-warm-up schedule, with shorter warm-up and dead windows (see the README); jumprelu "
+                   "(--clt only): JumpReLU with the tanh(c·‖W_dec‖·a) sparsity penalty (default: topk)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--d-sae", type=positive_int, help="number of latents (default: 16 × d_model)")
     size.add_argument("--expansion", type=positive_int, help="number of latents as a multiple of d_model")
-    p.add_argument("--k", type=positive_int, default=32, help="active latents per token, topk only (default: 32)")
+    p.add_argument("--k", type=positive_int, help="active latents per token, topk only (default: 32; with --clt 16 per "
+                   "layer)")
     p.add_argument("--l1", type=nonneg_float, default=1.4e-4, help="L1 coefficient, relu only (default: 1.4e-4, the "
                    "paper's GPT-2 value)")
     p.add_argument("--skip", action="store_true", help="add a dense skip connection x @ W_skip (skip transcoder)")
     p.add_argument("--lr", type=positive_float, help="peak Adam learning rate (default: 4e-3·sqrt(9216/d_sae) for "
                    "topk, 4e-4 for relu)")
-    p.add_argument("--tokens", type=positive_int, default=327_680, help="training tokens (default: 327,680)")
+    p.add_argument("--tokens", type=positive_int, help="training tokens (default: 327,680; with --clt 163,840)")
     p.add_argument("--batch-tokens", type=positive_int, default=1024, help="tokens per optimizer step (default: 1024; "
                    "on short runs more, smaller steps win, see the README)")
     p.add_argument("--ctx", type=positive_int, default=128, help="tokens per sequence; documents are packed into rows "
@@ -81,9 +87,11 @@ def parse_args(argv):
     p.add_argument("--eval-tokens", type=positive_int, default=4096, help="held-out tokens for the final evaluation "
                    "(default: 4096)")
     p.add_argument("--out", help="output directory (default: runs/transcoder-MODEL-L<layers>)")
-    p.add_argument("--export-format", nargs="+", default=[], choices=[f for f in formats.FORMATS if f != "minisv"],
+    p.add_argument("--export-format", nargs="+", default=[],
+                   choices=[f for f in formats.FORMATS if f != "minisv"] + ["circuit-tracer"],
                    help="also write each trained coder in these tools' layouts, into OUT/<format>/ (saelens: "
-                        "SAELens' SAE.load_from_disk; sparsify: EleutherAI sparsify's SparseCoder.load_from_disk)")
+                        "SAELens' SAE.load_from_disk; sparsify: EleutherAI sparsify's SparseCoder.load_from_disk; "
+                        "circuit-tracer: its CLT / transcoder-set layout, with --clt and --arch jumprelu or relu)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                        "(same flags required)")
@@ -129,9 +137,28 @@ def parse_args(argv):
                    "length (default: 3)")
     a.add_argument("--branches", type=positive_int, default=5, metavar="N", help="terms followed per path and paths "
                    "kept per round (default: 5)")
+    c = p.add_argument_group("cross-layer transcoders and attribution graphs")
+    c.add_argument("--clt", action="store_true", help="train ONE cross-layer transcoder replacing every MLP: layer "
+                   "l's features read MLP l's input and write to the outputs of MLP l and the --window next ones; "
+                   "--d-sae and --k are per layer (defaults with --clt: d_sae 512, k 16, 163,840 tokens; about 15 "
+                   "minutes on 2 CPU cores for SmolLM2)")
+    c.add_argument("--window", type=nonneg_int, default=0, help="with --clt: how many layers a feature's decoders "
+                   "reach, its own included (default: 0 = every later layer; 1 = a set of per-layer transcoders)")
+    c.add_argument("--sparsity", type=nonneg_float, default=TrainConfig.sparsity, help="with --arch jumprelu: "
+                   "coefficient of the tanh sparsity penalty (default: %(default)s)")
+    c.add_argument("--graph", metavar="PROMPT", help="trace the attribution graph of the next token after PROMPT "
+                   "(BOS prepended) through the replacement model: after training with --clt, or of --load coders "
+                   "covering every layer (a CLT, per-layer transcoders, circuit-tracer or sparsify layouts); writes "
+                   "graph.json (circuit-tracer's format) and graph.html")
+    c.add_argument("--node-threshold", type=fraction, default=0.8, help="pruning: keep the nodes holding this "
+                   "share of the influence on the logits (default: 0.8)")
+    c.add_argument("--edge-threshold", type=fraction, default=0.98, help="pruning: keep the edges holding this "
+                   "share (default: 0.98)")
     args = p.parse_args(argv)
     if args.target and not args.prompt:
         p.error("--target needs --prompt, the text to explain it on")
+    if args.arch == "jumprelu" and not args.clt:
+        p.error("--arch jumprelu trains cross-layer transcoders: add --clt")
     return args
 
 
@@ -147,10 +174,15 @@ def run(args):
     name = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
     if args.load or args.import_released:       # no training: dashboards and circuits of existing transcoders
         model, _, held_out = _model_and_data(args, device)
-        return analyze(args, model, _load_transcoders(args, model), held_out,
-                       args.out or os.path.join("runs", f"circuits-{name}"), say=print if rank == 0 else _quiet)
-    kind = "transcoder" if args.kind == "transcoder" else f"sae-{args.sae_site}"
-    out = args.out or os.path.join("runs", f"{kind}-{name}-L{'-'.join(map(str, args.layer))}")
+        coders, out = _load_transcoders(args, model), args.out or os.path.join("runs", f"circuits-{name}")
+        if args.graph:
+            return trace(args, model, coders, held_out, out, print if rank == 0 else _quiet)
+        return analyze(args, model, coders, held_out, out, say=print if rank == 0 else _quiet)
+    if args.clt:
+        args.layer, args.d_sae = None, args.d_sae or 512
+    args.k, args.tokens = args.k or (16 if args.clt else 32), args.tokens or (163_840 if args.clt else 327_680)
+    kind = "clt" if args.clt else "transcoder" if args.kind == "transcoder" else f"sae-{args.sae_site}"
+    out = args.out or os.path.join("runs", f"{kind}-{name}" + (f"-L{'-'.join(map(str, args.layer))}" if args.layer else ""))
     with _run_directory(out, args.resume, args.overwrite, rank):
         train_and_report(args, out, rank, device, started)
 
@@ -203,50 +235,105 @@ def _run_directory(out, resume, overwrite, rank):
 def train_and_report(args, out, rank, device, started):
     say = print if rank == 0 else _quiet
     for fmt in args.export_format:                                     # refuse now, not after training
-        check_export(fmt, args.arch, args.skip)
+        _check_export(args, fmt)
     model, train_rows, held_out = _model_and_data(args, device)
     d_sae = args.d_sae or (args.expansion or 16) * model.cfg.d_model
+    layers = list(range(model.cfg.n_layers)) if args.clt else args.layer
     lr = args.lr or (4e-3 * (9216 / d_sae) ** 0.5 if args.arch == "topk" else 4e-4)
     bos = model.tokenizer.bos_id if model.tokenizer is not None else None
     # whole rows drawn at random from every held-out document, not the first few documents' rows
     eval_rows, eval_data = eval_sample(held_out, args.eval_tokens, bos_id=bos, seed=args.seed)
-    what = "transcoder(s)" if args.kind == "transcoder" else f"SAE(s) on {SAE_SITES[args.sae_site]}"
+    what = "cross-layer transcoder" if args.clt else "transcoder(s)" if args.kind == "transcoder" else \
+        f"SAE(s) on {SAE_SITES[args.sae_site]}"
     say(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; data: "
         f"{len(train_rows):,} training rows ({train_rows.numel():,} tokens), {len(eval_rows)} held-out rows; "
-        f"{args.arch} {what} for layer(s) {args.layer}, d_sae {d_sae}, on {model.embed.weight.device}")
+        f"{args.arch} {what} for layer(s) {layers}, d_sae {d_sae}{' per layer' if args.clt else ''}, on "
+        f"{model.embed.weight.device}")
     steps = args.tokens // args.batch_tokens
     # warm-up 5% of the steps (at most 1,000); a latent is dead after 10% of the run without firing (at most
     # 10M tokens: OpenAI's AuxK window); the paper's ReLU code used 5,000 steps for both, on 60M tokens
     sites = ("ln2.hook_normalized", "hook_mlp_out") if args.kind == "transcoder" else (SAE_SITES[args.sae_site],) * 2
-    cfg = TrainConfig(layers=args.layer, d_sae=d_sae, architecture=args.arch, k=args.k, skip=args.skip, l1=args.l1,
+    cfg = TrainConfig(layers=layers, d_sae=d_sae, architecture=args.arch, k=args.k, skip=args.skip, l1=args.l1,
                       lr=lr, tokens=args.tokens, batch_tokens=args.batch_tokens, seed=args.seed, bos_id=bos,
                       warmup_steps=max(1, min(1000, steps // 20)),
                       dead_tokens=min(10_000_000, max(steps // 10, 1) * args.batch_tokens),
                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every or max(1, steps // 10),
-                      amp=not args.no_autocast, compile=args.compile, model=args.model,
+                      amp=not args.no_autocast, compile=args.compile, model=args.model, sparsity=args.sparsity,
+                      clt_window=args.window if args.clt else None,
                       dataset=args.data or "builtin", hook_in=sites[0], hook_out=sites[1])
     transcoders, summary = train(model, train_rows, cfg, out_dir=out, resume=args.resume,
                                  eval_rows=eval_rows[:max(1, 4096 // args.ctx)], log=say)
     if rank != 0:
         return
-    for layer, tc in transcoders.items():
-        where = out if len(transcoders) == 1 else os.path.join(out, f"layer_{layer}")
-        formats.save(tc, where)
-        for fmt in args.export_format:
-            formats.save(tc, os.path.join(where, fmt), format=fmt)
+    coders = transcoders.get("clt", transcoders)
+    _save(args, model, coders, out)
     say(f"evaluating on {eval_rows.numel():,} held-out tokens ...")
-    metrics = evaluate(model, eval_rows, transcoders, bos_id=bos)
-    _print_table(metrics, summary, args.layer)
-    report = {"model": args.model, "layers": args.layer, "train_config": dataclasses.asdict(cfg), "train": summary,
+    metrics = evaluate(model, eval_rows, coders, bos_id=bos)
+    _print_table(metrics, summary, layers)
+    report = {"model": args.model, "layers": layers, "train_config": dataclasses.asdict(cfg), "train": summary,
               "eval": metrics, "eval_data": eval_data, "seconds_total": round(time.time() - started, 1)}
     write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     write_text(os.path.join(out, "report.html"), training_html(report, f"{what} of {args.model}"))
     say(f"trained {summary['tokens']:,} tokens in {summary['seconds']:.0f} s ({summary['tok_per_s']:,} tok/s end to "
         f"end, harvesting included); wrote {out}/ (cfg.json, transcoder.safetensors, metrics.json, report.html)")
-    if args.kind == "transcoder":
+    if args.graph:
+        trace(args, model, coders, held_out, out, say)
+    elif args.clt:
+        say("trace a prompt through the replacement model with --graph PROMPT (or later: --load OUT --graph PROMPT)")
+    elif args.kind == "transcoder":
         analyze(args, model, transcoders, held_out, out, say)
     else:
         say("dashboards and circuits read transcoders of the MLP: skipped for --kind sae")
+
+
+def _check_export(args, fmt):
+    if fmt == "circuit-tracer":
+        if not args.clt or args.arch == "topk":
+            raise MinisvError("--export-format circuit-tracer writes cross-layer transcoders (or per-layer sets, --window "
+                              "1) with --clt --arch jumprelu or relu: circuit-tracer runs no TopK CLT")
+    else:
+        check_export(fmt, args.arch, args.skip)
+
+
+def _save(args, model, coders, out):
+    """The trained coders in minisv's layout (several layers: out/layer_L/) and the --export-format layouts."""
+    if isinstance(coders, CrossLayerTranscoder):
+        formats.save(coders, out)
+        if "circuit-tracer" in args.export_format:
+            circuit_tracer.save(coders, os.path.join(out, "circuit-tracer"), model)
+        return
+    for layer, tc in coders.items():
+        where = out if len(coders) == 1 else os.path.join(out, f"layer_{layer}")
+        formats.save(tc, where)
+        for fmt in args.export_format:
+            formats.save(tc, os.path.join(where, fmt), format=fmt)
+
+
+def trace(args, model, coders, held_out, out, say):
+    """The attribution graph of --graph's prompt: its scores, the nodes that carry the most influence, graph.json
+    (circuit-tracer's format) and graph.html, whose feature nodes show their top activating held-out contexts."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise MinisvError("--graph needs a model with a tokenizer")
+    tokens = tokenizer.encode(args.graph, bos=tokenizer.bos_id is not None)
+    started = time.time()
+    graph = attribute(model, coders, tokens)
+    seconds = time.time() - started
+    data = circuit_tracer.graph_json(graph, tokenizer, node_threshold=args.node_threshold,
+                                     edge_threshold=args.edge_threshold, scan=f"minisv/{args.model}")
+    full, pruned = scores(graph), scores(graph, *prune(graph, args.node_threshold, args.edge_threshold)[:2])
+    data["metadata"] |= {"replacement_score": full[0], "completeness_score": full[1],
+                         "pruned_replacement_score": pruned[0], "pruned_completeness_score": pruned[1]}
+    say(f"graph of {len(tokens)} tokens: {graph.n_features:,} active features, {len(graph.logit_ids)} logits "
+        f"({', '.join(f'{tokenizer.token_str(int(k))!r} {float(p):.2f}' for k, p in zip(graph.logit_ids, graph.logit_probs))}); "
+        f"{seconds:.1f} s")
+    say(f"replacement score {full[0]:.3f}, completeness {full[1]:.3f} (pruned to {len(data['nodes'])} nodes and "
+        f"{len(data['links'])} edges: {pruned[0]:.3f}, {pruned[1]:.3f})")
+    os.makedirs(out, exist_ok=True)
+    contexts = graph_contexts(model, coders, held_out[:max(1, args.dash_tokens // held_out.shape[1])], data["nodes"])
+    write_text(os.path.join(out, "graph.json"), json.dumps(data, indent=1) + "\n")
+    write_text(os.path.join(out, "graph.html"), graph_html(data, contexts, f"Attribution graph: {args.graph!r}"))
+    say(f"wrote {out}/graph.json and graph.html")
 
 
 def analyze(args, model, transcoders, held_out, out, say):
@@ -283,10 +370,15 @@ def analyze(args, model, transcoders, held_out, out, say):
 
 
 def _load_transcoders(args, model):
-    """{layer: Transcoder} from --load directories (or their layer_L/ subdirectories) and --import-released files."""
+    """{layer: Transcoder} from --load directories (or their layer_L/ subdirectories) and --import-released files,
+    or the CrossLayerTranscoder of one --load directory."""
     device = model.embed.weight.device
     found = [formats.load(d, device, model) for path in args.load or []
              for d in sorted(glob.glob(os.path.join(path, "layer_*"))) or [path]]
+    if any(isinstance(c, CrossLayerTranscoder) for c in found):
+        if len(found) > 1 or args.import_released:
+            raise MinisvError("a cross-layer transcoder replaces every MLP: --load it alone")
+        return found[0]
     found += [import_released(f).to(device) for f in args.import_released or []]
     layers = [tc.cfg.layer for tc in found]
     if len(set(layers)) < len(layers):
@@ -309,14 +401,19 @@ def _setup_distributed(device):
 
 
 def _print_table(m, summary, layers):
-    """The evaluation per layer; "dead" is measured on training tokens (see the footnote it prints)."""
+    """The evaluation per layer and, for several layers or a CLT, with every one of them replaced at once ("all");
+    "dead" is measured on training tokens (see the footnote it prints). What a row has no number for shows as –."""
+    def cell(r, key, fmt):
+        return format(r[key], fmt) if key in r else "–"
     print(f"{'':>10} {'L0':>7} {'FVU':>7} {'CE clean':>9} {'spliced':>8} {'zero-abl':>9} {'CE score':>9} "
-          f"{'KL':>8} {'dead*':>6}")
-    rows = [(f"layer {l}", m[f"layer_{l}"], summary["dead"][str(l)]) for l in layers] + \
-        ([("all", m["all"], float("nan"))] if "all" in m else [])
-    for label, r, dead in rows:
-        print(f"{label:>10} {r.get('l0', float('nan')):7.1f} {r.get('fvu', float('nan')):7.3f} {m['ce_clean']:9.4f} "
-              f"{r['ce_spliced']:8.4f} {r['ce_zero_ablated']:9.4f} {r['ce_score']:9.3f} {r['kl']:8.4f} {dead:6.1%}")
+          f"{'KL':>8} {'top-1':>6} {'dead*':>6}")
+    rows = [(f"layer {l}", m[f"layer_{l}"] | {"dead": summary["dead"][str(l)]}) for l in layers] + \
+        ([("all", m["all"])] if "all" in m else [])
+    for label, r in rows:
+        print(f"{label:>10} {cell(r, 'l0', '7.1f'):>7} {cell(r, 'fvu', '7.3f'):>7} {m['ce_clean']:9.4f} "
+              f"{cell(r, 'ce_spliced', '8.4f'):>8} {cell(r, 'ce_zero_ablated', '9.4f'):>9} "
+              f"{cell(r, 'ce_score', '9.3f'):>9} {cell(r, 'kl', '8.4f'):>8} {cell(r, 'top1_agreement', '6.1%'):>6} "
+              f"{cell(r, 'dead', '6.1%'):>6}")
     print(f"* dead: latents that fired on none of the last {summary['dead_window_tokens']:,} training tokens; the "
           f"rest is measured on {m['tokens']:,} held-out tokens")
 

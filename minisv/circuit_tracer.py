@@ -3,7 +3,8 @@ which the circuit-tracer and Neuronpedia frontends open (`docs/methods.md` §4.3
 
     CLT            config.yaml (model_kind: cross_layer_transcoder, feature_input_hook, feature_output_hook)
                    W_enc_{l}.safetensors: W_enc_{l} [F, d], b_enc_{l} [F], b_dec_{l} [d], threshold_{l} [F] (JumpReLU)
-                   W_dec_{l}.safetensors: W_dec_{l} [F, L − l, d]   (every later layer; a shorter window is zeros)
+                   W_dec_{l}.safetensors: W_dec_{l} [F, L − l, d], layer l's features into every layer from l on
+                   (beyond a shorter window: zeros; minisv stores the same numbers by target layer)
     per-layer set  config.yaml (model_kind: transcoder_set, ...) + layer_{l}.safetensors: W_enc [F, d], b_enc,
                    W_dec [F, d], b_dec, activation_function.threshold [F] (JumpReLU), W_skip [d, d] (x W_skipᵀ)
 
@@ -53,8 +54,7 @@ def save(clt: CrossLayerTranscoder, path, model):
         if cfg.architecture == "jumprelu":
             tensors[f"threshold_{l}"] = clt.log_threshold[l].exp()
         _write(path, f"W_enc_{l}.safetensors", tensors)
-        W_dec = torch.zeros(cfg.d_sae, cfg.n_layers - l, cfg.d_model, dtype=clt.W_dec[l].dtype)
-        W_dec[:, :len(clt.W_dec[l])] = clt.W_dec[l].transpose(0, 1)
+        W_dec = torch.stack([clt.decoder(l, slice(None), t) for t in range(l, cfg.n_layers)], 1)   # [F, L − l, d]
         _write(path, f"W_dec_{l}.safetensors", {f"W_dec_{l}": W_dec})
     write_text(os.path.join(path, "config.yaml"), f"model_kind: {kind}\nfeature_input_hook: {GAINED}\n"
                                                   f"feature_output_hook: mlp.hook_out\nscan: minisv/{cfg.model}\n")
@@ -84,7 +84,7 @@ def load(path, model) -> CrossLayerTranscoder:
         clt.b_enc.copy_(torch.stack([t["b_enc"] for t in tensors]) + torch.einsum("lfd,ld->lf", W_enc, betas))
         b_dec = torch.stack([t["b_dec"] for t in tensors])
         for l, t in enumerate(tensors):
-            clt.W_dec[l].copy_(t["W_dec"].transpose(0, 1)[:len(clt.W_dec[l])])
+            clt.W_dec[l].copy_(torch.stack([tensors[s]["W_dec"][:, l - s] for s in clt.cfg.sources(l)]))
             if skip:              # x_in W_skipᵀ = x̂ (γ ⊙ W_skipᵀ) + β W_skipᵀ
                 clt.W_skip[l].copy_(gains[l][:, None] * t["W_skip"].T)
                 b_dec[l] += betas[l] @ t["W_skip"].T

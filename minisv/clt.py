@@ -9,16 +9,18 @@ before its gain, as minisv's transcoders do) and write into the MLP outputs of l
     a_l   = TopK_k(pre_l), ReLU'd        architecture "topk"  (k per layer and token)
           | pre_l · 1[pre_l > θ_l]       architecture "jumprelu" (θ_l = exp(log_threshold[l]) > 0)
           | ReLU(pre_l)                  architecture "relu"
-    ŷ_t   = Σ_{s ≤ t, t - s < window} a_s W_dec[s][t - s] + b_dec[t] (+ x_t W_skip[t])      [N, d]
+    ŷ_t   = Σ_{s ≤ t, t − s < window} a_s W_dec[t][s − s_0(t)] + b_dec[t] (+ x_t W_skip[t])   [N, d]
 
 Shapes: L layers, F features per layer, d = d_model, N tokens. W_enc is [L, F, d] (feature-major: W_enc[l].t() is
-layer l's [d, F] encoder, stored so each feature's vector is one contiguous row), W_dec[s] is [n_s, F, d] with
-n_s = min(window, L − s) (W_dec[s][j] is the contiguous [F, d] map from layer s's features into layer s + j).
+layer l's [d, F] encoder, stored so each feature's vector is one contiguous row). The decoders are stored by the
+layer they write to: W_dec[t] is [n_t, F, d], the decoders of the n_t = min(window, t + 1) source layers
+s_0(t) = t − n_t + 1 .. t into layer t, so that MLP t's whole output is ONE gather over its n_t·F rows.
 A set of per-layer transcoders is the window-1 case (`from_transcoders`), so everything downstream (training,
 evaluation, attribution graphs, circuit-tracer's file layouts) handles both with one code path.
 
-A TopK layer never needs its dense activations: the code is (values, indices) [N, L, k] and each output layer
-sums k decoder rows per source layer and token with `F.embedding_bag`.
+A TopK layer never needs its dense activations: the code is (values, indices) [N, L, k], and each output layer
+sums the k·n_t decoder rows of its sources' active features per token with one `F.embedding_bag` (circuit-tracer
+stores the same numbers by source layer, [F, L − s, d]; `minisv.circuit_tracer` converts).
 """
 import math
 from dataclasses import dataclass
@@ -54,9 +56,9 @@ class CLTConfig:
             raise MinisvError(f"bad CLT sizes n_layers={self.n_layers} d_model={self.d_model} d_sae={self.d_sae} "
                               f"k={self.k} window={self.window}; need positive sizes, 0 < k <= d_sae, window >= 0")
 
-    def reach(self, layer):
-        """How many output layers layer `layer`'s features write to."""
-        return min(self.window or self.n_layers, self.n_layers - layer)
+    def sources(self, target):
+        """The layers whose features write to layer `target`'s MLP output: s_0(target) .. target."""
+        return range(max(0, target - self.window + 1) if self.window else 0, target + 1)
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -77,6 +79,35 @@ class _JumpReLU(torch.autograd.Function):
         return grad * (pre > threshold), grad_threshold, None
 
 
+class _DecoderGrad(torch.autograd.Function):
+    """The weight gradient of a bag decode out = Σ_j values[n, j]·W[indices[n, j]], computed without sorting: as
+    the identity on `out` in the forward, and grad W = Sᵀ grad in the backward, one sparse [R, N] × dense [N, d]
+    product (S holds the values). embedding_bag's own weight gradient sorts the N·m indices and fills dense
+    buffers per call, which with m = k·n_t rows per token (up to k·L) dominated a whole training step; its
+    gradient for the values (the per-sample weights) is kept."""
+
+    @staticmethod
+    def forward(ctx, out, values, indices, W):
+        ctx.save_for_backward(values, indices)
+        ctx.rows = W.shape[0]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices = ctx.saved_tensors
+        N, m = indices.shape
+        tokens = torch.arange(N, device=grad.device).repeat_interleave(m)
+        S = torch.sparse_coo_tensor(torch.stack([indices.flatten(), tokens]), values.flatten().to(grad.dtype),
+                                    (ctx.rows, N), check_invariants=False)
+        return grad, None, None, torch.sparse.mm(S, grad)
+
+
+def bag_decode(values, indices, W):
+    """Σ_j values[n, j]·W[indices[n, j]] [N, d], differentiable in values and W (see _DecoderGrad)."""
+    out = F.embedding_bag(indices, W.detach(), mode="sum", per_sample_weights=values.to(W.dtype))
+    return _DecoderGrad.apply(out, values.detach(), indices, W) if W.requires_grad and torch.is_grad_enabled() else out
+
+
 class CrossLayerTranscoder(nn.Module):
     BANDWIDTH = 0.01          # JumpReLU's straight-through window ε
 
@@ -87,7 +118,7 @@ class CrossLayerTranscoder(nn.Module):
         self.W_enc = nn.Parameter(torch.empty(L, F_, d).uniform_(-d ** -0.5, d ** -0.5))
         self.b_enc = nn.Parameter(torch.zeros(L, F_))
         # decoders start at zero (as minisv's TopK transcoders): the first steps learn the output map
-        self.W_dec = nn.ParameterList(nn.Parameter(torch.zeros(cfg.reach(l), F_, d)) for l in range(L))
+        self.W_dec = nn.ParameterList(nn.Parameter(torch.zeros(len(cfg.sources(t)), F_, d)) for t in range(L))
         self.b_dec = nn.Parameter(torch.zeros(L, d))
         self.log_threshold = nn.Parameter(torch.full((L, F_), math.log(0.1))) if cfg.architecture == "jumprelu" \
             else None
@@ -114,23 +145,34 @@ class CrossLayerTranscoder(nn.Module):
         values = torch.stack([v for v, _ in codes], 1)
         return values, (torch.stack([i for _, i in codes], 1) if codes[0][1] is not None else None)
 
-    def decode_layer(self, target, values, indices):
-        """ŷ_target [N, d] from the codes of every layer (lists or [N, L, ·] tensors; only layers that reach
-        `target` are read), without the skip path."""
-        out = self.b_dec[target].expand(values[0].shape[0], -1)
-        for s in range(max(0, target - (self.cfg.window or target + 1) + 1), target + 1):
-            W = self.W_dec[s][target - s]                                              # [F, d]
-            if indices is None:
-                out = out + values[s] @ W
-            else:
-                out = out + F.embedding_bag(indices[s], W, mode="sum", per_sample_weights=values[s].to(W.dtype))
-        return out
+    def decode_layer(self, target, values, indices=None):
+        """ŷ_target [N, d], without the skip path, from the codes of the layers that write to it (values and indices
+        of every layer ≤ target: lists of [N, m], or [N, L, m] tensors; indices None for dense codes)."""
+        sources, F_ = self.cfg.sources(target), self.cfg.d_sae
+        W = self.W_dec[target].flatten(0, 1)                                           # [n_t·F, d]
+        v = torch.cat([values[s] for s in sources], -1).to(W.dtype)                    # [N, n_t·m]
+        if indices is None:
+            return v @ W + self.b_dec[target]
+        i = torch.cat([indices[s] + j * F_ for j, s in enumerate(sources)], -1)        # rows of W
+        return bag_decode(v, i, W) + self.b_dec[target]
+
+    def decode(self, values, indices=None):
+        """ŷ [N, L, d] of every layer from the code of every layer ([N, L, ·]), without the skip path."""
+        v, i = values.unbind(1), indices.unbind(1) if indices is not None else None
+        return torch.stack([self.decode_layer(t, v, i) for t in range(self.cfg.n_layers)], 1)
+
+    def decoder(self, source, feature, target):
+        """The vector feature `feature` of layer `source` writes to layer `target`'s MLP output per unit of
+        activation: [..., d] (zero beyond the window)."""
+        sources = self.cfg.sources(target)
+        if source not in sources:
+            return torch.zeros(self.cfg.d_model, dtype=self.W_dec[0].dtype, device=self.W_dec[0].device)
+        return self.W_dec[target][source - sources[0], feature]
 
     def reconstruct(self, x):
         """x [N, L, d] -> (ŷ [N, L, d], values, indices): every layer's prediction and the code behind it."""
         values, indices = self.encode(x)
-        v, i = values.unbind(1), (indices.unbind(1) if indices is not None else None)
-        y = torch.stack([self.decode_layer(t, v, i) for t in range(self.cfg.n_layers)], 1)
+        y = self.decode(values, indices)
         return (y + torch.einsum("nld,lde->nle", x.to(y.dtype), self.W_skip) if self.W_skip is not None else y), \
             values, indices
 
@@ -156,7 +198,10 @@ class CrossLayerTranscoder(nn.Module):
     def decoder_norms(self):
         """‖W_dec‖ of each feature over every layer it writes to: [L, F] (the JumpReLU sparsity penalty's weight;
         + 1e-12 under the root, whose gradient at the zero-initialised decoders would be 0/0)."""
-        return torch.stack([w.pow(2).sum((0, 2)).add(1e-12).sqrt() for w in self.W_dec])
+        squares = torch.zeros(self.cfg.n_layers, self.cfg.d_sae, dtype=self.W_dec[0].dtype, device=self.W_dec[0].device)
+        for t, W in enumerate(self.W_dec):                                             # W [n_t, F, d]
+            squares = squares.index_add(0, torch.tensor(self.cfg.sources(t), device=W.device), W.pow(2).sum(-1))
+        return squares.add(1e-12).sqrt()
 
     # ---------------------------------------------------------------- training's constraints
     @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import circuits
+from .clt import CrossLayerTranscoder
 from .errors import MinisvError
 from .progress import progress
 
@@ -187,3 +188,34 @@ def _add_weight_views(model, tc, features, n=8, chunk=256):
                 f[key] = [[a, round(sign * b, 4)] for a, b in zip(t, v)]
 
 
+
+
+@torch.no_grad()
+def graph_contexts(model, coder, rows, nodes, k=5, window=(8, 2)):
+    """For an attribution graph's JSON `nodes`: the top-k activating contexts over token rows [N, T] of each feature
+    node's feature, {"layer_feature": [[window token ids], [activations], row, position], ...}, the token strings
+    they use, {id: str}, and where in a window its token sits ("before"). coder: what `minisv.graph.attribute` took (a CLT or a per-layer set)."""
+    clt = coder if isinstance(coder, CrossLayerTranscoder) else \
+        CrossLayerTranscoder.from_transcoders(coder, model.cfg.n_layers)
+    feats = sorted({tuple(map(int, n["node_id"].split("_")[:2])) for n in nodes
+                    if n["feature_type"] == "cross layer transcoder"})
+    if not feats:
+        return {"contexts": {}, "strings": {}, "before": window[0]}
+    tok = model.tokenizer
+    cfg = DashboardConfig(k=k, samples=0, window=window, bos_id=tok.bos_id if tok is not None else None)
+    device, T = model.embed.weight.device, rows.shape[1]
+    run, layers = _Running(len(feats), cfg, device), sorted({l for l, _ in feats})
+    names = {l: f"blocks.{l}.{clt.cfg.hook_in}" for l in layers}
+    for i in progress(range(0, len(rows), 8), "feature contexts", unit=" batches"):
+        tokens = rows[i:i + 8].to(device)
+        _, cache = model.run_with_cache(tokens, names=list(names.values()), stop_at_layer=max(layers) + 1)
+        dense = {l: clt.dense(*clt.encode_layer(l, cache[names[l]].flatten(0, 1))).view(*tokens.shape, -1)
+                 for l in layers}
+        a = torch.stack([dense[l][..., f] for l, f in feats], -1).float()                     # [R, T, n]
+        keep = tokens != cfg.bos_id if cfg.bos_id is not None else torch.ones_like(tokens, dtype=torch.bool)
+        run.add(a * keep[..., None], i * T, int(keep.sum()))
+    keys, examples = _examples(rows, run.top, torch.arange(len(feats), device=device), window)
+    contexts = {f"{l}_{f}": [e for key, e in zip(ks, ex) if key > 0] for (l, f), ks, ex in zip(feats, keys, examples)}
+    ids = {i for ex in contexts.values() for e in ex for i in e[0] if i >= 0}
+    return {"contexts": contexts, "strings": {i: tok.token_str(i) if tok is not None else str(i) for i in ids},
+            "before": window[0]}

@@ -31,10 +31,13 @@ from safetensors.torch import load_file, save_file
 from . import unpickle
 from .atomic import atomic_write, write_text
 from .errors import MinisvError
+from . import circuit_tracer
+from .clt import CLTConfig, CrossLayerTranscoder
 from .transcoder import Transcoder, TranscoderConfig, convention_of
 
 CONFIG = "cfg.json"
 WEIGHTS = {"minisv": "transcoder.safetensors", "saelens": "sae_weights.safetensors", "sparsify": "sae.safetensors"}
+CLT_WEIGHTS = "clt.safetensors"      # a cross-layer transcoder in minisv's layout: cfg.json + this
 FORMATS = tuple(WEIGHTS)
 # what the other layouts have no field for, kept under a "minisv" key they ignore, so a round trip loses nothing
 _EXTRA_FIELDS = ("model", "layer", "hook_in", "hook_out", "input_convention", "target_centered", "dataset",
@@ -44,9 +47,12 @@ _HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 # ------------------------------------------------------------------------- writing
-def save(tc: Transcoder, path, format="minisv"):
+def save(tc, path, format="minisv"):
     """Write cfg.json and the weights into the directory `path` (each file atomically) in one of FORMATS, in the
-    coder's own dtype. A directory holding another layout's files is refused (its cfg.json would be replaced)."""
+    coder's own dtype. A directory holding another layout's files is refused (its cfg.json would be replaced).
+    A CrossLayerTranscoder is written in minisv's layout (circuit-tracer's: `minisv.circuit_tracer.save`)."""
+    if isinstance(tc, CrossLayerTranscoder):
+        return _save_clt(tc, path, format)
     if format not in FORMATS:
         raise MinisvError(f"unknown transcoder format {format!r}; use one of {', '.join(FORMATS)}")
     check_export(format, tc.cfg.architecture, tc.cfg.skip, tc.cfg.d_in, tc.cfg.d_out)
@@ -127,13 +133,20 @@ def _sparsify_layout(cfg, tensors):
 
 
 # ------------------------------------------------------------------------- reading
-def load(path, device=None, model=None) -> Transcoder:
+def load(path, device=None, model=None):
     """A transcoder (or SAE) from a directory in any of the three layouts, told apart by their weights file (or
-    from its cfg.json / weights path). A sparsify coder trained by sparsify itself reads Hugging Face modules and
-    needs `model` to be mapped onto minisv's hooks (see the top of this file)."""
+    from its cfg.json / weights path); a CrossLayerTranscoder from minisv's or circuit-tracer's layout. A sparsify
+    coder trained by sparsify itself, and circuit-tracer's coders, read Hugging Face modules after the norm's
+    gain and need `model` to be mapped onto minisv's hooks (see the top of this file)."""
     path = str(path)
     if os.path.isfile(path):
         path = os.path.dirname(path) or "."
+    if os.path.isfile(os.path.join(path, CLT_WEIGHTS)) or circuit_tracer.is_layout(path):
+        if circuit_tracer.is_layout(path) and model is None:
+            raise MinisvError(f"{path} is a circuit-tracer coder, which reads the MLP input after the norm's gain; "
+                              f"pass the model so minisv can fold the gain in")
+        clt = _load_clt(path) if not circuit_tracer.is_layout(path) else circuit_tracer.load(path, model)
+        return clt.to(device) if device is not None else clt
     found = [f for f, w in WEIGHTS.items() if os.path.isfile(os.path.join(path, w))]
     if not found or not os.path.isfile(os.path.join(path, CONFIG)):
         raise MinisvError(f"{path} is not a transcoder directory (needs {CONFIG} and one of "
@@ -142,6 +155,43 @@ def load(path, device=None, model=None) -> Transcoder:
     raw = _read_config(path)
     tc = {"minisv": _from_minisv, "saelens": _from_saelens, "sparsify": _from_sparsify}[found[0]](path, raw, model)
     return tc.to(device) if device is not None else tc
+
+
+def _save_clt(clt, path, format):
+    if format != "minisv":
+        raise MinisvError(f"a cross-layer transcoder is written in minisv's layout, or in circuit-tracer's with "
+                          f"minisv.circuit_tracer.save (train_transcoder.py --export-format circuit-tracer); not {format!r}")
+    tensors = {n: p.detach().contiguous().cpu() for n, p in clt.named_parameters()}      # W_dec.0, W_dec.1, ...
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, CLT_WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_text(os.path.join(path, CONFIG), json.dumps({"kind": "clt", **dataclasses.asdict(clt.cfg)}, indent=2) + "\n")
+
+
+def _load_clt(path):
+    """minisv's CLT layout, its cfg.json checked field by field and the tensors' shapes against it before reading."""
+    raw = _read_config(path)
+    types = {f.name: f.type for f in dataclasses.fields(CLTConfig)}
+    fields = {k: v for k, v in raw.items() if k in types}
+    for key, value in fields.items():
+        if type(value) is not types[key]:
+            raise MinisvError(f"{path}/{CONFIG}: {key} is {value!r}, expected {_KINDS[types[key]]}; the file is "
+                              f"corrupt")
+    missing = [k for k in ("n_layers", "d_model", "d_sae") if k not in fields]
+    if missing or raw.get("kind") != "clt":
+        raise MinisvError(f"{path}/{CONFIG} is not a cross-layer transcoder's (kind {raw.get('kind')!r}, lacking "
+                          f"{', '.join(missing) or 'nothing'})")
+    clt = CrossLayerTranscoder(CLTConfig(**fields))
+    weights = os.path.join(path, CLT_WEIGHTS)
+    try:
+        with safe_open(weights, "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:
+        raise MinisvError(f"{weights}: truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
+    expected = {n: list(p.shape) for n, p in clt.named_parameters()}
+    if shapes != expected:
+        raise MinisvError(f"{weights} holds {shapes}, but cfg.json implies {expected}; the directory is corrupt")
+    clt.load_state_dict(_tensors(weights))
+    return clt
 
 
 def _read_config(path):
@@ -157,6 +207,9 @@ def _read_config(path):
     return raw
 
 
+_KINDS = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
+
+
 def _config(raw, where, **known):
     """A TranscoderConfig from the cfg.json fields that are TranscoderConfig fields (and `known` ones), each checked
     for its type; a one-line MinisvError naming the field otherwise."""
@@ -164,8 +217,7 @@ def _config(raw, where, **known):
     fields = {k: v for k, v in raw.items() if k in types} | known
     for key, value in fields.items():
         if type(value) is not types[key]:
-            kind = {int: "an integer", str: "a string", bool: "true or false"}[types[key]]
-            raise MinisvError(f"{where}: {key} is {value!r}, expected {kind}; the file is corrupt")
+            raise MinisvError(f"{where}: {key} is {value!r}, expected {_KINDS[types[key]]}; the file is corrupt")
     missing = [k for k in ("d_in", "d_out", "d_sae") if k not in fields]
     if missing:
         raise MinisvError(f"{where} is incomplete: it lacks {', '.join(missing)}")

@@ -6,7 +6,7 @@ Take the prompt's forward pass and freeze its attention patterns and norm scales
 (mlp_out − reconstruction) kept as a constant, everything written into the residual stream is linear in the
 *nodes* of the graph:
 
-    features   (layer, position, feature): the active features, each worth a·W_dec[layer][t − layer][f] to MLP t
+    features   (layer, position, feature): the active features, each worth a·clt.decoder(layer, f, t) to MLP t
     errors     (layer, position): mlp_out − reconstruction, one per layer and position
     tokens     (position): the token's embedding
     logits     the most likely next tokens (by probability until 0.95, at most 10), each read as its logit minus
@@ -200,11 +200,9 @@ class _Sweep:
         """A[alive, ·] for the nodes writing into MLP l's output: features of layers s ≤ l that reach l, and the
         error of layer l; position 0's whole MLP output and every decoder bias are bias terms."""
         run, clt, G, rows = self.run, self.clt, self.G, self.rows[self.lo:]
-        for s in range(l + 1):
-            if l - s >= clt.W_dec[s].shape[0]:
-                continue
+        for j, s in enumerate(clt.cfg.sources(l)):
             ids, acts, node = slots[s]                                               # [T, m]
-            W = clt.W_dec[s][l - s][ids] * acts[..., None]                           # [T, m, d]
+            W = clt.W_dec[l][j][ids] * acts[..., None]                               # [T, m, d]
             edges = torch.einsum("ntd,tmd->ntm", G, W)                               # [n, T, m]
             keep = node >= 0
             self.A[rows[:, None], node[keep][None]] += edges[:, keep]
@@ -300,11 +298,12 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     return nodes, edges, cumulative
 
 
-def scores(graph):
+def scores(graph, nodes=None, edges=None):
     """(replacement score, completeness score), as circuit-tracer defines them: the share of the influence on the
     logits that reaches them from tokens rather than errors, and the influence-weighted share of each node's
-    inputs that does not come from errors."""
-    A, w = normalized(graph.adjacency), graph.logit_weights()
+    inputs that does not come from errors. With `prune`'s node and edge masks: of the pruned graph."""
+    A = graph.adjacency if edges is None else graph.adjacency * (edges & nodes[:, None] & nodes[None])
+    A, w = normalized(A), graph.logit_weights()
     I = influence(A, w)
     n_f, n_e, T = graph.n_features, graph.n_errors, len(graph.tokens)
     errors, tokens = slice(n_f, n_f + n_e), slice(n_f + n_e, n_f + n_e + T)

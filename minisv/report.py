@@ -215,6 +215,95 @@ def _short(n):
             "logit": "logit"}.get(k, k)
 
 
+# ------------------------------------------------------------------------- attribution-graph report
+GRAPH_JS = """
+const D = JSON.parse(document.getElementById("data").textContent), G = D.graph, S = D.strings;
+const kinds = {"embedding": "token", "mlp reconstruction error": "error", "logit": "logit"};
+const kind = n => kinds[n.feature_type] || "feature";
+const row = n => n.layer === "E" ? 0 : +n.layer + 1;          // tokens at the bottom, logits above the last layer
+const cells = {};
+for (const n of G.nodes) (cells[row(n) + "," + n.ctx_idx] ||= []).push(n);
+const T = G.metadata.prompt_tokens.length, rows = Math.max(...G.nodes.map(row)) + 1;
+const colW = Array.from({length: T}, (_, p) => 40 + 16 * Math.max(1, ...Object.entries(cells)
+  .filter(([k]) => +k.split(",")[1] === p).map(([, v]) => v.length)));
+const colX = colW.map((_, p) => 60 + colW.slice(0, p).reduce((a, b) => a + b, 0));
+const rowY = r => 30 + (rows - 1 - r) * 34, pos = {};
+for (const [key, ns] of Object.entries(cells)) {
+  const [r, p] = key.split(",").map(Number);
+  ns.forEach((n, i) => pos[n.node_id] = [colX[p] + 20 + 16 * i, rowY(r)]);
+}
+const W = colX[T - 1] + colW[T - 1] + 20, H = rowY(0) + 60;
+const peak = Math.max(...G.links.map(l => Math.abs(l.weight)), 1e-12);
+const esc = s => String(s).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
+let svg = "";
+for (let r = 1; r < rows - 1; r++)
+  svg += `<text x="8" y="${rowY(r) + 4}" font-size="10" fill="#888">L${r - 1}</text>`;
+G.metadata.prompt_tokens.forEach((t, p) => svg += `<text x="${colX[p] + colW[p] / 2}" y="${H - 12}" font-size="11" ` +
+  `text-anchor="middle">${esc(t)}</text>`);
+for (const l of G.links) {
+  const [x1, y1] = pos[l.source], [x2, y2] = pos[l.target];
+  svg += `<line class="edge" x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke="${l.weight >= 0 ? "#2a6fdb" : "#d62728"}" ` +
+    `stroke-width="${(0.5 + 5 * Math.abs(l.weight) / peak).toFixed(2)}" opacity="0.45"><title>${esc(l.source)} → ` +
+    `${esc(l.target)}: ${l.weight.toPrecision(3)}</title></line>`;
+}
+for (const n of G.nodes) {
+  const [x, y] = pos[n.node_id], k = kind(n), tip = `${esc(n.node_id)} (${k})`;
+  const shape = k === "error" ? `<rect x="${x - 5}" y="${y - 5}" width="10" height="10" fill="#bbb"/>` :
+    k === "feature" ? `<circle cx="${x}" cy="${y}" r="6" fill="#f0a030"/>` :
+    `<rect x="${x - 7}" y="${y - 7}" width="14" height="14" rx="3" fill="${k === "logit" ? "#6a3" : "#79c"}"/>`;
+  svg += `<g class="node ${k}" data-id="${esc(n.node_id)}">${shape}<title>${tip}</title></g>`;
+}
+document.getElementById("graph").innerHTML = `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" ` +
+  `font-family="system-ui,sans-serif">${svg}</svg>`;
+function context(ex, max) {
+  const [ids, acts] = ex;
+  return '<div class="ctx">' + ids.map((id, i) => id < 0 ? "" : `<span class="t${i === D.before ? " c" : ""}" ` +
+    `style="background:rgba(255,140,0,${Math.min(1, acts[i] / max).toFixed(2)})">${esc(S[id])}</span>`).join("") + "</div>";
+}
+function show(id) {
+  const n = G.nodes.find(m => m.node_id === id), k = kind(n), panel = document.getElementById("panel");
+  const into = G.links.filter(l => l.target === id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 8);
+  let html = `<h2>${esc(id)}</h2><p>${k}` + (n.activation != null ? `, activation ${n.activation.toPrecision(3)}` : "") +
+    (n.influence != null ? `, cumulative influence ${n.influence.toFixed(3)}` : "") + (n.clerp ? `: ${esc(n.clerp)}` : "") +
+    "</p><h3>strongest inputs</h3>" + (into.map(l => `<div>${esc(l.source)} ${l.weight.toPrecision(3)}</div>`).join("") || "none");
+  if (k === "feature") {
+    const ex = D.contexts[id.split("_").slice(0, 2).join("_")] || [];
+    const max = Math.max(...ex.map(e => e[1][D.before]), 1e-9);
+    html += "<h3>top activating contexts (held out)</h3>" + (ex.map(e => context(e, max)).join("") || "never active");
+  }
+  panel.innerHTML = html;
+}
+for (const g of document.querySelectorAll("g.node")) g.addEventListener("click", () => show(g.dataset.id));
+"""
+
+
+def graph_html(data, contexts, title="Attribution graph") -> str:
+    """A self-contained viewer of an attribution graph in circuit-tracer's JSON (`minisv.circuit_tracer.graph_json`):
+    layers bottom to top, token positions left to right, edges blue (raises the target) or red (lowers it) with
+    width ∝ |weight|; clicking a node shows its strongest inputs and, for a feature, its top activating contexts
+    (`minisv.dashboards.graph_contexts`); the scores in the header."""
+    meta = data["metadata"]
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    header = (f'<p class="meta">{len(data["nodes"])} nodes and {len(data["links"])} edges kept (node threshold '
+              f'{meta["node_threshold"]}). Replacement score {meta.get("replacement_score", float("nan")):.3f}, '
+              f'completeness {meta.get("completeness_score", float("nan")):.3f}; pruned: '
+              f'{meta.get("pruned_replacement_score", float("nan")):.3f}, '
+              f'{meta.get("pruned_completeness_score", float("nan")):.3f}.</p><p>Next token: ' +
+              ", ".join(html.escape(n["clerp"]) for n in logits) + "</p>")
+    legend = ('<p class="meta legend"><svg width="400" height="16"><circle cx="8" cy="8" r="6" fill="#f0a030"/>'
+              '<text x="18" y="12" font-size="11">feature</text><rect x="70" y="3" width="10" height="10" fill="#bbb"/>'
+              '<text x="84" y="12" font-size="11">MLP error</text><rect x="150" y="1" width="14" height="14" rx="3" '
+              'fill="#79c"/><text x="168" y="12" font-size="11">token</text><rect x="210" y="1" width="14" height="14" '
+              'rx="3" fill="#6a3"/><text x="228" y="12" font-size="11">logit</text></svg><br>edges: '
+              '<span style="color:#2a6fdb">blue raises the target</span>, <span style="color:#d62728">red lowers it'
+              '</span>; width ∝ |direct effect|. Click a node for its inputs and contexts.</p>')
+    payload = {"graph": data, **contexts}
+    body = (header + legend + '<div style="display:flex;gap:16px"><div id="graph" style="overflow:auto;'
+            'max-width:70%"></div><div id="panel" style="flex:1;min-width:18em"><p>click a node</p></div></div>' +
+            _json_script(payload, "data") + f"<script>{GRAPH_JS}</script>")
+    return _page(title, body)
+
+
 # ------------------------------------------------------------------------- training report
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 

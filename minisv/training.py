@@ -138,13 +138,14 @@ def clt_loss(clt, x, y, dead, cfg):
     sparsity · mean over tokens of Σ_l,f tanh(c · ‖W_dec[l, f]‖ · a[l, f])). dead: bool [L, F]."""
     y_hat, values, indices = clt.reconstruct(x)
     err = y_hat.float() - y.float()
+    sse = err.pow(2).sum((0, 2))                  # [L], in one op: a slice's backward would zero all of err per layer
     loss, stats, fired = 0.0, {}, clt.fired(values, indices)
     for i, l in enumerate(cfg.layers):
         m = all_reduce(moments(y[:, i]))
-        fvu_l = fvu(err[:, i].pow(2).sum(), m)
+        fvu_l = fvu(sse[i], m)
         loss = loss + fvu_l
         if cfg.architecture == "topk":
-            weights = (clt.W_enc[i], clt.b_enc[i], clt.W_dec[i][0])
+            weights = (clt.W_enc[i], clt.b_enc[i], clt.W_dec[i][-1])     # layer i's own decoder into layer i
             loss = loss + cfg.aux_coef * auxk(x[:, i], weights, dead[i], -err[:, i].detach(), max(1, x.shape[-1] // 2))
         stats[l] = {"fvu": fvu_l.detach(), "l0": (values[:, i] > 0).sum() / m[-1].float(), "fired": fired[i]}
     if cfg.architecture == "jumprelu":
@@ -410,8 +411,8 @@ def _unscaled_clt(clt, scales, tokens):
     s_in, s_out = (torch.tensor(s, dtype=out.b_dec.dtype, device=out.b_dec.device) for s in zip(*scales))
     out.W_enc.div_(s_in[:, None, None])
     out.b_dec.mul_(s_out[:, None])
-    for l, W in enumerate(out.W_dec):
-        W.mul_(s_out[l:l + len(W), None, None])
+    for t, W in enumerate(out.W_dec):
+        W.mul_(s_out[t])
     if out.W_skip is not None:
         out.W_skip.mul_((s_out / s_in)[:, None, None])
     out.cfg.training_tokens = tokens

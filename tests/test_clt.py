@@ -24,7 +24,7 @@ def random_clt(arch="topk", window=0, skip=False, L=3, d=8, F=12, k=3, seed=0):
 
 
 def dense_reconstruction(clt, x):
-    """ŷ_t = Σ_{s ≤ t, t − s < window} a_s W_dec[s][t − s] + b_dec[t] + x_t W_skip[t], with every activation dense."""
+    """ŷ_t = Σ_{s ≤ t, t − s < window} a_s W_dec[t][s − s_0(t)] + b_dec[t] + x_t W_skip[t], with every activation dense."""
     cfg = clt.cfg
     acts = []
     for l in range(cfg.n_layers):
@@ -41,7 +41,7 @@ def dense_reconstruction(clt, x):
         y = clt.b_dec[t].expand(len(x), -1)
         for s in range(t + 1):
             if not cfg.window or t - s < cfg.window:
-                y = y + acts[s] @ clt.W_dec[s][t - s]
+                y = y + acts[s] @ clt.W_dec[t][s - clt.cfg.sources(t)[0]]
         out.append(y + (x[:, t] @ clt.W_skip[t] if clt.W_skip is not None else 0))
     return torch.stack(out, 1), torch.stack(acts, 1)
 
@@ -194,3 +194,21 @@ def test_evaluation_of_a_window_1_clt_is_the_per_layer_sets(tiny_llama):
             spliced = model(rows)[:, :-1].argmax(-1)
     assert per_layer["all"]["top1_agreement"] == pytest.approx(float((clean == spliced).float().mean()))
     assert sum(per_layer["rows"]["all"]["nll"]) / per_layer["tokens"] == pytest.approx(per_layer["all"]["ce_spliced"])
+
+
+def test_files_round_trip_and_corrupt_ones_are_one_line(tmp_path):
+    from minisv import formats
+    clt = random_clt("jumprelu", window=2, skip=True)
+    clt.cfg.model = "tiny"
+    formats.save(clt, tmp_path / "c")
+    back = formats.load(tmp_path / "c")
+    assert back.cfg == clt.cfg
+    x = torch.randn(4, 3, 8)
+    torch.testing.assert_close(back(x), clt(x), rtol=0, atol=0)
+    cfg = (tmp_path / "c" / "cfg.json").read_text()
+    (tmp_path / "c" / "cfg.json").write_text(cfg.replace('"d_sae": 12', '"d_sae": 13'))
+    with pytest.raises(minisv.MinisvError, match="cfg.json implies"):
+        formats.load(tmp_path / "c")
+    (tmp_path / "c" / "cfg.json").write_text(cfg.replace('"window": 2', '"window": "2"'))
+    with pytest.raises(minisv.MinisvError, match="window is '2', expected an integer"):
+        formats.load(tmp_path / "c")

@@ -88,9 +88,9 @@ def test_every_adjacency_column_is_the_frozen_models_response_to_its_node(model6
     for j in torch.linspace(0, g.n_features - 1, 6).long().tolist():            # features: activation × 2
         l, p, f = g.features[j].tolist()
         push = {f"blocks.{t}.hook_mlp_out": torch.zeros(T, model.cfg.d_model, dtype=torch.float64)
-                for t in range(l, l + clt.W_dec[l].shape[0])}
+                for t in range(l, model.cfg.n_layers) if l in clt.cfg.sources(t)}
         for t, delta in push.items():
-            delta[p] = g.activations[j] * clt.W_dec[l][int(t.split(".")[1]) - l][f]
+            delta[p] = g.activations[j] * clt.decoder(l, f, int(t.split(".")[1]))
         checks.append((j, push))
     for l, p in ((0, 3), (1, 1), (2, T - 1)):                                    # errors: added once more
         delta = torch.zeros(T, model.cfg.d_model, dtype=torch.float64)
