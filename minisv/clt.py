@@ -165,9 +165,8 @@ class CrossLayerTranscoder(nn.Module):
         """The vector feature `feature` of layer `source` writes to layer `target`'s MLP output per unit of
         activation: [..., d] (zero beyond the window)."""
         sources = self.cfg.sources(target)
-        if source not in sources:
-            return torch.zeros(self.cfg.d_model, dtype=self.W_dec[0].dtype, device=self.W_dec[0].device)
-        return self.W_dec[target][source - sources[0], feature]
+        W = self.W_dec[target][0 if source not in sources else source - sources[0], feature]
+        return W if source in sources else torch.zeros_like(W)
 
     def reconstruct(self, x):
         """x [N, L, d] -> (ŷ [N, L, d], values, indices): every layer's prediction and the code behind it."""
