@@ -274,6 +274,8 @@ function show(id) {
   panel.innerHTML = html;
 }
 for (const g of document.querySelectorAll("g.node")) g.addEventListener("click", () => show(g.dataset.id));
+const first = G.nodes.filter(n => kind(n) === "feature").sort((a, b) => a.influence - b.influence)[0];
+if (first) show(first.node_id);          // the most influential feature (lowest cumulative influence) to start with
 """
 
 
