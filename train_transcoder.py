@@ -373,8 +373,7 @@ def _load_transcoders(args, model):
     """{layer: Transcoder} from --load directories (or their layer_L/ subdirectories) and --import-released files,
     or the CrossLayerTranscoder of one --load directory."""
     device = model.embed.weight.device
-    found = [formats.load(d, device, model) for path in args.load or []
-             for d in sorted(glob.glob(os.path.join(path, "layer_*"))) or [path]]
+    found = [formats.load(d, device, model) for path in args.load or [] for d in _coder_dirs(path)]
     if any(isinstance(c, CrossLayerTranscoder) for c in found):
         if len(found) > 1 or args.import_released:
             raise MinisvError("a cross-layer transcoder replaces every MLP: --load it alone")
@@ -384,6 +383,16 @@ def _load_transcoders(args, model):
     if len(set(layers)) < len(layers):
         raise MinisvError(f"several transcoders for one layer (layers {layers}); give one per layer")
     return dict(zip(layers, found))
+
+
+def _coder_dirs(path):
+    """The coder directories of a --load path: its layer_L/ subdirectories (a multi-layer run), its hookpoint
+    subdirectories (sparsify's multi-layer layout, e.g. model.layers.6.mlp/), or the path itself."""
+    for pattern in ("layer_*", "*layers.*"):
+        found = sorted(glob.glob(os.path.join(path, pattern)), key=lambda d: [int(n) for n in re.findall(r"\d+", d)])
+        if found:
+            return found
+    return [path]
 
 
 def _setup_distributed(device):

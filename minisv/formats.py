@@ -283,6 +283,7 @@ def _from_sparsify(path, raw, model):
     tensors = {"W_enc": tensors.pop("encoder.weight").t(), "b_enc": tensors.pop("encoder.bias"), **tensors}
     if "W_skip" in tensors:
         tensors["W_skip"] = tensors["W_skip"].t()
+    _fold_io_norms(tensors)
     transcode, fields = bool(raw.get("transcode")), raw.get("minisv")
     if not transcode:   # sparsify SAEs encode x − b_dec: fold it into the encoder bias
         tensors["b_enc"] = tensors["b_enc"] - tensors["b_dec"] @ tensors["W_enc"]
@@ -291,6 +292,22 @@ def _from_sparsify(path, raw, model):
     else:
         known = _sparsify_hooks(path, transcode, tensors, model)
     return _from_tensors(path, tensors, "topk", raw.get("k", 32), known)
+
+
+def _fold_io_norms(tensors):
+    """EleutherAI's normalize_io coders scale their input by √d / in_norm and their output by out_norm / √d
+    (in_norm, out_norm: the mean token norms of the first training batch, stored as tensors): fold both into
+    the weights, so the coder maps raw activations. A no-op without them."""
+    if "in_norm" not in tensors and "out_norm" not in tensors:
+        return
+    d = tensors["W_enc"].shape[0]
+    scale_in = d ** 0.5 / float(tensors.pop("in_norm", torch.tensor(d ** 0.5)))
+    scale_out = float(tensors.pop("out_norm", torch.tensor(d ** 0.5))) / d ** 0.5
+    tensors["W_enc"] = tensors["W_enc"] * scale_in
+    for name in ("W_dec", "b_dec"):
+        tensors[name] = tensors[name] * scale_out
+    if "W_skip" in tensors:
+        tensors["W_skip"] = tensors["W_skip"] * scale_in * scale_out
 
 
 def _sparsify_hooks(path, transcode, tensors, model):

@@ -273,3 +273,25 @@ def test_a_bf16_coder_is_written_in_bf16_and_runs_on_float32_input(tmp_path):
         back = formats.load(tmp_path / fmt)
         assert back.W_enc.dtype == torch.bfloat16
         torch.testing.assert_close(back(inputs()), tc(inputs().bfloat16()), rtol=0, atol=0)
+
+
+def test_a_normalize_io_coder_is_folded_to_raw_units(tmp_path, monkeypatch):
+    """EleutherAI's normalize_io transcoders compute on x·√d/in_norm and scale their output by out_norm/√d (both
+    norms stored in the file): read back, minisv's coder on the raw input gives that computation by hand."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    d, F, k = 12, 40, 5
+    t = {"encoder.weight": torch.randn(F, d), "encoder.bias": torch.randn(F), "W_dec": torch.randn(F, d),
+         "b_dec": torch.randn(d), "W_skip": torch.randn(d, d), "in_norm": torch.tensor(7.0), "out_norm": torch.tensor(0.3)}
+    folder = tmp_path / "coder"
+    folder.mkdir()
+    save_file(t, folder / "sae.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "k": k, "transcode": True, "d_in": d,
+                                                 "minisv": {"layer": 0, "hook_in": "a", "hook_out": "b"}}))
+    tc = formats.load(folder)
+    x = inputs()
+    xn = x * d ** 0.5 / 7.0
+    pre = xn @ t["encoder.weight"].T + t["encoder.bias"]
+    top = pre.relu().topk(k, dim=-1)
+    y = torch.zeros_like(pre).scatter(-1, top.indices, top.values) @ t["W_dec"] + t["b_dec"] + xn @ t["W_skip"].T
+    torch.testing.assert_close(tc(x), y * 0.3 / d ** 0.5, rtol=1e-4, atol=1e-5)
