@@ -188,8 +188,11 @@ def _load_clt(path):
     except Exception as e:
         raise MinisvError(f"{weights}: truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
     expected = {n: list(p.shape) for n, p in clt.named_parameters()}
-    if shapes != expected:
-        raise MinisvError(f"{weights} holds {shapes}, but cfg.json implies {expected}; the directory is corrupt")
+    wrong = sorted(n for n in set(shapes) | set(expected) if shapes.get(n) != expected.get(n))
+    if wrong:
+        raise MinisvError(f"{weights}: {wrong[0]} has shape {shapes.get(wrong[0])} but cfg.json implies "
+                          f"{expected.get(wrong[0])} ({len(wrong)} tensors differ); the directory is corrupt or of "
+                          f"another minisv version")
     clt.load_state_dict(_tensors(weights))
     return clt
 
