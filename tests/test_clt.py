@@ -207,7 +207,7 @@ def test_files_round_trip_and_corrupt_ones_are_one_line(tmp_path):
     torch.testing.assert_close(back(x), clt(x), rtol=0, atol=0)
     cfg = (tmp_path / "c" / "cfg.json").read_text()
     (tmp_path / "c" / "cfg.json").write_text(cfg.replace('"d_sae": 12', '"d_sae": 13'))
-    with pytest.raises(minisv.MinisvError, match="W_enc has shape .* but cfg.json implies"):
+    with pytest.raises(minisv.MinisvError, match="has shape .* but cfg.json implies"):
         formats.load(tmp_path / "c")
     (tmp_path / "c" / "cfg.json").write_text(cfg.replace('"window": 2', '"window": "2"'))
     with pytest.raises(minisv.MinisvError, match="window is '2', expected an integer"):
