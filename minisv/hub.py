@@ -28,6 +28,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from .atomic import write_text
 from .errors import MinisvError
+from .files import STR, dict_of, field, read_json
 
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # either may be split into {name}.index.json + shards
 _EXTRAS = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -115,10 +116,8 @@ def snapshot(repo_id: str, revision: str = "main") -> Path:
 
 def shard_names(index: Path) -> list[str]:
     """The shard files a sharded checkpoint's {weights}.index.json lists, each checked to stay in its directory."""
-    try:  # {"weight_map": {tensor name: shard file}}; every shard is needed
-        names = set(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise MinisvError(f"{index} is not a valid checkpoint index ({e!r}) — delete it and retry") from None
+    # {"weight_map": {tensor name: shard file}}; every shard is needed
+    names = set(field(read_json(index), "weight_map", index, dict_of(STR)).values())
     for name in names:
         if not (isinstance(name, str) and name) or name.startswith("/") or "\\" in name or "\0" in name \
                 or ".." in name.split("/"):
