@@ -43,8 +43,9 @@ def _fail(where, problem) -> MinisvError:
 
 
 # ------------------------------------------------------------------------------------------- any input file
-def open_regular(path, max_bytes: int) -> io.BufferedReader:
-    """`path` opened for reading (binary) if it is a regular file of at most max_bytes; a MinisvError if not.
+def open_regular(path, max_bytes: int | None) -> io.BufferedReader:
+    """`path` opened for reading (binary) if it is a regular file of at most max_bytes (None: of any size, for
+    weights that are memory-mapped rather than read); a MinisvError if not.
 
     O_NONBLOCK makes opening a FIFO return at once (a plain open waits for a writer, forever); the checks are
     made on the opened file (fstat), so what is read is what was checked, even if the path changes meanwhile."""
@@ -57,7 +58,7 @@ def open_regular(path, max_bytes: int) -> io.BufferedReader:
         if not stat.S_ISREG(info.st_mode):
             what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a FIFO, device or socket)"
             raise MinisvError(f"cannot read {path}: it is {what}; pass a regular file")
-        if info.st_size > max_bytes:
+        if max_bytes is not None and info.st_size > max_bytes:
             raise MinisvError(f"cannot read {path}: it has {info.st_size:,} bytes, more than the {max_bytes:,} such a "
                               f"file may have; check the path")
         os.set_blocking(fd, True)
@@ -67,7 +68,7 @@ def open_regular(path, max_bytes: int) -> io.BufferedReader:
         raise
 
 
-def check_regular(path, max_bytes: int) -> int:
+def check_regular(path, max_bytes: int | None) -> int:
     """The size of `path` if it is a regular file of at most max_bytes, else a MinisvError (see open_regular)."""
     with open_regular(path, max_bytes) as f:
         return os.fstat(f.fileno()).st_size
