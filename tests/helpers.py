@@ -8,9 +8,13 @@ LFS files (*.safetensors here) a 302 to a "CDN" path carrying X-Linked-Etag (the
 import hashlib
 import json
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
@@ -140,6 +144,22 @@ def loads_or_refuses(call, *args):
             call(*args)
     except MinisvError as e:
         assert "\n" not in str(e)
+
+
+def limited(code, headroom_mb=150):
+    """Run `code` in a fresh Python whose address space may grow only `headroom_mb` past what torch and minisv
+    take; returns what it prints. A file whose sizes were believed would be allocated there, and fail there."""
+    prelude = textwrap.dedent(f"""
+        import json, resource, torch
+        import minisv.gguf, minisv.unpickle
+        from minisv.errors import MinisvError
+        torch.set_num_threads(1)
+        size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + ({headroom_mb} << 20), resource.RLIM_INFINITY))
+        """)
+    out = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parents[1])
+    return out.stdout.strip() + out.stderr.strip()[-300:]
 
 
 # --- GGUF -----------------------------------------------------------------------------------------------

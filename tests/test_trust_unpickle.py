@@ -6,14 +6,11 @@ regression fails the test instead of exhausting the machine)."""
 import json
 import pickle
 import struct
-import subprocess
-import sys
-import textwrap
 import zipfile
 
 import pytest
 import torch
-from helpers import refused
+from helpers import limited, refused
 
 from minisv import unpickle
 
@@ -127,22 +124,6 @@ def test_members_claiming_more_than_the_file_are_refused(tmp_path):
     with zipfile.ZipFile(tmp_path / "bad.pt") as z:       # the oracle: what Python's zipfile reads
         assert sum(m.file_size for m in z.infolist()) > len(raw)
     refused(r"its members hold [\d,]+ bytes, more than the file's", unpickle.load, tmp_path / "bad.pt")
-
-
-def limited(code, headroom_mb=150):
-    """Run `code` in a fresh Python whose address space may grow only `headroom_mb` past what torch and minisv
-    take; returns what it prints. A file whose sizes were believed would be allocated there, and fail there."""
-    prelude = textwrap.dedent(f"""
-        import json, resource, torch
-        import minisv.unpickle
-        from minisv.errors import MinisvError
-        torch.set_num_threads(1)
-        size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (size + ({headroom_mb} << 20), resource.RLIM_INFINITY))
-        """)
-    out = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                         timeout=120, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
-    return out.stdout.strip() + out.stderr.strip()[-300:]
 
 
 LOAD = """
