@@ -491,13 +491,22 @@ def test_artifacts_get_the_same_mode_as_any_other_file(tmp_path):
 
 
 def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
+    """A writer killed mid-write leaves its temporary file; the next write of that path removes it, and keeps the
+    temporary files of live processes and every file not named like one of minisv's own (a user's files)."""
+    target = tmp_path / "checkpoint.pt"
+    killed = subprocess.run([sys.executable, "-c", "import os; from minisv.atomic import atomic_write; "
+                             f"atomic_write({str(target)!r}, lambda tmp: (open(tmp, 'w').write('half'), os._exit(9)))"],
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert killed.returncode == 9
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint.pt.")]
+    assert stale.read_text() == "half" and stale.name.endswith(".minisv-tmp")
+    live = tmp_path / f".checkpoint.pt.{'0' * 16}.{os.getppid()}.minisv-tmp"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()                                 # reaped: its pid names no process any more
-    target = tmp_path / "checkpoint.pt"
-    stale, live = tmp_path / f"checkpoint.pt.tmp{dead.pid}", tmp_path / f"checkpoint.pt.tmp{os.getppid()}"
-    unrelated = [tmp_path / f"other.pt.tmp{dead.pid}", tmp_path / "checkpoint.pt.tmpx", tmp_path / "checkpoint.pt"]
-    for p in [stale, live, *unrelated]:
+    unrelated = [tmp_path / f"checkpoint.pt.tmp{dead.pid}", tmp_path / f"other.pt.tmp{dead.pid}",
+                 tmp_path / f".other.pt.{'0' * 16}.{dead.pid}.minisv-tmp", tmp_path / "checkpoint.pt.tmpx"]
+    for p in [live, *unrelated]:
         p.write_text("old")
     write_text(target, "new")
     assert not stale.exists() and live.exists() and target.read_text() == "new"
-    assert all(p.exists() for p in unrelated)
+    assert all(p.read_text() == "old" for p in unrelated)
