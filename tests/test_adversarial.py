@@ -228,7 +228,7 @@ def test_content_must_match_its_hash_and_json_must_parse(server, tmp_path):
                                                 ETag=f'"{git_sha1(FILES[MAIN]["config.json"])}"')
     refused(r"config.json is corrupt: its hash is [0-9a-f]{40}, the hub says", hub.snapshot, "org/tiny")
     server.handler.routes[CONFIG_PATH] = file_answer(b'{"n_layer": 3')
-    refused(r"config.json is not valid JSON", hub.snapshot, "org/tiny")
+    refused(r"the download of config.json: not valid JSON", hub.snapshot, "org/tiny")
     assert not (repo / "refs").exists() and not list(repo.rglob("*config.json"))
     del server.handler.routes[CONFIG_PATH]
     other = hashlib.sha256(b"something else").hexdigest()
