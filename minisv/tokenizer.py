@@ -170,9 +170,9 @@ class Tokenizer:
             # that into a Rust panic, which reaches Python as pyo3's PanicException (a BaseException).
             if type(e).__name__ != "PanicException":
                 raise
-            raise MinisvError(f"{self.name}: the pre-tokenizer regex {shown(self._pre.pattern)} gave up on this "
-                              f"text ({str(e).split(': ')[-1][:80]}); the tokenizer's regex backtracks "
-                              "catastrophically, use another tokenizer") from None
+            raise MinisvError(f"{self.name}: the pre-tokenizer regex {shown(self._pre.pattern)} failed on this "
+                              f"text ({str(e).split(': ')[-1][:80]}): it backtracks catastrophically or matches the "
+                              "empty string, which minisv cannot run; use another tokenizer") from None
         if self._pre.complete and sum(map(self._rank_len.__getitem__, ranks)) != len(text.encode("utf-8")):
             raise MinisvError(f"{self.name}: the pre-tokenizer regex {shown(self._pre.pattern)} skips characters "
                               "of this text (it can match the empty string), which minisv cannot reproduce")
@@ -395,12 +395,20 @@ _SPLITS = {("Isolated", False): "{P}|{G}", ("Isolated", True): "{P}|{G}",
            ("Removed", True): "{P}"}
 
 
+_BYTE_RANKS = {bytes([b]): b for b in range(256)}
+
+
 def _split_pattern(split: dict, where: str) -> str:
     pattern = field(split, "pattern", where, OBJECT)
     if "String" in pattern:      # a literal: every character but letters and digits escaped as \x{..}
         regex = "".join(c if c.isalnum() else f"\\x{{{ord(c):x}}}" for c in field(pattern, "String", where, STR))
     else:
         regex = field(pattern, "Regex", where, STR)
+    try:   # alone first: spliced into the regexes below, a fragment like "a)|(b" would change their meaning
+        tiktoken.Encoding("check", pat_str=regex, mergeable_ranks=_BYTE_RANKS, special_tokens={})
+    except ValueError as e:
+        raise MinisvError(f"{where}: the Split regex {shown(regex)} does not compile ({str(e).splitlines()[0][:200]})"
+                          ) from None
     behavior = field(split, "behavior", where, one_of(*sorted({b for b, _ in _SPLITS})))
     invert = field(split, "invert", where, BOOL, False)
     if (behavior, invert) not in _SPLITS:
