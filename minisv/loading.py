@@ -65,11 +65,16 @@ def config_from_hf(c: dict, source="config.json") -> ModelConfig:
     if model_type not in family:
         raise MinisvError(f"model_type {model_type!r} is not supported; minisv runs gpt2, gpt_neox (Pythia), llama and "
                           "qwen2")
-    rope = get("rope_parameters", optional(OBJECT), None) or get("rope_scaling", optional(OBJECT), None) or {}
-    rope_where = f"{source}: rope_parameters"
-    theta = (get("rope_theta", optional(POSITIVE_NUMBER), None) or get("rotary_emb_base", optional(POSITIVE_NUMBER), None)
-             or field(rope, "rope_theta", rope_where, POSITIVE_NUMBER, 10000.0))
-    return family[model_type](get, model_type, lambda key, k, default=REQUIRED: field(rope, key, rope_where, k, default), theta)
+    # rope settings: transformers 5 writes rope_parameters, 4.x rope_scaling (and the base at the top level)
+    rope_key = "rope_parameters" if get("rope_parameters", optional(OBJECT), None) is not None else "rope_scaling"
+    rope, rope_where = get(rope_key, optional(OBJECT), None) or {}, f"{source}: {rope_key}"
+    positive = optional(POSITIVE_NUMBER)
+    theta = get("rope_theta", positive, None) or get("rotary_emb_base", positive, None) or \
+        field(rope, "rope_theta", rope_where, POSITIVE_NUMBER, 10000.0)
+
+    def get_rope(key, k, default=REQUIRED):
+        return field(rope, key, rope_where, k, default)
+    return family[model_type](get, model_type, get_rope, theta)
 
 
 def _gpt2_config(get, model_type, rope, theta):

@@ -88,7 +88,7 @@ class _Limits:
             raise self.refuse(f"the pickle names a storage as {str(pid)[:80]}, not as torch.save does")
         key, nbytes = str(pid[2]), pid[4] * pid[1].dtype.itemsize
         if self.records is not None and nbytes > self.records.get(key, -1):
-            held = f"its record holds {self.records[key]:,}" if key in self.records else "the archive has no such record"
+            held = f"its record holds {self.records[key]:,}" if key in self.records else "there is no such record"
             raise self.refuse(f"storage {key} declares {nbytes:,} bytes, but {held}")
         self.declared.setdefault(key, nbytes)
         if sum(self.declared.values()) > self.size:
@@ -179,8 +179,9 @@ def _zip_records(path, size):
         members = z.infolist()
     names = [m.filename for m in members]
     if not members or len(set(names)) != len(names):
-        raise MinisvError(f"refusing to load {path}: its zip archive {'is empty' if not members else 'names a member twice'}"
-                          " (a corrupt or malicious file); download or save it again")
+        why = "is empty" if not members else "names a member twice"
+        raise MinisvError(f"refusing to load {path}: its zip archive {why} (a corrupt or malicious file); download or "
+                          "save it again")
     compressed = next((m.filename for m in members if m.compress_type != zipfile.ZIP_STORED), None)
     if compressed or sum(m.file_size for m in members) > size:
         why = f"{compressed} is compressed, which torch.save never does" if compressed else \
