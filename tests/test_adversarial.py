@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 import minisv
 from minisv import hub, unpickle
 from minisv.atomic import atomic_write, write_text
-from minisv.errors import MinisvError
 from minisv.transcoder import Transcoder, TranscoderConfig, import_released
 
 

@@ -3,7 +3,6 @@ downloads of one file at once, a cache that cannot be written, headers that woul
 and a shared blob changed on disk. The oracles: the bytes served (FILES), the files under the cache (unchanged
 where nothing may change), and hand-written messages."""
 import hashlib
-import os
 import threading
 import time
 

@@ -3,7 +3,7 @@ state, call torch functions, or describe far more memory than the file holds. Th
 (unchanged), Python's zipfile (what the archive holds), the sizes written down here, and a memory limit that a
 hostile file would break if it were allocated (each such load runs in a subprocess under RLIMIT_AS, so a
 regression fails the test instead of exhausting the machine)."""
-import json
+import os
 import pickle
 import struct
 import zipfile
@@ -192,7 +192,5 @@ def test_legacy_storages_declaring_more_than_the_file_are_refused_before_allocat
 
 
 def test_a_fifo_is_refused(tmp_path):
-    import os
     os.mkfifo(tmp_path / "fifo.pt")
-    refused("not a regular file", unpickle.load, tmp_path / "fifo.pt")
-    assert json.dumps(True)
+    refused("fifo.pt: it is not a regular file", unpickle.load, tmp_path / "fifo.pt")
