@@ -20,8 +20,8 @@ For example, a transcoder's cfg.json:
     k = field(cfg, "k", folder / "cfg.json", optional(POSITIVE_INT), default=None)
     arch = field(cfg, "architecture", folder / "cfg.json", one_of("relu", "topk"), default="relu")
 
-A Kind is a test and the words for it; `kind(test, words)` makes one for a check of the caller's own, e.g.
-`kind(lambda v: type(v) is int and 0 <= v < n_layers, f"a layer in 0..{n_layers - 1}")`. bool is not an int
+A Kind is a test and the words for it; `Kind(test, words)` makes one for a check of the caller's own, e.g.
+`Kind(lambda v: type(v) is int and 0 <= v < n_layers, f"a layer in 0..{n_layers - 1}")`. bool is not an int
 here (JSON's true is no layer number), and numbers must be finite.
 """
 import io
@@ -103,10 +103,6 @@ class Kind(NamedTuple):
     """What a value must be: test(value) is True; `words` say it in an error ("a positive integer")."""
     test: Callable[[Any], bool]
     words: str
-
-
-def kind(test: Callable[[Any], bool], words: str) -> Kind:
-    return Kind(test, words)
 
 
 def _is_int(v) -> bool:

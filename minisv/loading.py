@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import unpickle
 from .errors import MinisvError
-from .files import BOOL, OBJECT, POSITIVE_INT, POSITIVE_NUMBER, REQUIRED, STR, field, kind, optional, read_json
+from .files import BOOL, OBJECT, POSITIVE_INT, POSITIVE_NUMBER, REQUIRED, STR, Kind, field, optional, read_json
 from .hub import shard_names
 from .model import ACTIVATIONS, Block, Model, ModelConfig
 from .tokenizer import Tokenizer
@@ -86,7 +86,7 @@ def _gpt2_config(get, model_type, rope, theta):
                        tie_embeddings=True)
 
 
-_FRACTION = kind(lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]")
+_FRACTION = Kind(lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]")
 
 
 def _neox_config(get, model_type, rope, theta):

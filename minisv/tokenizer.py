@@ -34,7 +34,7 @@ import tiktoken
 
 from .chat_template import render_chat
 from .errors import MinisvError
-from .files import BOOL, LIST, MAX_JSON, OBJECT, STR, dict_of, field, kind, list_of, one_of, optional, read_json, \
+from .files import BOOL, LIST, MAX_JSON, OBJECT, STR, Kind, dict_of, field, list_of, one_of, optional, read_json, \
     read_text, shown
 
 # GPT-2's pre-tokenizer: contractions, then letters / numbers / other symbols each with one optional leading
@@ -74,7 +74,7 @@ def _unbyte(token: str) -> bytes:
 
 
 MAX_TOKEN_ID = (1 << 24) - 1   # far above any real vocabulary (Llama 3 has 128,256 tokens): a larger id is corruption
-TOKEN_ID = kind(lambda v: type(v) is int and 0 <= v <= MAX_TOKEN_ID, f"a token id in 0..{MAX_TOKEN_ID}")
+TOKEN_ID = Kind(lambda v: type(v) is int and 0 <= v <= MAX_TOKEN_ID, f"a token id in 0..{MAX_TOKEN_ID}")
 _MAX_TEMPLATE = 1 << 20        # chat_template.jinja; real templates take a few kB
 
 
@@ -307,7 +307,7 @@ def _pairs(merges, where) -> list[tuple[bytes, bytes]]:
     return [(_unbyte(a), _unbyte(b)) for a, b in pairs]
 
 
-_ADDED_TOKEN = kind(lambda t: type(t) is dict and type(t.get("content")) is str and TOKEN_ID.test(t.get("id")),
+_ADDED_TOKEN = Kind(lambda t: type(t) is dict and type(t.get("content")) is str and TOKEN_ID.test(t.get("id")),
                     'objects with a "content" string and an "id" token id')
 
 
@@ -333,7 +333,7 @@ def _read_gpt2_files(path: Path, config: dict):
     # transformers lists added tokens in tokenizer_config.json as {"id": {"content": ...}}; old GPT-2 repos declare
     # none, but "<|endoftext|>" is special there all the same.
     where = path / "tokenizer_config.json"
-    decoder = field(config, "added_tokens_decoder", where, dict_of(kind(lambda t: type(t) is dict and type(
+    decoder = field(config, "added_tokens_decoder", where, dict_of(Kind(lambda t: type(t) is dict and type(
         t.get("content")) is str, 'an object with a "content" string')), {})
     for i in decoder:
         if not (i.isdecimal() and TOKEN_ID.test(int(i))):
@@ -345,7 +345,7 @@ def _read_gpt2_files(path: Path, config: dict):
     return vocab, merges, added
 
 
-_SPECIAL = kind(lambda t: t is None or type(t) is str or type(t) is dict and type(t.get("content")) is str,
+_SPECIAL = Kind(lambda t: t is None or type(t) is str or type(t) is dict and type(t.get("content")) is str,
                 'a token, an object with a "content" token, or null')
 
 
@@ -367,7 +367,7 @@ def _specials(path: Path, config: dict, special_map: dict, vocab: dict, added: d
     return Specials(special_id("bos_token"), special_id("eos_token"), special_id("pad_token"), add_bos)
 
 
-_TEMPLATES = kind(lambda t: type(t) is str or type(t) is list and all(
+_TEMPLATES = Kind(lambda t: type(t) is str or type(t) is list and all(
     type(x) is dict and type(x.get("name")) is str and type(x.get("template")) is str for x in t),
     'a template string, or a list of {"name", "template"} objects')
 
