@@ -9,9 +9,9 @@ memory, or a traceback from deep inside the code that used the value.
                                           take a path themselves: torch.load, safetensors, mmap)
     open_regular(path, max_bytes)         ... opened for reading, binary, to stream it
     read_bytes(path, max_bytes)           ... its bytes;   read_text: ... decoded as UTF-8 (strictly)
-    read_json(path)                       ... parsed as JSON, whose top level must be an object (kind=OBJECT)
+    read_json(path)                       ... parsed as JSON, whose top level must be an object (k=OBJECT)
     parse_json(text, where)               the same checks on JSON already in memory (a line of a .jsonl file)
-    field(obj, key, where, kind)          obj[key] if it is of `kind` (type AND range), else the error
+    field(obj, key, where, k)             obj[key] if it is of Kind k (type AND range), else the error
 
 For example, a transcoder's cfg.json:
 
