@@ -36,28 +36,55 @@ import time
 
 from .errors import MinisvError
 
-# A Jinja tag {{ ... }} or {% ... %}, skipping over string literals inside it ("}}" may appear in one).
-_TAG = re.compile(r"""\{[{%](?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^'"])*?[}%]\}""", re.S)
-_LITERAL = re.compile(r"""'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)\"""", re.S)
+_OPENER = re.compile(r"\{[{%]")                       # a Jinja tag starts: {{ or {%
+_NEXT = re.compile(r"""['"]|[}%]\}""")                  # inside one: a string literal starts, or the tag ends
+_LITERAL = {q: re.compile(rf"{q}((?:[^{q}\\]|\\.)*){q}", re.S) for q in "'\""}   # one, backslash escapes and all
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
 
 
+def _scan(text):
+    """The Jinja tags of a template, each (start, end, [(literal, start, end), ...] of its string literals).
+
+    One pass, left to right, so a template of any size is read in linear time (the regex that did this before
+    backtracked without end on "{{" * 40000): a tag ends at the first "}}" or "%}" outside a string literal; a
+    tag or literal that never ends ends the scan, since nothing after it can be read reliably."""
+    tags, pos = [], 0
+    while opener := _OPENER.search(text, pos):
+        literals, pos = [], opener.end()
+        while (mark := _NEXT.search(text, pos)) and mark[0] in "'\"":
+            literal = _LITERAL[mark[0]].match(text, mark.start())
+            if literal is None:
+                return tags
+            literals.append((literal[1], literal.start(), literal.end()))
+            pos = literal.end()
+        if mark is None:
+            return tags
+        tags.append((opener.start(), mark.end(), literals))
+        pos = mark.end()
+    return tags
+
+
 class _Template:
-    """A chat template's text, its string literals and the model's name, with the questions the families ask."""
+    """A chat template's text, its tags, their string literals, the text outside the tags and the model's name,
+    with the questions the families ask."""
 
     def __init__(self, text, name):
         self.text, self.name, self.literals = text, name, []
+        spans = _scan(text)
+        self.tags = [text[start:end] for start, end, _ in spans]
+        bounds = [0] + [i for start, end, _ in spans for i in (start, end)] + [len(text)]
+        self.outside = "".join(text[a:b] for a, b in zip(bounds[::2], bounds[1::2]))
         # The literals of the tags, unescaped, adjacent ones joined: '<|user|>' + '\n' is one literal
         # '<|user|>\n', so a family's pieces are found however a template splits them.
-        for tag in _TAG.finditer(text):
+        for _, _, literals in spans:
             end = None
-            for m in _LITERAL.finditer(tag[0]):
-                lit = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e[1], e[0]), m[1] if m[1] is not None else m[2])
-                if end is not None and re.fullmatch(r"\s*\+\s*", tag[0][end:m.start()]):
+            for raw, start, stop in literals:
+                lit = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e[1], e[0]), raw)
+                if end is not None and re.fullmatch(r"\s*\+\s*", text[end:start]):
                     self.literals[-1] += lit
                 else:
                     self.literals.append(lit)
-                end = m.end()
+                end = stop
 
     def first(self, needle):
         """The first literal containing `needle`, or None."""
@@ -65,7 +92,7 @@ class _Template:
 
     def strips(self, marker):
         """Whether a tag that mentions `marker` strips text (Jinja's `| trim` or Python's `.strip()`)."""
-        return any(marker in tag[0] and re.search(r"\|\s*trim|strip\(", tag[0]) for tag in _TAG.finditer(self.text))
+        return any(marker in tag and re.search(r"\|\s*trim|strip\(", tag) for tag in self.tags)
 
     def unsupported(self, why):
         return MinisvError(f"{self.name}: {why}; minisv renders the ChatML, Llama 2/3, Mistral, Gemma and Phi-3 chat "
@@ -80,7 +107,8 @@ def render_chat(template: str, user: str, system: str | None, bos: str, name: st
     assistant turn's opener. bos: the BOS token's text ("" if none); name: the model, for error messages."""
     t = _Template(template, name)
     # A default system prompt kept in a variable comes with conditions of its own (fine-tunes of every family)
-    if re.search(r"""set \w*system\w*\s*=\s*(['"])(?!\1)""", template):
+    # (the name is tested apart: `set \w*system\w*` would backtrack quadratically on "set systemsystem...")
+    if any("system" in m[1] for m in re.finditer(r"""set (\w+)\s*=\s*(['"])(?!\2)""", template)):
         raise t.unsupported("its chat template sets a default system prompt of its own")
     prefix = bos if "bos_token" in template else ""
     for marker, family in _FAMILIES:
@@ -140,7 +168,7 @@ def _chatml(t, user, system):
     if any(lit.startswith("\n<|im_start|>") for lit in t.literals) or "<|im_end|>" not in t.text:
         raise t.unsupported("its ChatML template does not end each turn with <|im_end|>")   # MPT, DBRX, SeaLLM
     stripped = re.search(r"""message(\[['"]content['"]\]|\.content)\s*(\|\s*trim|\.\w*strip\()""", t.text)
-    if "<|im_start|>system" in _TAG.sub("", t.text) or stripped or any(
+    if "<|im_start|>system" in t.outside or stripped or any(
             re.match(r"<\|im_start\|>(?!(system|user|assistant|tool)\b)\w", lit) for lit in t.literals):
         raise t.unsupported("its ChatML template writes fixed text, strips the turns or renames a role")
     generic = re.search(r"""['"]<\|im_start\|>['"]\s*\+\s*message""", t.text)    # '<|im_start|>' + message.role

@@ -8,17 +8,21 @@ A control vector file is a GGUF with three metadata keys and one F32 tensor per 
     direction.N                F32 [d_model], N >= 1
 
 Where llama.cpp adds direction.N (read from its source):
-  * common_control_vector_load_one (common/common.cpp) parses N from the name, rejects N = 0, and puts the
-    tensor at data[(N - 1) * n_embd]; llama_adapter_cvec::apply (src/llama-adapter.cpp) copies
-    data[(il - 1) * n_embd] into tensors[il] for il = 1 .. n_layer - 1 ("there's never a tensor for layer 0");
+  * common_control_vector_load_one (common/common.cpp) parses N from the name and puts the tensor at
+    data[(N - 1) * n_embd]; llama_adapter_cvec::apply (src/llama-adapter.cpp) copies data[(il - 1) * n_embd]
+    into tensors[il] for il = 1 .. n_layer - 1 ("there's never a tensor for layer 0");
   * every model graph (e.g. src/models/llama.cpp) ends block il with `cur = build_cvec(cur, il)`, which is
     llama_adapter_cvec::apply_to: cur + tensors[il].
 So direction.N is added to the OUTPUT of block N (0-based), the residual minisv calls blocks.{N}.hook_resid_post
 = blocks.{N+1}.hook_resid_pre. A minisv vector at blocks.{L}.hook_resid_pre is therefore written as
-direction.{L-1}, and L = 0 (the embeddings) and L = 1 (direction.0, which llama.cpp rejects) cannot be exported.
+direction.{L-1}, and L = 0 (the embeddings) and L = 1 (direction.0) cannot be exported. llama.cpp does not
+refuse a file with direction.0: common_control_vector_load_one calls N = 0 invalid and drops the whole file,
+but common_init_from_params only logs that and goes on, so the model runs unsteered (the file's valid
+directions are dropped too). minisv refuses to write such a file, and to read one.
 
-llama.cpp adds the vector at every position, scaled by the strength given with it
-(`llama-cli -m model.gguf --control-vector-scaled v.gguf 1.5` is minisv's `steer(..., multiplier=1.5)`).
+llama.cpp adds the vector at every position, scaled by the strength given with it:
+`llama-completion -m model.gguf --control-vector-scaled v.gguf:1.5` (FNAME:SCALE; current llama.cpp rejects the
+older two-argument form `--control-vector-scaled v.gguf 1.5`) is minisv's `steer(..., multiplier=1.5)`.
 Clamped, affine or position-restricted steering has no control-vector form: export the additive vector only.
 """
 import struct
@@ -53,9 +57,9 @@ def save_control_vector(model, vector, layer, path):
     same vector at each), as a llama.cpp control vector GGUF at `path`."""
     layers = exportable_layers(layer, model.cfg.n_layers)
     vector = torch.as_tensor(vector).detach().float().cpu()
-    if vector.shape != (model.cfg.d_model,) or not vector.isfinite().all():
+    if vector.shape != (model.cfg.d_model,) or not vector.isfinite().all():   # llama.cpp would add NaN silently
         raise MinisvError(f"control vector must be {model.cfg.d_model} finite numbers (d_model), got shape "
-                          f"{tuple(vector.shape)}")
+                          f"{tuple(vector.shape)}{'' if vector.isfinite().all() else ' with NaN or infinite values'}")
     # llama.cpp's names for the families; Qwen2 is the Llama-family model with q/k/v biases
     hint = {"gpt2": "gpt2", "neox": "gptneox"}.get(model.cfg.family, "qwen2" if model.cfg.qkv_bias else "llama")
     metadata = {"general.architecture": "controlvector", "controlvector.model_hint": hint,

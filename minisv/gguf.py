@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import MinisvError
+from .files import open_regular
 
 # Metadata value types by id (GGUF spec); 8 is a string and 9 an array, everything else a fixed-size scalar.
 _STRING, _ARRAY = 8, 9
@@ -134,60 +135,76 @@ def read_gguf(path):
 
     metadata maps each key to a Python value (str, int, float, bool, or a list for arrays); tensors maps
     each name to a float32 torch.Tensor in PyTorch shape order (ne=[576, 49152] -> shape (49152, 576)).
+    Everything the header says is checked before any tensor is read: the tensors' bytes must lie inside the
+    file and must not overlap, so what is allocated is bounded by the file's size (at most 8 floats per byte).
     """
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise MinisvError(f"{path}: not a GGUF file (bad magic); pass a .gguf model file")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # unmapped once no array views it
-    except OSError as e:
-        raise MinisvError(f"{path}: cannot read GGUF file ({e.strerror or e})") from None
-    cur = _Cursor(buf, path)
+    cur = _Cursor(_map(path), path)
     cur.pos = 4  # past the magic
-
     version = cur.u32("version")
     if version not in (2, 3):
         raise MinisvError(f"{path}: unsupported GGUF version {version} (minisv reads little-endian versions 2 "
                           "and 3); re-export the model with a current llama.cpp")
     n_tensors, n_kv = cur.u64("tensor count"), cur.u64("metadata count")
-
     metadata = {}
     for _ in range(n_kv):
         key = cur.string("metadata key")
         metadata[key] = cur.value(cur.u32(f"type of {key!r}"), f"value of {key!r}")
-
-    infos = []  # (name, ne, ggml_type, offset), checked before any data is touched
-    for _ in range(n_tensors):
-        name = cur.string("tensor name")
-        n_dims = cur.u32(f"dimensions of tensor {name!r}")
-        if not 1 <= n_dims <= 4:
-            raise cur.corrupt(f"tensor {name!r} has {n_dims} dimensions, GGUF allows 1 to 4")
-        ne = struct.unpack_from(f"<{n_dims}Q", buf, cur.take(8 * n_dims, f"shape of tensor {name!r}"))
-        ggml_type, offset = cur.u32(f"type of tensor {name!r}"), cur.u64(f"offset of tensor {name!r}")
-        if ggml_type not in _BLOCKS:
-            known = ggml_type < len(_TYPE_NAMES) and _TYPE_NAMES[ggml_type] != "-"
-            kind = f"GGUF type {_TYPE_NAMES[ggml_type]}" if known else f"unknown GGUF type id {ggml_type}"
-            raise MinisvError(f"{path}: tensor {name!r} has {kind}, which minisv cannot read; supported: F32, "
-                              "F16, BF16, Q8_0, Q4_0, Q4_1; re-export the model with one of those")
-        if 0 in ne or ne[0] % _BLOCKS[ggml_type][1]:
-            raise cur.corrupt(f"tensor {name!r} has shape {list(ne)}, empty or not whole "
-                              f"{_BLOCKS[ggml_type][1]}-value blocks per row")
-        infos.append((name, ne, ggml_type, offset))
-
+    infos = [_tensor_info(cur, path) for _ in range(n_tensors)]
     align = metadata.get("general.alignment", 32)
-    if not isinstance(align, int) or align < 1 or align & (align - 1):
+    if type(align) is not int or align < 1 or align & (align - 1):     # a bool is no alignment (nor is True 1)
         raise cur.corrupt(f"general.alignment is {align!r}, not a power of two")
-    data_start = cur.pos + -cur.pos % align
+    _check_layout(cur, infos, cur.pos + -cur.pos % align)
+    return metadata, {name: torch.from_numpy(_dequantize(blocks, ggml_type).reshape(ne[::-1]))
+                      for name, ne, ggml_type, blocks in infos}
 
-    tensors = {}
-    for name, ne, ggml_type, offset in infos:
+
+def _map(path):
+    """The file memory-mapped, once it is known to be a regular file that starts with GGUF's magic."""
+    with open_regular(path, None) as f:
+        if f.read(4) != b"GGUF":
+            raise MinisvError(f"{path}: not a GGUF file (bad magic); pass a .gguf model file")
+        try:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # unmapped once no array views it
+        except OSError as e:
+            raise MinisvError(f"{path}: cannot read GGUF file ({e.strerror or e})") from None
+
+
+def _tensor_info(cur, path):
+    """One tensor's header entry, checked: [name, ne, ggml type, offset from the data section]."""
+    name = cur.string("tensor name")
+    n_dims = cur.u32(f"dimensions of tensor {name!r}")
+    if not 1 <= n_dims <= 4:
+        raise cur.corrupt(f"tensor {name!r} has {n_dims} dimensions, GGUF allows 1 to 4")
+    ne = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.take(8 * n_dims, f"shape of tensor {name!r}"))
+    ggml_type, offset = cur.u32(f"type of tensor {name!r}"), cur.u64(f"offset of tensor {name!r}")
+    if ggml_type not in _BLOCKS:
+        known = ggml_type < len(_TYPE_NAMES) and _TYPE_NAMES[ggml_type] != "-"
+        kind = f"GGUF type {_TYPE_NAMES[ggml_type]}" if known else f"unknown GGUF type id {ggml_type}"
+        raise MinisvError(f"{path}: tensor {name!r} has {kind}, which minisv cannot read; supported: F32, "
+                          "F16, BF16, Q8_0, Q4_0, Q4_1; re-export the model with one of those")
+    if 0 in ne or ne[0] % _BLOCKS[ggml_type][1]:
+        raise cur.corrupt(f"tensor {name!r} has shape {list(ne)}, empty or not whole "
+                          f"{_BLOCKS[ggml_type][1]}-value blocks per row")
+    return [name, ne, ggml_type, offset]
+
+
+def _check_layout(cur, infos, data_start):
+    """Check that each tensor's bytes lie inside the file, apart from every other tensor's, and replace each
+    info's offset by its blocks, viewed on the map (nothing is copied yet)."""
+    spans = []
+    for info in infos:
+        name, ne, ggml_type, offset = info
         block, per_block = _BLOCKS[ggml_type]
         n_blocks = math.prod(ne) // per_block
         start = data_start + offset
-        if start + n_blocks * block.itemsize > len(buf):
+        if start + n_blocks * block.itemsize > len(cur.buf):
             raise cur.corrupt(f"data of tensor {name!r} runs past the end of the file")
-        if name in tensors:
-            raise cur.corrupt(f"tensor {name!r} appears twice")
-        blocks = np.frombuffer(buf, block, n_blocks, start)
-        tensors[name] = torch.from_numpy(_dequantize(blocks, ggml_type).reshape(ne[::-1]))
-    return metadata, tensors
+        spans.append((start, start + n_blocks * block.itemsize, name))
+        info[3] = np.frombuffer(cur.buf, block, n_blocks, start)
+    if len({name for *_, name in spans}) != len(spans):
+        twice = next(name for i, (*_, name) in enumerate(spans) if any(name == s[2] for s in spans[:i]))
+        raise cur.corrupt(f"tensor {twice!r} appears twice")
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:      # tensors sharing bytes would let a small file be read as a huge model
+            raise cur.corrupt(f"the data of tensors {first!r} and {second!r} overlap")

@@ -8,7 +8,6 @@ and assigned as it is read, so the full weights are never held twice.
 """
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import re
@@ -19,6 +18,7 @@ import torch.nn as nn
 
 from . import unpickle
 from .errors import MinisvError
+from .files import BOOL, OBJECT, POSITIVE_INT, POSITIVE_NUMBER, REQUIRED, STR, Kind, field, optional, read_json
 from .hub import shard_names
 from .model import ACTIVATIONS, Block, Model, ModelConfig
 from .tokenizer import Tokenizer
@@ -55,42 +55,69 @@ def load(spec: str, device=None, dtype=None, revision=None) -> Model:
 
 
 # ------------------------------------------------------------------------- Hugging Face layout
-def config_from_hf(c: dict) -> ModelConfig:
-    """Translate a transformers config.json into a ModelConfig (old and new rope key spellings both)."""
-    kind = c.get("model_type")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    theta = c.get("rope_theta") or c.get("rotary_emb_base") or rope.get("rope_theta") or 10000.0
-    if kind == "gpt2":
-        d = c["n_embd"]
-        return ModelConfig("gpt2", c["n_layer"], d, c["n_head"], c["n_head"], _per_head(d, c["n_head"]), c.get("n_inner") or 4 * d,
-                           c["vocab_size"], c["n_positions"], c.get("activation_function", "gelu_new"),
-                           c.get("layer_norm_epsilon", 1e-5), qkv_bias=True, o_bias=True, mlp_bias=True,
-                           tie_embeddings=True)
-    if kind == "gpt_neox":
-        d, h = c["hidden_size"], c["num_attention_heads"]
-        pct = c.get("rotary_pct") or rope.get("partial_rotary_factor") or 1.0
-        return ModelConfig("neox", c["num_hidden_layers"], d, h, h, _per_head(d, h), c["intermediate_size"], c["vocab_size"],
-                           c["max_position_embeddings"], c.get("hidden_act", "gelu"), c.get("layer_norm_eps", 1e-5),
-                           parallel=c.get("use_parallel_residual", True), rotary_dim=int(_per_head(d, h) * pct),
-                           rope_base=theta, qkv_bias=c.get("attention_bias", True), o_bias=c.get("attention_bias", True),
-                           mlp_bias=True, tie_embeddings=c.get("tie_word_embeddings", False))
-    if kind in ("llama", "qwen2"):
-        d, h = c["hidden_size"], c["num_attention_heads"]
-        e = c.get("head_dim") or _per_head(d, h)
-        llama3 = None
-        if rope.get("rope_type", rope.get("type", "default")) == "llama3":
-            llama3 = (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
-                      rope["original_max_position_embeddings"])
-        elif rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise MinisvError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported "
-                              f"(supported: default, llama3)")
-        return ModelConfig("llama", c["num_hidden_layers"], d, h, c.get("num_key_value_heads") or h, e,
-                           c["intermediate_size"], c["vocab_size"], c["max_position_embeddings"],
-                           c.get("hidden_act", "silu"), c.get("rms_norm_eps", 1e-6), rotary_dim=e, rope_base=theta,
-                           rope_llama3=llama3, qkv_bias=kind == "qwen2" or c.get("attention_bias", False),
-                           o_bias=kind != "qwen2" and c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
-                           tie_embeddings=c.get("tie_word_embeddings", False))
-    raise MinisvError(f"model_type {kind!r} is not supported; minisv runs gpt2, gpt_neox (Pythia), llama and qwen2")
+def config_from_hf(c: dict, source="config.json") -> ModelConfig:
+    """Translate a transformers config.json into a ModelConfig (old and new rope key spellings both). Each field
+    is checked for type and range as it is read, and an error names it as the file spells it (`source`)."""
+    def get(key, k, default=REQUIRED):
+        return field(c, key, source, k, default)
+    family = {"gpt2": _gpt2_config, "gpt_neox": _neox_config, "llama": _llama_config, "qwen2": _llama_config}
+    model_type = get("model_type", STR)
+    if model_type not in family:
+        raise MinisvError(f"model_type {model_type!r} is not supported; minisv runs gpt2, gpt_neox (Pythia), llama and "
+                          "qwen2")
+    # rope settings: transformers 5 writes rope_parameters, 4.x rope_scaling (and the base at the top level)
+    rope_key = "rope_parameters" if get("rope_parameters", optional(OBJECT), None) is not None else "rope_scaling"
+    rope, rope_where = get(rope_key, optional(OBJECT), None) or {}, f"{source}: {rope_key}"
+    positive = optional(POSITIVE_NUMBER)
+    theta = get("rope_theta", positive, None) or get("rotary_emb_base", positive, None) or \
+        field(rope, "rope_theta", rope_where, POSITIVE_NUMBER, 10000.0)
+
+    def get_rope(key, k, default=REQUIRED):
+        return field(rope, key, rope_where, k, default)
+    return family[model_type](get, model_type, get_rope, theta)
+
+
+def _gpt2_config(get, model_type, rope, theta):
+    d, h = get("n_embd", POSITIVE_INT), get("n_head", POSITIVE_INT)
+    return ModelConfig("gpt2", get("n_layer", POSITIVE_INT), d, h, h, d // h,
+                       get("n_inner", optional(POSITIVE_INT), None) or 4 * d, get("vocab_size", POSITIVE_INT),
+                       get("n_positions", POSITIVE_INT), get("activation_function", STR, "gelu_new"),
+                       get("layer_norm_epsilon", POSITIVE_NUMBER, 1e-5), qkv_bias=True, o_bias=True, mlp_bias=True,
+                       tie_embeddings=True)
+
+
+_FRACTION = Kind(lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]")
+
+
+def _neox_config(get, model_type, rope, theta):
+    d, h = get("hidden_size", POSITIVE_INT), get("num_attention_heads", POSITIVE_INT)
+    pct = get("rotary_pct", optional(_FRACTION), None) or rope("partial_rotary_factor", _FRACTION, 1.0)
+    bias = get("attention_bias", BOOL, True)
+    return ModelConfig("neox", get("num_hidden_layers", POSITIVE_INT), d, h, h, d // h,
+                       get("intermediate_size", POSITIVE_INT), get("vocab_size", POSITIVE_INT),
+                       get("max_position_embeddings", POSITIVE_INT), get("hidden_act", STR, "gelu"),
+                       get("layer_norm_eps", POSITIVE_NUMBER, 1e-5), parallel=get("use_parallel_residual", BOOL, True),
+                       rotary_dim=int(d // h * pct), rope_base=theta, qkv_bias=bias, o_bias=bias, mlp_bias=True,
+                       tie_embeddings=get("tie_word_embeddings", BOOL, False))
+
+
+def _llama_config(get, model_type, rope, theta):
+    d, h = get("hidden_size", POSITIVE_INT), get("num_attention_heads", POSITIVE_INT)
+    e = get("head_dim", optional(POSITIVE_INT), None) or d // h
+    rope_type = rope("rope_type", optional(STR), None) or rope("type", STR, "default")
+    if rope_type not in ("default", "llama3"):
+        raise MinisvError(f"rope scaling {rope_type!r} is not supported (supported: default, llama3)")
+    llama3 = None if rope_type == "default" else (
+        rope("factor", POSITIVE_NUMBER), rope("low_freq_factor", POSITIVE_NUMBER),
+        rope("high_freq_factor", POSITIVE_NUMBER), rope("original_max_position_embeddings", POSITIVE_INT))
+    bias = get("attention_bias", BOOL, False)
+    return ModelConfig("llama", get("num_hidden_layers", POSITIVE_INT), d, h,
+                       get("num_key_value_heads", optional(POSITIVE_INT), None) or h, e,
+                       get("intermediate_size", POSITIVE_INT), get("vocab_size", POSITIVE_INT),
+                       get("max_position_embeddings", POSITIVE_INT), get("hidden_act", STR, "silu"),
+                       get("rms_norm_eps", POSITIVE_NUMBER, 1e-6), rotary_dim=e, rope_base=theta, rope_llama3=llama3,
+                       qkv_bias=model_type == "qwen2" or bias, o_bias=model_type != "qwen2" and bias,
+                       mlp_bias=get("mlp_bias", BOOL, False), tie_embeddings=get("tie_word_embeddings", BOOL, False))
 
 
 # renames per family: checkpoint name (regex) -> minisv name; None drops the tensor (buffers HF saves)
@@ -215,14 +242,7 @@ def _checkpoint(files):
 def _load_hf_dir(path: Path, device, dtype, name):
     if not (path / "config.json").exists():
         raise MinisvError(f"{path}: no config.json — is this a Hugging Face model directory?")
-    try:
-        cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-    except KeyError as e:
-        raise MinisvError(f"{path / 'config.json'} lacks {e.args[0]!r}, which its model_type needs — the file is "
-                          f"corrupt") from None
-    except (OSError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise MinisvError(f"{path / 'config.json'} is not a valid config ({type(e).__name__}: {e}) — "
-                          f"the file is corrupt") from None
+    cfg = config_from_hf(read_json(path / "config.json"), path / "config.json")
     cfg.name = name
     files = _checkpoint_files(path)
     tensors = (pair for k, t in _checkpoint(files) for pair in _hf_tensors(cfg, k, t))

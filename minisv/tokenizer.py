@@ -19,16 +19,23 @@ character (the space 0x20 is 'Ġ', newline 0x0A is 'Ċ'); we undo it so every to
 Added tokens: `lstrip`, `rstrip`, `single_word` flags are ignored (none of the supported families set them),
 and all are matched on the raw text, before normalization. Chat prompts (`chat`) are rendered from the model's
 own chat template by minisv.chat_template.
+
+Every file is read through minisv.files, and every field is checked where it is read: a malformed file is a
+one-line MinisvError naming the file and the field, never a traceback or a tokenizer that is silently wrong.
 """
 import json
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import tiktoken
 
 from .chat_template import render_chat
 from .errors import MinisvError
+from .files import BOOL, LIST, MAX_JSON, OBJECT, STR, Kind, dict_of, field, list_of, one_of, optional, read_json, \
+    read_text, shown
 
 # GPT-2's pre-tokenizer: contractions, then letters / numbers / other symbols each with one optional leading
 # space, then whitespace. `\s+(?!\S)` leaves a run's last space to the next word: "a   b" -> "a", "  ", " b".
@@ -66,6 +73,29 @@ def _unbyte(token: str) -> bytes:
     return token.encode("utf-8")
 
 
+MAX_TOKEN_ID = (1 << 24) - 1   # far above any real vocabulary (Llama 3 has 128,256 tokens): a larger id is corruption
+TOKEN_ID = Kind(lambda v: type(v) is int and 0 <= v <= MAX_TOKEN_ID, f"a token id in 0..{MAX_TOKEN_ID}")
+_MAX_TEMPLATE = 1 << 20        # chat_template.jinja; real templates take a few kB
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The special tokens a model's files name (None: it has none) and whether its tokenizer prepends BOS."""
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    add_bos: bool = False
+
+
+class PreTokenizer(NamedTuple):
+    """How text is cut into pieces before BPE: NFC-normalized (or not), then split into the matches of `pattern`.
+    complete: the matches cover the whole text, so a piece that skips a character is refused (a pattern that can
+    match the empty string), never silently dropped; False where dropping text is the format's intent."""
+    pattern: str
+    nfc: bool = False
+    complete: bool = True
+
+
 class Tokenizer:
     """Text <-> token ids for one model. Build it with `from_dir` or `from_gguf`.
 
@@ -75,8 +105,7 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: dict[bytes, int], merges: list[tuple[bytes, bytes]], added: dict[str, int],
-                 pattern: str, nfc: bool = False, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None, add_bos: bool = False, chat_template: str | None = None,
+                 pre: PreTokenizer, specials: Specials = Specials(), chat_template: str | None = None,
                  name: str = "this model"):
         # Ranks: bytes 0..255 first (every byte needs one, even one the vocabulary lacks, like 0xFF), then each
         # merge's product in merge order. Two merges spelling the same token share the first one's rank.
@@ -86,15 +115,17 @@ class Tokenizer:
         for left, right in merges:
             if left + right not in ranks:
                 if left + right not in vocab:
-                    raise MinisvError(f"merge {left!r} + {right!r} makes a token missing from the vocabulary; "
+                    raise MinisvError(f"{name}: merge {left!r} + {right!r} makes a token missing from the vocabulary; "
                                       "the tokenizer files are inconsistent, download them again")
                 ranks[left + right] = len(self._rank_to_id)
                 self._rank_to_id.append(vocab[left + right])
+        self._rank_len = [len(token) for token in sorted(ranks, key=ranks.get)]   # bytes of each rank's token
         try:
-            self._bpe = tiktoken.Encoding("minisv", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+            self._bpe = tiktoken.Encoding("minisv", pat_str=pre.pattern, mergeable_ranks=ranks, special_tokens={})
         except ValueError as e:
-            raise MinisvError(f"the pre-tokenizer regex {pattern!r} does not compile ({e})") from None
-        self._nfc = nfc
+            raise MinisvError(f"{name}: the pre-tokenizer regex {shown(pre.pattern)} does not compile "
+                              f"({str(e).splitlines()[0][:200]})") from None
+        self._pre = pre
         # Longest first, so that Pythia's "    " wins over "  " (re tries alternatives left to right).
         added = {text: i for text, i in added.items() if text}
         self._added = added
@@ -107,7 +138,8 @@ class Tokenizer:
         for text, i in added.items():
             self._id_bytes[i] = text.encode("utf-8")
         # add_bos: whether the model's own tokenizer prepends BOS by default; encode(text, bos=tok.add_bos).
-        self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
+        self.bos_id, self.eos_id, self.pad_id, self.add_bos = (specials.bos_id, specials.eos_id, specials.pad_id,
+                                                               specials.add_bos)
         # is_chat: the model ships a chat template (chat() renders it, or says why it cannot); name: for errors
         self.is_chat, self._chat_template, self.name = bool(chat_template), chat_template, name
 
@@ -129,9 +161,22 @@ class Tokenizer:
         return [self.bos_id] + ids if bos and ids[:1] != [self.bos_id] else ids
 
     def _encode_plain(self, text: str) -> list[int]:
-        if self._nfc:
+        if self._pre.nfc:
             text = unicodedata.normalize("NFC", text)
-        ids = [self._rank_to_id[r] for r in self._bpe.encode_ordinary(text)]
+        try:
+            ranks = self._bpe.encode_ordinary(text)
+        except BaseException as e:
+            # tiktoken's regex engine gives up on a pattern that backtracks past its limits, and tiktoken turns
+            # that into a Rust panic, which reaches Python as pyo3's PanicException (a BaseException).
+            if type(e).__name__ != "PanicException":
+                raise
+            raise MinisvError(f"{self.name}: the pre-tokenizer regex {shown(self._pre.pattern)} failed on this "
+                              f"text ({str(e).split(': ')[-1][:80]}): it backtracks catastrophically or matches the "
+                              "empty string, which minisv cannot run; use another tokenizer") from None
+        if self._pre.complete and sum(map(self._rank_len.__getitem__, ranks)) != len(text.encode("utf-8")):
+            raise MinisvError(f"{self.name}: the pre-tokenizer regex {shown(self._pre.pattern)} skips characters "
+                              "of this text (it can match the empty string), which minisv cannot reproduce")
+        ids = [self._rank_to_id[r] for r in ranks]
         return [i for i in ids if i is not None]
 
     def decode(self, ids) -> str:
@@ -165,7 +210,14 @@ class Tokenizer:
         if not self.is_chat:
             raise MinisvError(f"{self.name} has no chat template, so chat() cannot format a prompt; "
                               "use a chat (instruct) model or pass plain text to encode()")
-        bos = self._id_bytes[self.bos_id].decode("utf-8") if self.bos_id is not None else ""
+        bos = ""
+        if self.bos_id is not None and "bos_token" in self._chat_template:
+            try:   # a GGUF may name a byte token as BOS: bytes that are no text cannot be written into a prompt
+                bos = self._id_bytes[self.bos_id].decode("utf-8")
+            except UnicodeDecodeError:
+                raise MinisvError(f"{self.name}: the chat template writes the BOS token, whose bytes "
+                                  f"{self._id_bytes[self.bos_id]!r} are not text; pass plain text instead "
+                                  "(optimize_sv.py --raw)") from None
         return render_chat(self._chat_template, user, system, bos, self.name)
 
     # ------------------------------------------------------------------ building from files
@@ -174,52 +226,17 @@ class Tokenizer:
         """From a Hugging Face model directory: tokenizer.json, or GPT-2's vocab.json + merges.txt, plus
         tokenizer_config.json / special_tokens_map.json / chat_template.jinja when present."""
         path = Path(path)
-        config, special_map = _read_json(path / "tokenizer_config.json"), _read_json(path / "special_tokens_map.json")
+        config = _json_if_there(path / "tokenizer_config.json")
         if (path / "tokenizer.json").exists():
-            tj = _read_json(path / "tokenizer.json")
-            try:
-                pattern, nfc = _json_pattern(tj.get("pre_tokenizer")), _json_nfc(tj.get("normalizer"))
-                model = tj["model"]
-                if model.get("type", "BPE") != "BPE":
-                    raise MinisvError(f"tokenizer.json holds a {model['type']} model; minisv reads BPE only")
-                vocab = {_unbyte(token): i for token, i in model["vocab"].items()}
-                merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-                added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-            except (KeyError, TypeError, AttributeError) as e:
-                raise MinisvError(f"{path / 'tokenizer.json'}: unexpected layout ({e!r}); "
-                                  "re-save it with a current `tokenizers`") from None
+            vocab, merges, added, pre = _read_tokenizer_json(path / "tokenizer.json")
         elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
-            vocab = {_unbyte(token): i for token, i in _read_json(path / "vocab.json").items()}
-            lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
-            merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
-            pattern, nfc = GPT2_PATTERN, False
-            # transformers lists added tokens in tokenizer_config.json; old GPT-2 repos declare none, but
-            # "<|endoftext|>" is special there all the same.
-            added = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
-            if not added and b"<|endoftext|>" in vocab:
-                added = {"<|endoftext|>": vocab[b"<|endoftext|>"]}
+            vocab, merges, added = _read_gpt2_files(path, config)
+            pre = PreTokenizer(GPT2_PATTERN)
         else:
             raise MinisvError(f"{path}: no tokenizer.json or vocab.json + merges.txt; "
                               "download the model's tokenizer files too")
-        if any(len(m) != 2 for m in merges):
-            raise MinisvError(f"{path}: a merge is not a pair of tokens; the tokenizer files are corrupt")
-        merges = [(_unbyte(a), _unbyte(b)) for a, b in merges]
-
-        def special_id(key):
-            # tokenizer_config.json wins, even with null; with neither file naming it, GPT-2's convention:
-            # "<|endoftext|>" is both BOS and EOS. Tokens given as {"content": ...} dicts or plain strings.
-            default = "<|endoftext|>" if key in ("bos_token", "eos_token") else None
-            token = config[key] if key in config else special_map.get(key, default)
-            token = token.get("content") if isinstance(token, dict) else token
-            return added.get(token, vocab.get(token.encode("utf-8"))) if isinstance(token, str) else None
-
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (path / "chat_template.jinja").exists():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(vocab, merges, added, pattern, nfc, special_id("bos_token"), special_id("eos_token"),
-                   special_id("pad_token"), bool(config.get("add_bos_token", False)), template, str(path))
+        specials = _specials(path, config, _json_if_there(path / "special_tokens_map.json"), vocab, added)
+        return cls(vocab, merges, added, pre, specials, _chat_template(path, config), str(path))
 
     @classmethod
     def from_gguf(cls, metadata: dict) -> "Tokenizer":
@@ -255,12 +272,184 @@ class Tokenizer:
         ids = [_gguf_field(metadata, f"tokenizer.ggml.{name}_token_id",
                            lambda v: v is None or type(v) is int and 0 <= v < n, f"a token id in 0..{n - 1}")
                for name in ("bos", "eos", "padding")]
-        return cls(vocab, [(_unbyte(a), _unbyte(b)) for a, b in pairs], added, _GGUF_PATTERNS[pre], False, *ids,
-                   _gguf_field(metadata, "tokenizer.ggml.add_bos_token", _is_bool, "true or false", False),
+        add_bos = _gguf_field(metadata, "tokenizer.ggml.add_bos_token", _is_bool, "true or false", False)
+        return cls(vocab, [(_unbyte(a), _unbyte(b)) for a, b in pairs], added, PreTokenizer(_GGUF_PATTERNS[pre]),
+                   Specials(*ids, add_bos),
                    _gguf_field(metadata, "tokenizer.chat_template", lambda v: v is None or _is_str(v), "a string"),
                    _gguf_field(metadata, "general.name", _is_str, "a string", "this GGUF model"))
 
 
+# ------------------------------------------------------------------ Hugging Face files
+def _json_if_there(path: Path) -> dict:
+    """An optional JSON file (tokenizer_config.json, special_tokens_map.json): {} when absent."""
+    return read_json(path) if path.exists() or path.is_symlink() else {}
+
+
+def _ids(tokens, where) -> dict[bytes, int]:
+    """A JSON vocabulary {token text: id}, checked, as {token bytes: id}."""
+    if type(tokens) is not dict:
+        raise MinisvError(f"{where}: the vocabulary is {shown(tokens)}, expected an object of token: id; "
+                          "fix or replace the file")
+    for token, i in tokens.items():
+        if not TOKEN_ID.test(i):
+            raise MinisvError(f"{where}: token {shown(token)} has id {shown(i)}, expected {TOKEN_ID.words}; "
+                              "fix or replace the file")
+    return {_unbyte(token): i for token, i in tokens.items()}
+
+
+def _pairs(merges, where) -> list[tuple[bytes, bytes]]:
+    """Merges written "left right" (merges.txt, older tokenizer.json) or [left, right] -> byte-string pairs."""
+    pairs = [m.split(" ") if type(m) is str else m for m in merges]
+    for n, pair in enumerate(pairs):
+        if not (type(pair) is list and len(pair) == 2 and all(type(t) is str for t in pair)):
+            raise MinisvError(f"{where}: merge #{n} is {shown(merges[n])}, not a pair of tokens ('left right' or "
+                              "[left, right]); the tokenizer files are corrupt, download them again")
+    return [(_unbyte(a), _unbyte(b)) for a, b in pairs]
+
+
+_ADDED_TOKEN = Kind(lambda t: type(t) is dict and type(t.get("content")) is str and TOKEN_ID.test(t.get("id")),
+                    'objects with a "content" string and an "id" token id')
+
+
+def _read_tokenizer_json(file: Path):
+    """(vocab, merges, added, pre-tokenizer) from a tokenizer.json."""
+    tj = read_json(file)
+    model = field(tj, "model", file, OBJECT)
+    if field(model, "type", f"{file}: model", STR, "BPE") != "BPE":
+        raise MinisvError(f"{file} holds a {model['type']} model; minisv reads BPE only")
+    vocab = _ids(field(model, "vocab", f"{file}: model", OBJECT), f"{file}: model.vocab")
+    merges = _pairs(field(model, "merges", f"{file}: model", LIST), f"{file}: model.merges")
+    added = {t["content"]: t["id"] for t in field(tj, "added_tokens", file, list_of(_ADDED_TOKEN), [])}
+    nfc = _json_nfc(field(tj, "normalizer", file, optional(OBJECT), None), file)
+    return vocab, merges, added, _json_pre_tokenizer(field(tj, "pre_tokenizer", file, optional(OBJECT), None), nfc,
+                                                     file)
+
+
+def _read_gpt2_files(path: Path, config: dict):
+    """(vocab, merges, added) from GPT-2's vocab.json and merges.txt (and tokenizer_config.json's added tokens)."""
+    vocab = _ids(read_json(path / "vocab.json"), path / "vocab.json")
+    lines = read_text(path / "merges.txt", MAX_JSON).splitlines()
+    merges = _pairs([line for line in lines if line and not line.startswith("#version")], path / "merges.txt")
+    # transformers lists added tokens in tokenizer_config.json as {"id": {"content": ...}}; old GPT-2 repos declare
+    # none, but "<|endoftext|>" is special there all the same.
+    where = path / "tokenizer_config.json"
+    decoder = field(config, "added_tokens_decoder", where, dict_of(Kind(lambda t: type(t) is dict and type(
+        t.get("content")) is str, 'an object with a "content" string')), {})
+    for i in decoder:
+        if not (i.isdecimal() and TOKEN_ID.test(int(i))):
+            raise MinisvError(f"{where}: added_tokens_decoder has the key {shown(i)}, expected {TOKEN_ID.words}; "
+                              "fix or replace the file")
+    added = {t["content"]: int(i) for i, t in decoder.items()}
+    if not added and b"<|endoftext|>" in vocab:
+        added = {"<|endoftext|>": vocab[b"<|endoftext|>"]}
+    return vocab, merges, added
+
+
+_SPECIAL = Kind(lambda t: t is None or type(t) is str or type(t) is dict and type(t.get("content")) is str,
+                'a token, an object with a "content" token, or null')
+
+
+def _specials(path: Path, config: dict, special_map: dict, vocab: dict, added: dict) -> Specials:
+    """BOS, EOS and PAD as transformers reads them: special_tokens_map.json wins over tokenizer_config.json, and a
+    null in either means "none" (it does not fall back); with neither file naming one, GPT-2's convention:
+    "<|endoftext|>" is both BOS and EOS. A token missing from the vocabulary is None (transformers would add it
+    to the vocabulary, past the rows of the model's embedding)."""
+    def special_id(key):
+        for file, values in (("special_tokens_map.json", special_map), ("tokenizer_config.json", config)):
+            if key in values:
+                token = field(values, key, path / file, _SPECIAL)
+                token = token["content"] if type(token) is dict else token
+                return None if token is None else added.get(token, vocab.get(token.encode("utf-8")))
+        if key != "pad_token":
+            return added.get("<|endoftext|>", vocab.get(b"<|endoftext|>"))
+        return None
+    add_bos = field(config, "add_bos_token", path / "tokenizer_config.json", BOOL, False)
+    return Specials(special_id("bos_token"), special_id("eos_token"), special_id("pad_token"), add_bos)
+
+
+_TEMPLATES = Kind(lambda t: type(t) is str or type(t) is list and all(
+    type(x) is dict and type(x.get("name")) is str and type(x.get("template")) is str for x in t),
+    'a template string, or a list of {"name", "template"} objects')
+
+
+def _chat_template(path: Path, config: dict) -> str | None:
+    """tokenizer_config.json's chat_template (the "default" one of a named list), else chat_template.jinja."""
+    template = field(config, "chat_template", path / "tokenizer_config.json", optional(_TEMPLATES), None)
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
+    if template is None and (path / "chat_template.jinja").exists():
+        template = read_text(path / "chat_template.jinja", _MAX_TEMPLATE)
+    return template
+
+
+# The regex whose matches are the pieces Hugging Face's Split pre-tokenizer cuts text into, by `behavior` and
+# `invert`, with P its pattern and G a gap: the run of characters up to where P next matches. Split finds P's
+# matches left to right (a gap between two is a piece of its own), then per behavior keeps each match alone
+# (Isolated), glues it to the gap before it (MergedWithPrevious) or after it (MergedWithNext), or joins
+# adjacent matches (Contiguous); invert swaps the roles of matches and gaps. "Removed" drops the matches: with
+# invert it drops the gaps, which is P alone (GPT-2's way); plain Removed has no such regex.
+_SPLITS = {("Isolated", False): "{P}|{G}", ("Isolated", True): "{P}|{G}",
+           ("Contiguous", False): "(?:{P})+|{G}", ("Contiguous", True): "(?:{P})+|{G}",
+           ("MergedWithPrevious", False): "{G}?{P}|{G}", ("MergedWithNext", True): "{G}?{P}|{G}",
+           ("MergedWithNext", False): "{P}{G}?|{G}", ("MergedWithPrevious", True): "{P}{G}?|{G}",
+           ("Removed", True): "{P}"}
+
+
+_BYTE_RANKS = {bytes([b]): b for b in range(256)}
+
+
+def _split_pattern(split: dict, where: str) -> str:
+    pattern = field(split, "pattern", where, OBJECT)
+    if "String" in pattern:      # a literal: every character but letters and digits escaped as \x{..}
+        regex = "".join(c if c.isalnum() else f"\\x{{{ord(c):x}}}" for c in field(pattern, "String", where, STR))
+    else:
+        regex = field(pattern, "Regex", where, STR)
+    try:   # alone first: spliced into the regexes below, a fragment like "a)|(b" would change their meaning
+        tiktoken.Encoding("check", pat_str=regex, mergeable_ranks=_BYTE_RANKS, special_tokens={})
+    except ValueError as e:
+        raise MinisvError(f"{where}: the Split regex {shown(regex)} does not compile ({str(e).splitlines()[0][:200]})"
+                          ) from None
+    behavior = field(split, "behavior", where, one_of(*sorted({b for b, _ in _SPLITS})))
+    invert = field(split, "invert", where, BOOL, False)
+    if (behavior, invert) not in _SPLITS:
+        raise MinisvError(f"{where}: a Split with behavior Removed (dropping what the regex matches) is not "
+                          "supported; minisv reads byte-level BPE tokenizers like GPT-2, Llama 3 and Qwen2")
+    p = f"(?:{regex})"
+    return _SPLITS[behavior, invert].format(P=p, G=f"(?:(?:(?!{p})(?s:.))+)")
+
+
+def _json_pre_tokenizer(pre: dict | None, nfc: bool, file: Path) -> PreTokenizer:
+    """The regex equivalent to a tokenizer.json pre_tokenizer, for the configurations byte-level BPE models use:
+    ByteLevel alone (GPT-2, Pythia), Digits + ByteLevel (SmolLM2), Split + ByteLevel without its own regex (Llama 3,
+    Qwen2; any Split behavior but Removed). Anything else, a Sequence of other steps included, is refused."""
+    where = f"{file}: pre_tokenizer"
+    steps = [] if pre is None else field(pre, "pretokenizers", where, list_of(OBJECT)) \
+        if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    last = steps[-1] if kinds[-1:] == ["ByteLevel"] else {}
+    use_regex = field(last, "use_regex", where, BOOL, True)
+    if last and not field(last, "add_prefix_space", where, BOOL, False):
+        if kinds == ["ByteLevel"] and use_regex:
+            return PreTokenizer(GPT2_PATTERN, nfc)
+        if kinds == ["Digits", "ByteLevel"] and field(steps[0], "individual_digits", where, BOOL, False) and use_regex:
+            return PreTokenizer(SMOLLM_PATTERN, nfc)
+        if kinds == ["Split", "ByteLevel"] and not use_regex:
+            split = steps[0]
+            return PreTokenizer(_split_pattern(split, where), nfc, complete=split.get("behavior") != "Removed")
+    raise MinisvError(f"{where} {json.dumps(pre)[:200]} is not supported; minisv reads byte-level BPE tokenizers "
+                      "like GPT-2, Pythia, SmolLM2, Llama 3 and Qwen2")
+
+
+def _json_nfc(normalizer: dict | None, file: Path) -> bool:
+    if normalizer is None:
+        return False
+    if normalizer.get("type") == "NFC":
+        return True
+    raise MinisvError(f"{file}: normalizer {shown(normalizer.get('type'))} is not supported "
+                      "(minisv applies none or NFC)")
+
+
+# ------------------------------------------------------------------ GGUF metadata
 def _is_str(value) -> bool:
     return isinstance(value, str)
 
@@ -277,43 +466,6 @@ def _gguf_field(metadata: dict, key: str, ok, expected: str, default=None):
     """metadata[key] (default when absent) if ok(it), else a one-line MinisvError naming the key."""
     value = metadata.get(key, default)
     if not ok(value):
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:60] + "..."
-        raise MinisvError(f"GGUF metadata {key} is {shown}, expected {expected}; the file is corrupt, re-export or "
-                          "re-download it")
+        raise MinisvError(f"GGUF metadata {key} is {shown(value)}, expected {expected}; the file is corrupt, re-export "
+                          "or re-download it")
     return value
-
-
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinisvError(f"{path}: not valid JSON ({e}); download the file again") from None
-
-
-def _json_pattern(pre: dict | None) -> str:
-    """The one regex equivalent to a tokenizer.json pre_tokenizer, for the configurations byte-level BPE
-    models use: ByteLevel alone (GPT-2, Pythia), Digits + ByteLevel (SmolLM2), Split + ByteLevel (Llama 3, Qwen2)."""
-    steps = (pre.get("pretokenizers") or [pre]) if pre else []
-    kinds = [s.get("type") for s in steps]
-    if not any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
-        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-            return GPT2_PATTERN
-        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-            return SMOLLM_PATTERN
-        if (kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {}) and not steps[0].get("invert")
-                and steps[0].get("behavior") == "Isolated" and not steps[1].get("use_regex", True)):
-            return steps[0]["pattern"]["Regex"]
-    raise MinisvError(f"tokenizer.json pre_tokenizer {json.dumps(pre)[:200]} is not supported; minisv reads "
-                      "byte-level BPE tokenizers like GPT-2, Pythia, SmolLM2, Llama 3 and Qwen2")
-
-
-def _json_nfc(normalizer: dict | None) -> bool:
-    if normalizer is None:
-        return False
-    if normalizer.get("type") == "NFC":
-        return True
-    raise MinisvError(f"tokenizer.json normalizer {normalizer.get('type')!r} is not supported "
-                      "(minisv applies none or NFC)")

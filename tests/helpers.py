@@ -1,4 +1,5 @@
-"""Helpers shared by test files: a fake Hugging Face hub on 127.0.0.1 (the `server` fixture), GGUF writers.
+"""Helpers shared by test files: a fake Hugging Face hub on 127.0.0.1 (the `server` fixture), checks that a hostile
+input ends in one line (`refused`), GGUF writers.
 
 The fake hub answers like huggingface.co: X-Repo-Commit and an ETag (the git blob sha1) on every file, and for
 LFS files (*.safetensors here) a 302 to a "CDN" path carrying X-Linked-Etag (the sha256) and X-Linked-Size.
@@ -6,12 +7,20 @@ LFS files (*.safetensors here) a 302 to a "CDN" path carrying X-Linked-Etag (the
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
 import pytest
+
+from minisv.errors import MinisvError
 
 MAIN, STEP, SHARDED = (hashlib.sha1(name).hexdigest() for name in (b"main", b"step3000", b"sharded"))
 WEIGHTS = bytes(range(256)) * 16  # 4 KiB standing in for a safetensors file
@@ -102,6 +111,55 @@ def server(monkeypatch, tmp_path):
     httpd.shutdown()
     httpd.server_close()
     thread.join()
+
+
+# --- hostile input ---------------------------------------------------------------------------------------
+
+@contextmanager
+def deadline(seconds=20):
+    """Fail, rather than hang, when the body takes longer than `seconds`."""
+    def expire(*_):
+        raise TimeoutError(f"took more than {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def refused(match, call, *args, **kwargs):
+    """call(*args) raises a one-line MinisvError matching `match`, within the deadline; returns the message."""
+    with deadline(), pytest.raises(MinisvError, match=match) as e:
+        call(*args, **kwargs)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def loads_or_refuses(call, *args):
+    """A corrupt but possibly harmless input: either it loads, or it is a one-line MinisvError; nothing else."""
+    try:
+        with deadline():
+            call(*args)
+    except MinisvError as e:
+        assert "\n" not in str(e)
+
+
+def limited(code, headroom_mb=150):
+    """Run `code` in a fresh Python whose address space may grow only `headroom_mb` past what torch and minisv
+    take; returns what it prints. A file whose sizes were believed would be allocated there, and fail there."""
+    prelude = textwrap.dedent(f"""
+        import json, resource, torch
+        import minisv.gguf, minisv.unpickle
+        from minisv.errors import MinisvError
+        torch.set_num_threads(1)
+        size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + ({headroom_mb} << 20), resource.RLIM_INFINITY))
+        """)
+    out = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parents[1])
+    return out.stdout.strip() + out.stderr.strip()[-300:]
 
 
 # --- GGUF -----------------------------------------------------------------------------------------------

@@ -5,57 +5,23 @@ changing what was already there."""
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from typing import Tuple
 
 import numpy as np
 import pytest
 import torch
-from helpers import FILES, MAIN, REFS, WEIGHTS, git_sha1, server, write_gguf  # noqa: F401
+from helpers import FILES, MAIN, REFS, WEIGHTS, git_sha1, loads_or_refuses, refused, server, write_gguf  # noqa: F401
 from safetensors.torch import save_file
 
 import minisv
 from minisv import hub, unpickle
 from minisv.atomic import atomic_write, write_text
-from minisv.errors import MinisvError
 from minisv import formats
 from minisv.formats import import_released
 from minisv.transcoder import Transcoder, TranscoderConfig
-
-
-@contextmanager
-def deadline(seconds=20):
-    """Fail, rather than hang, when the body takes longer than `seconds`."""
-    def expire(*_):
-        raise TimeoutError(f"took more than {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def refused(match, call, *args, **kwargs):
-    """call(*args) raises a one-line MinisvError matching `match`, within the deadline; returns the message."""
-    with deadline(), pytest.raises(MinisvError, match=match) as e:
-        call(*args, **kwargs)
-    assert "\n" not in str(e.value)
-    return str(e.value)
-
-
-def loads_or_refuses(call, *args):
-    """A corrupt but possibly harmless input: either it loads, or it is a one-line MinisvError; nothing else."""
-    try:
-        with deadline():
-            call(*args)
-    except MinisvError as e:
-        assert "\n" not in str(e)
 
 
 def tree(path):
@@ -263,7 +229,7 @@ def test_content_must_match_its_hash_and_json_must_parse(server, tmp_path):
                                                 ETag=f'"{git_sha1(FILES[MAIN]["config.json"])}"')
     refused(r"config.json is corrupt: its hash is [0-9a-f]{40}, the hub says", hub.snapshot, "org/tiny")
     server.handler.routes[CONFIG_PATH] = file_answer(b'{"n_layer": 3')
-    refused(r"config.json is not valid JSON", hub.snapshot, "org/tiny")
+    refused(r"the download of config.json: not valid JSON", hub.snapshot, "org/tiny")
     assert not (repo / "refs").exists() and not list(repo.rglob("*config.json"))
     del server.handler.routes[CONFIG_PATH]
     other = hashlib.sha256(b"something else").hexdigest()
@@ -434,20 +400,21 @@ def test_config_json_fields_are_checked(tmp_path, tiny):
     layers = {"gpt2": "n_layer"}.get(family, "num_hidden_layers")
     heads = {"gpt2": "n_head"}.get(family, "num_attention_heads")
     cases = [({layers: 10 ** 8}, r"declares a model of [\d,]+ parameters but its weights take only"),
-             ({heads: 0}, "n_heads is 0, expected a positive integer"), ({layers: "3"}, "n_layers is '3'"),
-             ({layers: None}, "n_layers is None"), ({layers: 3.0}, "n_layers is 3.0"), ({layers: True}, "is True"),
+             ({heads: 0}, f"{heads} is 0, expected a positive integer"), ({layers: "3"}, f"{layers} is '3'"),
+             ({layers: None}, f"{layers} is None"), ({layers: 3.0}, f"{layers} is 3.0"), ({layers: True}, "is True"),
              ({heads: 5}, "has shape|rotary dimension 1|5 attention heads cannot share 2"), ({"vocab_size": -1}, "vocab_size is -1"),
              ({"model_type": "bert"}, "model_type 'bert' is not supported")]
-    cases += {"gpt2": [({"n_embd": None}, "d_model is None|not a valid config .TypeError"), ({"layer_norm_epsilon": "x"}, "norm_eps is 'x'")],
+    cases += {"gpt2": [({"n_embd": None}, "n_embd is None, expected a positive integer"),
+                       ({"layer_norm_epsilon": "x"}, "layer_norm_epsilon is 'x', expected a positive number")],
               "neox": [({"rotary_pct": 0.25 * 3 / 2}, "rotary dimension 3 must be even"),
-                       ({"use_parallel_residual": "yes"}, "parallel is 'yes', expected true or false")],
+                       ({"use_parallel_residual": "yes"}, "use_parallel_residual is 'yes', expected true or false")],
               "llama": [({"num_key_value_heads": 3}, "4 attention heads cannot share 3"),
                         ({"head_dim": 7}, "rotary dimension 7 must be even"),
                         ({"rope_parameters": {"rope_type": "llama3", "factor": 8}}, "lacks 'low_freq_factor'"),
                         ({"rope_parameters": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4,
                                               "high_freq_factor": 1, "original_max_position_embeddings": 8}},
                          "low_freq_factor < high_freq_factor"),
-                        ({"rope_parameters": "x"}, "is not a valid config")]}[family]
+                        ({"rope_parameters": "x"}, "rope_parameters is 'x', expected a JSON object or null")]}[family]
     for changes, message in cases:
         (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
         refused(message, minisv.load, str(model_dir), device="cpu")
@@ -463,9 +430,10 @@ def test_config_json_fields_are_checked(tmp_path, tiny):
     del config[layers]
     (model_dir / "config.json").write_text(json.dumps(config))
     refused(f"config.json lacks '{layers}'", minisv.load, str(model_dir))
-    for text in ("[1, 2]", "{not json", "\xff"):
+    for text, message in [("[1, 2]", r"the JSON is \[1, 2\], expected a JSON object"), ("{not json", "not valid JSON"),
+                          ("\xff", "byte 0 is not valid UTF-8")]:
         (model_dir / "config.json").write_text(text, encoding="latin-1")
-        refused("config.json is not a valid config", minisv.load, str(model_dir))
+        refused(f"config.json: {message}", minisv.load, str(model_dir))
 
 
 def random_transcoder(path):
@@ -524,13 +492,22 @@ def test_artifacts_get_the_same_mode_as_any_other_file(tmp_path):
 
 
 def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
+    """A writer killed mid-write leaves its temporary file; the next write of that path removes it, and keeps the
+    temporary files of live processes and every file not named like one of minisv's own (a user's files)."""
+    target = tmp_path / "checkpoint.pt"
+    killed = subprocess.run([sys.executable, "-c", "import os; from minisv.atomic import atomic_write; "
+                             f"atomic_write({str(target)!r}, lambda tmp: (open(tmp, 'w').write('half'), os._exit(9)))"],
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert killed.returncode == 9
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint.pt.")]
+    assert stale.read_text() == "half" and stale.name.endswith(".minisv-tmp")
+    live = tmp_path / f".checkpoint.pt.{'0' * 16}.{os.getppid()}.minisv-tmp"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()                                 # reaped: its pid names no process any more
-    target = tmp_path / "checkpoint.pt"
-    stale, live = tmp_path / f"checkpoint.pt.tmp{dead.pid}", tmp_path / f"checkpoint.pt.tmp{os.getppid()}"
-    unrelated = [tmp_path / f"other.pt.tmp{dead.pid}", tmp_path / "checkpoint.pt.tmpx", tmp_path / "checkpoint.pt"]
-    for p in [stale, live, *unrelated]:
+    unrelated = [tmp_path / f"checkpoint.pt.tmp{dead.pid}", tmp_path / f"other.pt.tmp{dead.pid}",
+                 tmp_path / f".other.pt.{'0' * 16}.{dead.pid}.minisv-tmp", tmp_path / "checkpoint.pt.tmpx"]
+    for p in [live, *unrelated]:
         p.write_text("old")
     write_text(target, "new")
     assert not stale.exists() and live.exists() and target.read_text() == "new"
-    assert all(p.exists() for p in unrelated)
+    assert all(p.read_text() == "old" for p in unrelated)
