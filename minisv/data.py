@@ -12,7 +12,6 @@ evaluated rows at random from all held-out documents and says how many documents
 """
 import ast
 import functools
-import json
 import os
 import random
 import re
@@ -22,8 +21,10 @@ import numpy as np
 import torch
 
 from .errors import MinisvError
+from .files import STR, field, parse_json, read_text
 
 TEXT_SUFFIXES = (".txt", ".md")
+MAX_CORPUS = 8 << 30        # the largest text file read into memory whole
 TOKEN_SUFFIXES = (".bin", ".npy")
 
 
@@ -106,21 +107,10 @@ def _read_text(path):
 
 
 def _read_jsonl(path):
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MinisvError(f"{path} line {i} is not valid JSON ({e.msg}); expected one object per "
-                                  f"line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise MinisvError(f"{path} line {i} has no string field 'text'; expected lines like "
-                                  f"{{\"text\": \"...\"}}")
-            docs.append(record["text"])
-    return docs
+    """The 'text' field of every line of a .jsonl file, each line read through the one JSON gate."""
+    lines = read_text(path, MAX_CORPUS).splitlines()
+    return [field(parse_json(line, f"{path} line {i}"), "text", f"{path} line {i}", STR)
+            for i, line in enumerate(lines, 1) if line.strip()]
 
 
 def token_rows(tokenizer, texts, ctx, bos=True) -> torch.Tensor:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from . import unpickle
 from .atomic import atomic_write, write_text
 from .errors import MinisvError
+from .files import check_regular, read_json
 from . import circuit_tracer
 from .clt import CLTConfig, CrossLayerTranscoder
 from .transcoder import Transcoder, TranscoderConfig, convention_of
@@ -198,16 +199,8 @@ def _load_clt(path):
 
 
 def _read_config(path):
-    config = os.path.join(path, CONFIG)
-    try:
-        with open(config, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise MinisvError(f"{config} is not readable JSON ({str(e)[:200]}); the transcoder directory is corrupt") \
-            from None
-    if not isinstance(raw, dict):
-        raise MinisvError(f"{config} holds a JSON {type(raw).__name__}, not an object; the file is corrupt")
-    return raw
+    """cfg.json as a dict, through the one JSON gate (a regular, bounded, well-formed file holding an object)."""
+    return read_json(os.path.join(path, CONFIG))
 
 
 _KINDS = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
@@ -349,6 +342,7 @@ def _from_tensors(path, tensors, architecture, k, fields):
 
 
 def _tensors(weights):
+    check_regular(weights, None)          # not a FIFO or a device: safetensors would wait or read forever
     try:
         return load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:

@@ -455,7 +455,7 @@ def test_transcoder_cfg_and_weights_are_checked_before_allocating(tmp_path):
     for changes, message in cases:
         write_text(tmp_path / "cfg.json", json.dumps({**cfg, **changes}))
         refused(message, formats.load, tmp_path)
-    for text, message in [("[1]", "holds a JSON list, not an object"), ("{", "is not readable JSON"),
+    for text, message in [("[1]", "cfg.json: the JSON is \\[1\\], expected a JSON object"), ("{", "not valid JSON"),
                           (json.dumps({"d_in": 12}), "lacks d_out, d_sae")]:
         write_text(tmp_path / "cfg.json", text)
         refused(message, formats.load, tmp_path)

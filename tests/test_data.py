@@ -46,7 +46,8 @@ def test_one_text_file_is_a_dataset_of_its_paragraphs(tmp_path):
         load_dataset(tmp_path / "one.txt", ByteTokenizer(), ctx=4)
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"), ('{"body": "x"}', "no string field 'text'")])
+@pytest.mark.parametrize("content, message", [("{not json", "line 1: not valid JSON"), ('{"body": "x"}', "line 1 lacks 'text' \\(a string\\)"),
+                                              ('[1]', "line 1: .* expected a JSON object"), ('{"text": 5}', "text is 5, expected a string")])
 def test_read_texts_bad_jsonl(tmp_path, content, message):
     (tmp_path / "x.jsonl").write_text(content)
     with pytest.raises(MinisvError, match=message):
