@@ -258,6 +258,8 @@ def train_and_report(args, out, rank, device, started):
                       warmup_steps=max(1, min(1000, steps // 20)),
                       dead_tokens=min(10_000_000, max(steps // 10, 1) * args.batch_tokens),
                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every or max(1, steps // 10),
+                      # a CLT's chunk holds every layer's activations: 8 batches of 30 layers ≈ 1.1 GB on SmolLM2
+                      buffer_tokens=8 * args.batch_tokens if args.clt else TrainConfig.buffer_tokens,
                       amp=not args.no_autocast, compile=args.compile, model=args.model, sparsity=args.sparsity,
                       clt_window=args.window if args.clt else None,
                       dataset=args.data or "builtin", hook_in=sites[0], hook_out=sites[1])
