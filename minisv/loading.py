@@ -141,7 +141,7 @@ RENAMES = {
               (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.ln2."),
               (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"blocks.\1.attn.\2."),
               (r"model\.layers\.(\d+)\.mlp\.gate_proj\.", r"blocks.\1.mlp.gate."),
-              (r"model\.layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc."),
+              (r"model\.layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.up."),
               (r"model\.layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.proj."),
               (r"model\.norm\.", "ln_final."), (r"lm_head\.", "unembed."), (r".*inv_freq$", None)],
 }
@@ -273,7 +273,7 @@ def _load_gguf(path, device, dtype):
                       qkv_bias=arch == "qwen2", tie_embeddings="output.weight" not in raw, name=str(path))
     names = {"token_embd": "embed", "output_norm": "ln_final", "output": "unembed", "attn_norm": "ln1",
              "ffn_norm": "ln2", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o",
-             "ffn_gate": "mlp.gate", "ffn_up": "mlp.fc", "ffn_down": "mlp.proj"}
+             "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.proj"}
 
     def tensors():
         for key in list(raw):
@@ -311,7 +311,7 @@ def _assign(cfg, tensors, tokenizer, device, dtype, source, nbytes):
     with torch.device("meta"):
         model = Model(cfg, tokenizer)
     expected = dict(model.named_parameters())          # tied weights appear once, as embed.weight
-    for name, t in tensors:
+    for name, t in _fused(model, tensors):
         if name == "unembed.weight" and cfg.tie_embeddings:
             continue
         if name not in expected:
@@ -330,3 +330,29 @@ def _assign(cfg, tensors, tokenizer, device, dtype, source, nbytes):
     if cfg.tie_embeddings:
         model.unembed.weight = model.embed.weight
     return model.eval()
+
+
+# checkpoints store q, k, v (and SwiGLU's gate and up) apart; minisv runs each group as one Linear
+_PARTS = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.fc": ("mlp.gate", "mlp.up")}
+
+
+def _fused(model, tensors):
+    """The checkpoint's (name, tensor) pairs with each group of parts stacked into its one Linear's tensor, as soon
+    as the group is complete (a part's shape is checked against its rows first)."""
+    pending = {}
+    for name, t in tensors:
+        m = re.fullmatch(r"(blocks\.\d+\.)(attn\.[qkv]|mlp\.gate|mlp\.up)\.(weight|bias)", name)
+        if not m or (m[2] in ("mlp.gate", "mlp.up") and not model.cfg.family == "llama"):
+            yield name, t
+            continue
+        whole = next(w for w, parts in _PARTS.items() if m[2] in parts)
+        expected = getattr(getattr(model.get_submodule(m[1] + whole.split(".")[0]), m[2].split(".")[1]), m[3])
+        if expected is None:
+            raise MinisvError(f"unexpected tensor {name!r} in the checkpoint: the config gives this layer no bias")
+        if tuple(t.shape) != tuple(expected.shape):
+            raise MinisvError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(expected.shape)} from the "
+                              f"config")
+        group = pending.setdefault(m[1] + whole + "." + m[3], {})
+        group[m[2]] = t
+        if len(group) == len(_PARTS[whole]):
+            yield m[1] + whole + "." + m[3], torch.cat([group.pop(part) for part in _PARTS[whole]])

@@ -11,6 +11,7 @@ it. Shapes: B batch, T positions, D d_model, H heads, K kv heads, E d_head, M d_
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -55,22 +56,42 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.family != "llama" else None
 
 
+class Rows(NamedTuple):
+    """Rows lo:hi of a Linear's weight and bias, as views: edits reach the Linear (`attn.v.weight[0] = 0`)."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _rows(linear, lo, hi):
+    return Rows(linear.weight[lo:hi], linear.bias[lo:hi] if linear.bias is not None else None)
+
+
 class Attention(nn.Module):
+    """Q, K and V share their input, so they are one Linear (one matmul): rows [q (H·E) | k (K·E) | v (K·E)];
+    `q`, `k` and `v` are views of its rows."""
     def __init__(self, cfg):
         super().__init__()
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        self.q = nn.Linear(D, H * E, bias=cfg.qkv_bias)
-        self.k = nn.Linear(D, K * E, bias=cfg.qkv_bias)
-        self.v = nn.Linear(D, K * E, bias=cfg.qkv_bias)
+        self.qkv = nn.Linear(D, (H + 2 * K) * E, bias=cfg.qkv_bias)
         self.o = nn.Linear(H * E, D, bias=cfg.o_bias)
+        self.sizes = [H * E, K * E, K * E]
+
+    q = property(lambda self: _rows(self.qkv, 0, self.sizes[0]))
+    k = property(lambda self: _rows(self.qkv, self.sizes[0], self.sizes[0] + self.sizes[1]))
+    v = property(lambda self: _rows(self.qkv, self.sizes[0] + self.sizes[1], sum(self.sizes)))
 
 
 class MLP(nn.Module):
+    """fc → act → proj. SwiGLU (llama) multiplies act(gate x) by up x; gate and up share their input, so `fc` is one
+    Linear holding both, rows [gate (M) | up (M)], and `gate` and `up` are views of its rows."""
     def __init__(self, cfg):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)      # "up" in SwiGLU
-        self.gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias) if cfg.family == "llama" else None
-        self.proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)    # "down"
+        D, M, self.gated = cfg.d_model, cfg.d_mlp, cfg.family == "llama"
+        self.fc = nn.Linear(D, 2 * M if self.gated else M, bias=cfg.mlp_bias)
+        self.proj = nn.Linear(M, D, bias=cfg.mlp_bias)                      # "down"
+
+    gate = property(lambda self: _rows(self.fc, 0, self.proj.in_features) if self.gated else None)
+    up = property(lambda self: _rows(self.fc, self.proj.in_features, 2 * self.proj.in_features) if self.gated else None)
 
 
 class Block(nn.Module):
@@ -91,7 +112,6 @@ class Model(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self._hooks = {}           # hook name -> list of callbacks, in the order they were added
-        self._fused = {}           # "blocks.3.attn." -> (weight, bias, data pointers): see _fused_linear
         self.positions = None      # LongTensor [B, T]: absolute positions of the tokens in the current forward
         self.hook_names = self._all_hook_names()
 
@@ -255,36 +275,11 @@ class Model(nn.Module):
         h = self._hook(prefix + ".hook_normalized", h.to(x.dtype))
         return torch.addcmul(norm.bias, h, norm.weight) if norm.bias is not None else norm.weight * h
 
-    def _fused_linear(self, key, x, parts):
-        """x [..., D] through the Linears `parts` (same input, e.g. q, k, v) as ONE matmul -> [..., sum of their
-        outputs]; one big matmul runs faster than several small ones. The stacked weight is built on first use,
-        and the parts' parameters then become views into it, so in-place edits (attn.q.weight[0] = 0) reach it.
-        It is rebuilt when a parameter no longer views it (re-assigned, moved by .to()). If a part needs a
-        gradient, a differentiable torch.cat is used instead."""
-        params = [t for m in parts for t in (m.weight, m.bias) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-            bias = torch.cat([m.bias for m in parts]) if parts[0].bias is not None else None
-            return F.linear(x, torch.cat([m.weight for m in parts]), bias)
-        fused = self._fused.get(key)
-        if fused is None or [t.data_ptr() for t in params] != fused[2]:
-            with torch.inference_mode(False):    # a weight born under inference_mode could never see autograd
-                weight = torch.cat([m.weight.detach() for m in parts])
-                bias = torch.cat([m.bias.detach() for m in parts]) if parts[0].bias is not None else None
-                row = 0
-                for m in parts:
-                    n = m.weight.shape[0]
-                    m.weight.data = weight[row:row + n]
-                    if bias is not None:
-                        m.bias.data = bias[row:row + n]
-                    row += n
-                fused = self._fused[key] = (weight, bias, [t.data_ptr() for t in params])
-        return F.linear(x, fused[0], fused[1])
-
     def _attention(self, l, x, rope, mask, kv_cache):
         cfg, attn, p = self.cfg, self.blocks[l].attn, f"blocks.{l}.attn."
         B, T, _ = x.shape
         H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        qkv = self._fused_linear(p, x, (attn.q, attn.k, attn.v)).view(B, T, H + 2 * K, E)
+        qkv = attn.qkv(x).view(B, T, H + 2 * K, E)
         q, k, v = (self._hook(p + n, t) for n, t in zip(("hook_q", "hook_k", "hook_v"), qkv.split([H, K, K], 2)))
         if rope is not None:
             q = self._hook(p + "hook_rot_q", _apply_rotary(q, rope))
@@ -307,8 +302,8 @@ class Model(nn.Module):
     def apply_mlp(self, l, x):
         """Block l's MLP on its (normed) input x [..., D] -> [..., D]; public so methods can linearize it."""
         mlp, p, act = self.blocks[l].mlp, f"blocks.{l}.mlp.", ACTIVATIONS[self.cfg.act]
-        if mlp.gate is not None:   # SwiGLU: hook_pre is the gate's pre-activation, hook_pre_linear the "up" one
-            gate, up = self._fused_linear(p, x, (mlp.gate, mlp.fc)).chunk(2, -1)
+        if mlp.gated:              # SwiGLU: hook_pre is the gate's pre-activation, hook_pre_linear the "up" one
+            gate, up = mlp.fc(x).chunk(2, -1)
             post = act(self._hook(p + "hook_pre", gate)) * self._hook(p + "hook_pre_linear", up)
         else:
             post = act(self._hook(p + "hook_pre", mlp.fc(x)))

@@ -449,7 +449,7 @@ def smollm2():
         weights.update({f"model.layers.{l}.{name}.weight": p for name, p in [
             ("input_layernorm", b.ln1), ("post_attention_layernorm", b.ln2), ("self_attn.q_proj", b.attn.q),
             ("self_attn.k_proj", b.attn.k), ("self_attn.v_proj", b.attn.v), ("self_attn.o_proj", b.attn.o),
-            ("mlp.gate_proj", b.mlp.gate), ("mlp.up_proj", b.mlp.fc), ("mlp.down_proj", b.mlp.proj)]
+            ("mlp.gate_proj", b.mlp.gate), ("mlp.up_proj", b.mlp.up), ("mlp.down_proj", b.mlp.proj)]
             for p in [p.weight]})
     hf.load_state_dict({k: v.detach().clone() for k, v in weights.items()})
     spec, (template, *_) = ob.STUDIES["pronouns"][0]
