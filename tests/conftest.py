@@ -23,19 +23,30 @@ def tiny_config(family):
                           intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False, **common)
 
 
-@pytest.fixture(scope="session", params=["gpt2", "neox", "llama"])
-def tiny(request, tmp_path_factory):
+def make_tiny(family, tmp_path_factory):
     """(family, directory, the transformers reference model) for a random tiny checkpoint."""
     import transformers as tf
     torch.manual_seed(0)
-    ref = tf.AutoModelForCausalLM.from_config(tiny_config(request.param)).eval()
+    ref = tf.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
     with torch.no_grad():   # random norm gains and biases so that every parameter matters
         for name, p in ref.named_parameters():
             if p.dim() == 1:
                 p.normal_(1.0 if "weight" in name else 0.0, 0.1)
-    path = tmp_path_factory.mktemp(request.param)
+    path = tmp_path_factory.mktemp(family)
     ref.save_pretrained(path)
-    return request.param, path, ref
+    return family, path, ref
+
+
+@pytest.fixture(scope="session", params=["gpt2", "neox", "llama"])
+def tiny(request, tmp_path_factory):
+    """Each family's tiny checkpoint in turn: for what differs between families."""
+    return make_tiny(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_one(tmp_path_factory):
+    """The tiny Llama alone: for what one family is enough to check (file handling, error messages)."""
+    return make_tiny("llama", tmp_path_factory)
 
 
 @pytest.fixture

@@ -69,10 +69,8 @@ def hf_dir(path, tiny, weights=None):
 
 
 @pytest.fixture
-def tiny_llama(tiny):
-    if tiny[0] != "llama":
-        pytest.skip("one family is enough here")
-    return tiny
+def tiny_llama(tiny_one):
+    return tiny_one
 
 
 def test_torchscript_archive_is_refused_before_torch_sees_it(tmp_path, tiny_llama):
