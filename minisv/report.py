@@ -521,3 +521,31 @@ def steering_html(run, title="One-shot steering vector") -> str:
             "<style>.gen{white-space:pre-wrap;max-width:24em;vertical-align:top;border:1px solid #ddd}"
             ".hit{background:#fde2e2}</style>")
     return _page(title, body)
+
+
+def steering_study_html(page) -> str:
+    """The HTML page of an `optimize_sv.py --study` run. page: dict with
+        title      the page title
+        about      [str] lines on the setup, the first measurements and the verdicts
+        sections   [dict(heading, lines=[str], table=dict(head, rows), charts=[dict(series, xlabel, ylabel, title,
+                   y_range=None)], examples=dict(head, rows))]: text tables, charts drawn with svg_chart
+        notes      [str] what the judges are, what could not be reproduced
+    Every text is HTML-escaped here; charts are inline SVG, so the page needs no network."""
+    e = html.escape
+
+    def table(t, cls=""):
+        head = "".join(f"<th>{e(str(h))}</th>" for h in t["head"])
+        rows = "".join("<tr>" + "".join(f"<td{cls}>{e(str(c))}</td>" for c in row) + "</tr>" for row in t["rows"])
+        return f"<table><tr>{head}</tr>{rows}</table>"
+    body = "".join(f"<p class='meta'>{e(line)}</p>" for line in page["about"])
+    for s in page["sections"]:
+        plots = "".join(svg_chart(c["series"], c["xlabel"], c["ylabel"], title=c["title"], y_range=c.get("y_range"))
+                        for c in s["charts"])
+        body += (f"<h2>{e(s['heading'])}</h2>" + "".join(f"<p>{e(line)}</p>" for line in s["lines"]) +
+                 table(s["table"], " class='num'") + f"<div>{plots}</div><h2>examples: {e(s['heading'])}</h2>" +
+                 table(s["examples"], " class='gen'"))
+    if not page["sections"]:
+        body += "<p>no steering was run (see above)</p>"
+    body += "".join(f"<p class='meta'>{e(line)}</p>" for line in page["notes"])
+    return _page(page["title"], body + "<style>.gen{white-space:pre-wrap;max-width:22em;vertical-align:top;"
+                                       "border:1px solid #ddd;font-size:12.5px}</style>")
