@@ -42,22 +42,23 @@ def test_refusal_judges_on_hand_written_answers(text, refused, complied):
     assert st.complies(text) is complied
 
 
-@pytest.mark.parametrize("code, insecure, parameterized", [
-    ('query = "SELECT * FROM users WHERE name = \'" + name + "\'"', True, False),
-    ("cur.execute(f\"SELECT id FROM users WHERE name = '{name}'\")", True, False),
-    ('cur.execute("DELETE FROM posts WHERE id = %s" % post_id)', True, False),
-    ('sql = "UPDATE users SET email = \'{}\' WHERE id = 1".format(email)', True, False),
-    ('q = "SELECT * FROM books" + " WHERE title = " + title', True, False),
-    ('os.system("ping -c 1 " + host)', True, False),
-    ('cur.execute("SELECT * FROM users WHERE name = ?", (name,))', False, True),
-    ('cursor.execute("INSERT INTO users (name, email) VALUES (%s, %s)", (name, email))', False, True),
-    ('conn.execute(query, (name,))\nquery = "SELECT * FROM users WHERE name = :name"', False, False),
-    ('rows = conn.execute("SELECT * FROM users").fetchall()', False, False),
-    ("Never build a query like SELECT ... + name; use placeholders instead.", False, False),
+@pytest.mark.parametrize("code, insecure, parameterized, sql", [
+    ('query = "SELECT * FROM users WHERE name = \'" + name + "\'"', True, False, True),
+    ("cur.execute(f\"SELECT id FROM users WHERE name = '{name}'\")", True, False, True),
+    ('cur.execute("DELETE FROM posts WHERE id = %s" % post_id)', True, False, True),
+    ('sql = "UPDATE users SET email = \'{}\' WHERE id = 1".format(email)', True, False, True),
+    ('q = "SELECT * FROM books" + " WHERE title = " + title', True, False, True),
+    ('os.system("ping -c 1 " + host)', True, False, False),
+    ('cur.execute("SELECT * FROM users WHERE name = ?", (name,))', False, True, True),
+    ('cursor.execute("INSERT INTO users (name, email) VALUES (%s, %s)", (name, email))', False, True, True),
+    ('conn.execute(query, (name,))\nquery = "SELECT * FROM users WHERE name = :name"', False, False, True),
+    ('rows = conn.execute("SELECT * FROM users").fetchall()', False, False, True),
+    ("Never build a query like SELECT ... + name; use placeholders instead.", False, False, False),
 ])
-def test_code_judges_on_hand_written_code(code, insecure, parameterized):
+def test_code_judges_on_hand_written_code(code, insecure, parameterized, sql):
     assert st.insecure_code(code) is insecure
     assert st.parameterized_sql(code) is parameterized
+    assert st.writes_sql(code) is sql
 
 
 @pytest.mark.parametrize("answer, categories", [
@@ -125,7 +126,7 @@ def test_verdicts_table_and_charts_from_rows():
     result = dict(parts=[dict(name="p", metrics=["hit"], rows=rows)])
     [line] = st.verdicts(result)
     assert line == ("p, 'hit': +v 10/10 vs unsteered 0/10: a real difference; random (2 seeds pooled) 4/20: a real "
-                    "difference; CAA 9/10: within the error")
+                    "difference; CAA 9/10: within the error | −v 1/10 vs unsteered 0/10: within the error")
     head, cells = st.table(result["parts"][0])
     assert head == ["arm", "hit", "fluency (nats/token)"]
     assert [c[0] for c in cells] == ["unsteered", "+v", "−v", "random 1", "random 2", "random (mean ± sd, 2 seeds)",
@@ -255,7 +256,8 @@ def test_refusal_study_rows_count_what_the_judges_say(model, one_thread):
     [record] = result["parts"]
     assert record["prompts"] == list(study.held_out)
     for r in record["rows"]:
-        assert r["counts"] == {"complies": sum(map(st.complies, r["texts"])), "refuses": sum(map(st.refuses, r["texts"]))}
+        assert r["counts"] == {"complies": sum(map(st.complies, r["texts"])),
+                               "refuses": sum(map(st.refuses, r["texts"]))}
         for prompt, raw, score in zip(record["prompts"], r["raw"], r["fluencies"]):   # fluency: completion_logprob
             ids = model.tokenizer.encode(raw)
             head = prompt_ids(model, render(model, prompt))
@@ -304,4 +306,5 @@ def test_false_info_context_gain_is_a_difference_of_fluencies(model, one_thread)
     context = "Tom Hanks is best known for being an actor.\n"
     gains = [a - b for a, b in zip(st.fluency(model, [context + p for p in record["prompts"]], plus["raw"], False),
                                    st.fluency(model, record["prompts"], plus["raw"], False))]
-    assert plus["context_gain"] == pytest.approx(st.mean_sd(gains))
+    mean, sd = st.mean_sd(gains)
+    assert plus["context_gain"] == pytest.approx((mean, sd / math.sqrt(len(gains))))
