@@ -506,8 +506,8 @@ def steered_study(model, setup, parts, seed, log):
     about = [*setup["about"],
              f"layer {layer} of {model.cfg.n_layers} (depth {recipe.depth:.2f}); optimized with lr {recipe.lr}, at "
              f"most {recipe.max_iters} steps, max ‖v‖ {recipe.max_norm}, target loss "
-             f"{info.get('target', recipe.target_loss)}, seed {seed}: stopped ({info['stop']}) after {info['iters']} steps in {info['seconds']:.0f}s, "
-             f"loss {info['loss']:.4f} nats",
+             f"{info.get('target', recipe.target_loss)}, seed {seed}: stopped ({info['stop']}) after {info['iters']} "
+             f"steps in {info['seconds']:.0f}s, loss {info['loss']:.4f} nats",
              f"‖v‖ {info['norm']:.2f} (median residual norm there {resid:.1f}); CAA's natural norm "
              f"{setup['caa'].norm().item():.2f}, rescaled to ‖v‖; generation: {how}"]
     log(f"generating with {len(arms)} arms ...")
