@@ -527,8 +527,8 @@ def steering_study_html(page) -> str:
     """The HTML page of an `optimize_sv.py --study` run. page: dict with
         title      the page title
         about      [str] lines on the setup, the first measurements and the verdicts
-        sections   [dict(heading, lines=[str], table=dict(head, rows), charts=[dict(series, xlabel, ylabel, title,
-                   y_range=None)], examples=dict(head, rows))]: text tables, charts drawn with svg_chart
+        sections   [dict(heading, table=dict(head, rows), charts=[dict(series, xlabel, ylabel, title, y_range=None)],
+                   examples=dict(head, rows))]: text tables, and charts drawn with svg_chart
         notes      [str] what the judges are, what could not be reproduced
     Every text is HTML-escaped here; charts are inline SVG, so the page needs no network."""
     e = html.escape
@@ -541,9 +541,8 @@ def steering_study_html(page) -> str:
     for s in page["sections"]:
         plots = "".join(svg_chart(c["series"], c["xlabel"], c["ylabel"], title=c["title"], y_range=c.get("y_range"))
                         for c in s["charts"])
-        body += (f"<h2>{e(s['heading'])}</h2>" + "".join(f"<p>{e(line)}</p>" for line in s["lines"]) +
-                 table(s["table"], " class='num'") + f"<div>{plots}</div><h2>examples: {e(s['heading'])}</h2>" +
-                 table(s["examples"], " class='gen'"))
+        body += (f"<h2>{e(s['heading'])}</h2>" + table(s["table"], " class='num'") + f"<div>{plots}</div>" +
+                 f"<h2>examples: {e(s['heading'])}</h2>" + table(s["examples"], " class='gen'"))
     if not page["sections"]:
         body += "<p>no steering was run (see above)</p>"
     body += "".join(f"<p class='meta'>{e(line)}</p>" for line in page["notes"])

@@ -754,7 +754,7 @@ def study_page(result):
     for record in result["parts"]:
         head, rows = table(record)
         ex_head, ex_rows = examples(record)
-        sections.append(dict(heading=record["name"], lines=[], table=dict(head=head, rows=rows), charts=charts(record),
+        sections.append(dict(heading=record["name"], table=dict(head=head, rows=rows), charts=charts(record),
                              examples=dict(head=ex_head, rows=ex_rows)))
     return dict(title=result["title"], about=result["baseline"] + result["about"] + verdicts(result),
                 sections=sections, notes=result["notes"])
