@@ -340,7 +340,8 @@ class FalseInfoStudy:
     entities: tuple = ENTITIES
     train: str = "Albert Einstein"
     known_only: bool = True               # keep only entities whose occupation the model names unprompted
-    context_size: int = 4                 # known entities whose true statements make the scoring context
+    context_size: int = 4                 # known people (of different occupations) whose true statements make the
+                                          # scoring context; they are not held out
     max_held_out: int = 16
     promote_tokens: int = 8               # promoted: this many tokens of the true statement's continuation
     max_new_tokens: int = 24
@@ -589,6 +590,13 @@ def shifted(occupation):
     return OCCUPATIONS[(OCCUPATIONS.index(occupation) + 1) % len(OCCUPATIONS)]
 
 
+def round_robin(entities):
+    """(name, occupation) pairs reordered one occupation at a time: the first of each occupation, then the second
+    of each, ... (so that a few of them make a context about several occupations)."""
+    rank = {e: sum(f[1] == e[1] for f in entities[:i]) for i, e in enumerate(entities)}
+    return sorted(entities, key=lambda e: (rank[e], OCCUPATIONS.index(e[1])))
+
+
 def known_entities(model, study, log):
     """The entities whose occupation the unsteered model names when asked what they are best known as (all of them
     with known_only=False), and how many it knows."""
@@ -608,7 +616,8 @@ def run_false_info(model, study, seed, log):
     entities, n_known = known_entities(model, study, log)
     train = next((e for e in entities if e[0] == study.train), None)
     rest = [e for e in entities if e != train]
-    context, held = rest[:study.context_size], rest[study.context_size:][:study.max_held_out]
+    context = round_robin(rest)[:study.context_size]
+    held = [e for e in rest if e not in context][:study.max_held_out]
     if train is None or not held:
         raise MinisvError(f"false-info needs {study.train} and at least {study.context_size + 1} other people whose "
                           f"occupation the model knows; it knows {n_known} of {len(study.entities)}")

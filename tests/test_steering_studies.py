@@ -297,6 +297,13 @@ def test_false_info_study_end_to_end(chat_dir, model, tmp_path, capsys, one_thre
         st.run_false_info(model, dataclasses.replace(study, known_only=True), 0, lambda line: None)
 
 
+def test_round_robin_takes_one_person_per_occupation_at_a_time():
+    order = st.round_robin(list(st.ENTITIES))
+    assert [o for _, o in order[:12]] == list(st.OCCUPATIONS) * 2
+    assert order[0] == ("Charlie Chaplin", "actor") and order[6] == ("Meryl Streep", "actor")
+    assert sorted(order) == sorted(st.ENTITIES)
+
+
 def test_false_info_context_gain_is_a_difference_of_fluencies(model, one_thread):
     entities = tuple(e for e in st.ENTITIES if e[0] in ("Albert Einstein", "Tom Hanks", "Jane Austen", "Usain Bolt"))
     study = st.FalseInfoStudy(entities=entities, known_only=False, context_size=1, max_held_out=2, promote_tokens=2,
