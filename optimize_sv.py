@@ -22,6 +22,7 @@ from minisv.errors import MinisvError
 from minisv.report import steering_html
 from minisv.steering import (Datapoint, SteerConfig, compare_generations, completion_logprob, optimize_vector,
                              prompt_ids, render, residual_norm, save_vector, steer, success_rate)
+from minisv.steering_studies import STUDIES, run_study
 
 DEFAULT_PROMPT = "Give me a recipe for pancakes."
 DEFAULT_PROMOTE = "I'm sorry, but I can't help with that."
@@ -89,6 +90,9 @@ def parse_args(argv):
                    "with several layers, PATH_layerN.gguf each): llama.cpp adds direction.N to the output of block "
                    "N, i.e. minisv's blocks.{N+1}.hook_resid_pre, so --layer must be at least 2; additive only")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--study", choices=sorted(STUDIES), help="run one of the paper's experiments instead, offline, with "
+                   "its controls (docs/steering_studies.md): refusal-suppression, misaligned-code or false-info; only "
+                   "--model, --device, --seed and --out (whose folder gets study_NAME.html and .safetensors) apply")
     return p.parse_args(argv)
 
 
@@ -166,6 +170,8 @@ def settings(args):
 
 
 def run(args):
+    if args.study:
+        return run_study(args)
     start = time.time()
     args.layer = list(dict.fromkeys(args.layer))      # each layer once, in the order given
     cfg, clamp_eval = settings(args)

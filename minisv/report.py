@@ -630,9 +630,33 @@ def _heatmap(values, title):
             f'{cells}{scale}</svg></div>')
 
 
-def _table(header, rows):
-    """An HTML table; numbers are shown with 3 decimals, every string is escaped."""
+def _table(header, rows, cell_class="num"):
+    """An HTML table; floats are shown with 3 decimals, everything else as text, all of it escaped."""
     def cells(row, tag):
-        return "".join(f"<{tag}>{html.escape(c if isinstance(c, str) else f'{c:.3f}')}</{tag}>" for c in row)
+        return "".join(f"<{tag} class={cell_class}>{html.escape(f'{c:.3f}' if isinstance(c, float) else str(c))}</{tag}>"
+                       for c in row)
     body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
     return f"<table class=t><tr>{cells(header, 'th')}</tr>{body}</table>"
+
+
+def steering_study_html(page) -> str:
+    """The HTML page of an `optimize_sv.py --study` run. page: dict with
+        title      the page title
+        about      [str] lines on the setup, the first measurements and the verdicts
+        sections   [dict(heading, table=dict(head, rows), charts=[dict(series, xlabel, ylabel, title, y_range=None)],
+                   examples=dict(head, rows))]: text tables, and charts drawn with svg_chart
+        notes      [str] what the judges are, what could not be reproduced
+    Every text is HTML-escaped here; charts are inline SVG, so the page needs no network."""
+    e = html.escape
+    body = "".join(f"<p class='meta'>{e(line)}</p>" for line in page["about"])
+    for s in page["sections"]:
+        plots = "".join(svg_chart(c["series"], c["xlabel"], c["ylabel"], title=c["title"], y_range=c.get("y_range"))
+                        for c in s["charts"])
+        body += (f"<h2>{e(s['heading'])}</h2>" + _table(s["table"]["head"], s["table"]["rows"]) +
+                 f"<div>{plots}</div><h2>examples: {e(s['heading'])}</h2>" +
+                 _table(s["examples"]["head"], s["examples"]["rows"], "gen"))
+    if not page["sections"]:
+        body += "<p>no steering was run (see above)</p>"
+    body += "".join(f"<p class='meta'>{e(line)}</p>" for line in page["notes"])
+    return _page(page["title"], body + "<style>.gen{white-space:pre-wrap;max-width:22em;vertical-align:top;"
+                                       "border:1px solid #ddd;font-size:12.5px}</style>")
