@@ -630,10 +630,12 @@ def _heatmap(values, title):
             f'{cells}{scale}</svg></div>')
 
 
-def _table(header, rows, cell_class="num"):
+def _table(header, rows, cell_class=None):
     """An HTML table; floats are shown with 3 decimals, everything else as text, all of it escaped."""
+    attr = f" class={cell_class}" if cell_class else ""
+
     def cells(row, tag):
-        return "".join(f"<{tag} class={cell_class}>{html.escape(f'{c:.3f}' if isinstance(c, float) else str(c))}</{tag}>"
+        return "".join(f"<{tag}{attr}>{html.escape(f'{c:.3f}' if isinstance(c, float) else str(c))}</{tag}>"
                        for c in row)
     body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
     return f"<table class=t><tr>{cells(header, 'th')}</tr>{body}</table>"
@@ -652,7 +654,7 @@ def steering_study_html(page) -> str:
     for s in page["sections"]:
         plots = "".join(svg_chart(c["series"], c["xlabel"], c["ylabel"], title=c["title"], y_range=c.get("y_range"))
                         for c in s["charts"])
-        body += (f"<h2>{e(s['heading'])}</h2>" + _table(s["table"]["head"], s["table"]["rows"]) +
+        body += (f"<h2>{e(s['heading'])}</h2>" + _table(s["table"]["head"], s["table"]["rows"], "num") +
                  f"<div>{plots}</div><h2>examples: {e(s['heading'])}</h2>" +
                  _table(s["examples"]["head"], s["examples"]["rows"], "gen"))
     if not page["sections"]:

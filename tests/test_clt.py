@@ -7,7 +7,7 @@ import minisv
 from minisv.clt import CLTConfig, CrossLayerTranscoder
 from minisv.training import TrainConfig, train
 from minisv.transcoder import Transcoder, TranscoderConfig
-from test_training import BOS, tiny_llama, token_rows  # noqa: F401  (fixture)
+from test_training import BOS, bench_module, tiny_llama, token_rows  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,3 +212,11 @@ def test_files_round_trip_and_corrupt_ones_are_one_line(tmp_path):
     (tmp_path / "c" / "cfg.json").write_text(cfg.replace('"window": 2', '"window": "2"'))
     with pytest.raises(minisv.MinisvError, match="window is '2', expected an integer"):
         formats.load(tmp_path / "c")
+
+
+def test_clt_gpu_bench_steps_run_on_cpu():
+    """bench_clt_gpu.sh needs a GPU; its Python part runs here with a tiny model (--dry-run): every configuration
+    trains (no out-of-memory or error path taken)."""
+    results = bench_module("bench_clt_gpu").main(["--dry-run"])
+    assert [(r[0], r[1]) for r in results] == [(0, "fp32"), (0, "bf16 autocast"), (4, "bf16 autocast")]
+    assert all(r[2] > 0 for r in results)
