@@ -13,7 +13,7 @@ much). The *measured* change removes the feature from the real model: its decode
 are subtracted from the MLP outputs it writes to at its position, and everything downstream (attention, MLPs,
 norms) recomputes. The report gives both per feature and their rank correlation.
 
-    python tests/bench/case_study_graph.py --load runs/clt-smollm2 --out docs/case_study.md
+    python tests/bench/case_study_graph.py --load runs/clt-smollm2 --out runs/case_study.md
 """
 import argparse
 import os

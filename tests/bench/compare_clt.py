@@ -7,7 +7,7 @@ same held-out rows (drawn at random across the held-out documents): per-layer FV
 once, the CE increase, KL and top-1 agreement with the real model. Differences are paired per row, with their
 standard errors across rows; the whole comparison is repeated for each seed. Writes a Markdown table.
 
-    python tests/bench/compare_clt.py --tokens 65536 --seeds 0 1 --out docs/clt_vs_per_layer.md
+    python tests/bench/compare_clt.py --tokens 65536 --seeds 0 1 --out runs/clt_vs_per_layer.md
 """
 import argparse
 import os
