@@ -405,10 +405,12 @@ def steering_html(run, title="One-shot steering vector") -> str:
         about      [str] lines describing the run (model, settings, training data), plain text
         success    the regex a generation must match to count as a success, or None (for the page's text)
         n_eval     how many held-out prompts the rates count
-        layers     [dict(layer, loss, iters, stop, norm, resid_norm, rates={column: fraction})], one per vector
+        layers     [dict(layer, loss, iters, stop, norm, resid_norm, rates={column: fraction}, history=[loss per
+                   evaluation, optional])], one per vector
         columns    [str] generation column names
         rows       [dict(prompt, texts=[(generation, success: bool) per column], note=str)]
-    With more than one layer the page also plots held-out success against the layer (inline SVG)."""
+    With more than one layer the page also plots held-out success against the layer, and with histories the
+    optimization's loss curves (inline SVG)."""
     e = html.escape
     about = "".join(f"<p class='meta'>{e(line)}</p>" for line in run["about"])
     names = list(run["layers"][0]["rates"]) if run["layers"] and run["layers"][0]["rates"] else []
@@ -424,6 +426,9 @@ def steering_html(run, title="One-shot steering vector") -> str:
         plot = "<h2>held-out success vs layer</h2>" + svg_chart(
             {n: [(r["layer"], r["rates"][n]) for r in run["layers"]] for n in names}, "layer", "held-out success",
             y_range=(0, 1))
+    curves = {f"layer {r['layer']}": list(enumerate(r["history"])) for r in run["layers"] if r.get("history")}
+    if curves:                                    # the optimization: summed training loss at each Adam step
+        plot += "<h2>optimization</h2>" + svg_chart(curves, "Adam step", "loss (nats)", "training loss per step")
     rows = "".join(f"<tr><td class='gen'>{e(r['prompt'])}</td>" +
                    "".join(f"<td class='gen{' hit' if hit else ''}'>{e(t)}</td>" for t, hit in r["texts"]) +
                    f"<td class='num'>{e(r['note'])}</td></tr>" for r in run["rows"])
