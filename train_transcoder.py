@@ -242,8 +242,8 @@ def _held_memory(args, model):
         source = [os.path.join(r, f) for r, _, fs in os.walk(args.data) for f in fs]
     text = sum(os.path.getsize(f) for f in source) if source else 2_100_000        # the built-in corpus: 2.1 MB
     weights = cli.model_bytes(model)
-    return {"runtime": cli.RUNTIME_BYTES, "model": weights * 5 // 4 + copy * weights // model.embed.weight.element_size()
-            * 2, "data": 12 * text}
+    bf16 = weights // model.embed.weight.element_size() * 2 if copy else 0
+    return {"runtime": cli.RUNTIME_BYTES, "model": weights * 5 // 4 + bf16, "data": 12 * text}
 
 
 def _bf16_copy(model, amp):
@@ -486,14 +486,19 @@ def _setup_distributed(device):
 
 
 def _print_table(m, summary, layers):
-    """The evaluation per layer; "dead" is measured on training tokens (see the footnote it prints)."""
+    """The evaluation per layer; "dead" is measured on training tokens (see the footnote it prints). The "all" row
+    (every coder spliced in at once) has no L0, FVU or dead fraction of its own: those cells show "–"."""
     print(f"{'':>10} {'L0':>7} {'FVU':>7} {'CE clean':>9} {'spliced':>8} {'zero-abl':>9} {'CE score':>9} "
           f"{'KL':>8} {'dead*':>6}")
     rows = [(f"layer {l}", m[f"layer_{l}"], summary["dead"][str(l)]) for l in layers] + \
-        ([("all", m["all"], float("nan"))] if "all" in m else [])
+        ([("all", m["all"], None)] if "all" in m else [])
+
+    def cell(value, width, spec):
+        return f"{'–':>{width}}" if value is None else f"{value:{width}{spec}}"
     for label, r, dead in rows:
-        print(f"{label:>10} {r.get('l0', float('nan')):7.1f} {r.get('fvu', float('nan')):7.3f} {m['ce_clean']:9.4f} "
-              f"{r['ce_spliced']:8.4f} {r['ce_zero_ablated']:9.4f} {r['ce_score']:9.3f} {r['kl']:8.4f} {dead:6.1%}")
+        print(f"{label:>10} {cell(r.get('l0'), 7, '.1f')} {cell(r.get('fvu'), 7, '.3f')} {m['ce_clean']:9.4f} "
+              f"{r['ce_spliced']:8.4f} {r['ce_zero_ablated']:9.4f} {r['ce_score']:9.3f} {r['kl']:8.4f} "
+              f"{cell(dead, 6, '.1%')}")
     print(f"* dead: latents that fired on none of the last {summary['dead_window_tokens']:,} training tokens; the "
           f"rest is measured on {m['tokens']:,} held-out tokens")
 

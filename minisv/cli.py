@@ -65,11 +65,12 @@ def device(text):
 
 # ------------------------------------------------------------------------- every path, checked before any work
 # Inputs are (flag, path, kind): kind "file" (must be a regular file), "dir" (a directory), "any" (either) or
-# "data" (either; a file must be of a type minisv.data reads). Outputs are (flag, path) files; out_dirs (flag, path) directories a run writes into. Whatever kind of
-# mistake it is (an output that is an input, two outputs with one name, a FIFO, a name too long), the run stops
-# here in one line, before a model is loaded; nothing is created.
-_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+# "data" (either; a file must be of a type minisv.data reads). Outputs are (flag, path) files; out_dirs (flag,
+# path) directories a run writes into. Whatever kind of mistake it is (an output that is an input, two outputs
+# with one name, a FIFO, a name too long), the run stops here in one line, before a model is loaded; nothing is
+# created.
+_KINDS = {stat.S_IFREG: "a file", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
 def check_paths(inputs=(), outputs=(), out_dirs=()):
