@@ -218,7 +218,7 @@ def memory(model, args, cfg, datapoints, generation):
     keeps: the tokenizer, the file's pages); then, one after another, the optimization (every layer's activations
     of a batch of training sequences, kept for the backward pass, and their logits), the generation (the prompts'
     first forward with full logits, and the KV cache) and the log-probabilities (logits of prompt + completion).
-    Calibrated against /usr/bin/time on the default run (docs/results.md)."""
+    Calibrated with /usr/bin/time -v on the default run."""
     c, (n_prompts, longest), width = model.cfg, generation, model.embed.weight.element_size()
     groups = [datapoints[i:i + (cfg.batch_size or len(datapoints))] for i in range(0, len(datapoints),
                                                                                    cfg.batch_size or len(datapoints))]
