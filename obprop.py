@@ -385,7 +385,8 @@ def run(args):
     for path in args.path or []:
         ob.parse_path(model, path)          # a bad path fails before the slow part
     tasks = build_tasks(model, args)
-    cli.check_memory(*memory(model, args, tasks), available, "--corpus-tokens, --ctx or --total-pairs", say)
+    cli.check_memory(*memory(model, args, tasks), available, {"corpus pass": "--corpus-tokens or --ctx",
+                                                                "patching": "--total-pairs"}, say)
     results, head_feats = zip(*(analyse(model, task, args, say) for task in tasks))
     couplings = couple(model, tasks, results, head_feats, args, say) if len(tasks) > 1 else []
     cli.check_finite(dict(observables=results, couplings=couplings), "the results")

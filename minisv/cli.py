@@ -269,7 +269,8 @@ def check_memory(held, phases, available, lower, say=None):
     """Print a run's estimated peak memory and refuse, in one line naming the flags that lower it, an estimate
     above `available` bytes (measured before the model was loaded; None: unknown, only printed). held: {part:
     bytes} held all run long (the runtime, the model, the data); phases: {phase: bytes} that come one after
-    another (training, evaluation, ...), so only the largest adds to the peak."""
+    another (training, evaluation, ...), so only the largest adds to the peak; lower: {phase: the flags that
+    shrink it}."""
     phase = max(phases, key=phases.get) if phases else None
     total = sum(held.values()) + (phases[phase] if phase else 0)
     parts = {**held, **({phase: phases[phase]} if phase else {})}
@@ -278,7 +279,7 @@ def check_memory(held, phases, available, lower, say=None):
                   (f"; {size(available)} available" if available is not None else ""))
     if available is not None and total > available:
         raise MinisvError(f"this run needs about {size(total)} of memory ({detail}) but {size(available)} is "
-                          f"available; lower {lower}")
+                          f"available; lower {lower.get(phase, 'the sizes')}" + (f" (the {phase})" if phase else ""))
     return total
 
 
