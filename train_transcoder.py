@@ -240,7 +240,7 @@ def _model(args, device):
 
 # ------------------------------------------------------------------------- memory
 LOWER = {"training": "--batch-tokens, --d-sae/--expansion or the number of --layer values", "evaluation": "--ctx",
-         "dashboards": "--dash-features 0 (no dashboards)"}
+         "dashboards": "--dash-tokens, or skip the dashboards with --dash-features 0"}
 
 
 def _held_memory(args, model):
@@ -273,9 +273,11 @@ def _evaluation_memory(args, model, coders):
     return coders + 8 * 16 * args.ctx * model.cfg.vocab_size * 4
 
 
-def _dashboard_memory(model, coders):
-    """collect_dashboards: ~16M activations a batch (2^24 floats) in ~6 forms, and W_E·W_enc in chunks of 256."""
-    return coders + 6 * 2 ** 24 * 4 + model.cfg.vocab_size * 256 * 4
+def _dashboard_memory(args, model, d_sae, coders):
+    """collect_dashboards: a batch of latent activations (rows of ~2^24 numbers in all, at least one row, at most
+    --dash-tokens) in ~6 forms, and W_E·W_enc in chunks of 256 latents."""
+    floats = min(max(2 ** 24, args.ctx * d_sae), args.dash_tokens * d_sae)
+    return coders + 6 * floats * 4 + model.cfg.vocab_size * 256 * 4
 
 
 def _training_memory(args, model, d_sae):
@@ -294,13 +296,14 @@ def _training_memory(args, model, d_sae):
     coders = n * _coder_bytes(model, d_sae, args.skip, 1)
     phases = {"training": training, "evaluation": _evaluation_memory(args, model, coders)}
     if args.kind == "transcoder" and (args.dash_features or args.features):
-        phases["dashboards"] = _dashboard_memory(model, coders)
+        phases["dashboards"] = _dashboard_memory(args, model, d_sae, coders)
     return _held_memory(args, model), phases
 
 
 def _analysis_memory(args, model, transcoders):
     coders = sum(_coder_bytes(model, tc.cfg.d_sae, tc.cfg.skip, 1) for tc in transcoders.values())
-    return _held_memory(args, model), {"dashboards": _dashboard_memory(model, coders)}
+    widest = max(tc.cfg.d_sae for tc in transcoders.values())
+    return _held_memory(args, model), {"dashboards": _dashboard_memory(args, model, widest, coders)}
 
 
 def _data(args, model):

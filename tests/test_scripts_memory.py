@@ -38,18 +38,32 @@ def test_absurd_affine_rank_is_refused_before_allocating(chat_model_dir, tmp_pat
     assert not os.listdir(tmp_path)
 
 
-def test_each_script_prints_its_estimate_and_refuses_more_than_is_available(
-        chat_model_dir, tiny_llama, token_file, obprop_args, tmp_path, capsys, monkeypatch):
-    """With 1 MB available, each script stops right after loading the model, naming what to lower."""
+def too_little_memory(name, args, capsys, monkeypatch, lower):
+    """With 1 MB available, the script stops right after loading the model, naming what to lower."""
     monkeypatch.setattr(cli, "available_memory", lambda: 1_000_000)
-    runs = [("optimize_sv", sv_args(chat_model_dir, tmp_path), "--max-new-tokens or the --eval-prompts"),
-            ("train_transcoder", script_args(tiny_llama[0], token_file, tmp_path / "run"), "(the training)"),
-            ("obprop", obprop_args + ["--corpus", str(tmp_path / "corpus.txt"), "--html", str(tmp_path / "r.html")],
-             "lower --corpus-tokens or --ctx")]
-    for name, args, lower in runs:
-        error = fails(name, args, capsys, lower)
-        assert "but 1 MB is available" in error
-    assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]          # nothing written, no run directory left
+    error = fails(name, args, capsys, lower)
+    assert "but 1 MB is available" in error
+
+
+def test_optimize_sv_refuses_more_memory_than_is_available(chat_model_dir, tmp_path, capsys, monkeypatch):
+    too_little_memory("optimize_sv", sv_args(chat_model_dir, tmp_path), capsys, monkeypatch,
+                      "--max-new-tokens or the --eval-prompts")
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_transcoder_refuses_more_memory_than_is_available(tiny_llama, token_file, tmp_path, capsys,
+                                                                monkeypatch):
+    import train_transcoder
+    monkeypatch.setattr(train_transcoder, "load_dataset", lambda *a, **k: pytest.fail("data read before the check"))
+    too_little_memory("train_transcoder", script_args(tiny_llama[0], token_file, tmp_path / "run"), capsys,
+                      monkeypatch, "lower --")
+    assert os.listdir(tmp_path) == []                      # the run directory it claimed is gone again
+
+
+def test_obprop_refuses_more_memory_than_is_available(obprop_args, tmp_path, capsys, monkeypatch):
+    too_little_memory("obprop", obprop_args + ["--corpus", str(tmp_path / "corpus.txt"), "--html",
+                                               str(tmp_path / "r.html")], capsys, monkeypatch, "--corpus-tokens")
+    assert os.listdir(tmp_path) == ["corpus.txt"]
 
 
 def test_the_estimate_is_printed_at_the_start(chat_model_dir, tmp_path, capsys):
@@ -57,7 +71,7 @@ def test_the_estimate_is_printed_at_the_start(chat_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(out) if line.startswith("memory: about "))
     assert at < next(i for i, line in enumerate(out) if line.startswith("generating"))
-    assert "model" in out[at] and "runtime" in out[at] and "available" in out[at]
+    assert "runtime 300 MB" in out[at] and "available" in out[at]
 
 
 @pytest.mark.parametrize("name, flags", [("optimize_sv", ["--max-new-tokens", "--batch"]),
@@ -74,7 +88,7 @@ def test_help_states_the_memory_and_what_lowers_it(name, flags, capsys):
 def test_check_memory_adds_the_largest_phase_to_what_is_held():
     said = []
     total = cli.check_memory({"model": 500e6, "runtime": 300e6}, {"a": 2e9, "b": 1e9}, None, {}, said.append)
-    assert total == 2.8e9 and said == ["memory: about 2.8 GB at the peak (a 2.0 GB + model 500 MB + runtime 300 MB)"]
-    with pytest.raises(MinisvError, match=r"needs about 2.8 GB .* but 2.0 GB is available; lower --x \(the a\)"):
+    assert total == 2.8e9 and said == ["memory: about 2.8 GB at the peak (a 2 GB + model 500 MB + runtime 300 MB)"]
+    with pytest.raises(MinisvError, match=r"needs about 2.8 GB .* but 2 GB is available; lower --x \(the a\)"):
         cli.check_memory({"model": 500e6, "runtime": 300e6}, {"a": 2e9, "b": 1e9}, 2e9, {"a": "--x"}, said.append)
     assert [cli.size(n) for n in (5e5, 812e6, 6.9e9, 2.1e12, 17e12)] == ["0.5 MB", "812 MB", "6.9 GB", "2.1 TB", "17 TB"]
