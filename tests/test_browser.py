@@ -311,7 +311,8 @@ def default_training_report(tmp_path_factory):
     from minisv.report import training_html
     history = [{"step": 16 * (i + 1), "tokens": 16384 * (i + 1), "loss": f, "fvu": f, "l0": l0, "dead": 0.01 * i}
                for i, (l0, f) in enumerate(zip(DEFAULT_L0, DEFAULT_FVU))]
-    held_out = [{"step": 32 * (i + 1), "tokens": 32768 * (i + 1), "fvu": {"6": f}} for i, f in enumerate(DEFAULT_HELD_OUT)]
+    held_out = [{"step": 32 * (i + 1), "tokens": 32768 * (i + 1), "fvu": {"6": f}}
+                for i, f in enumerate(DEFAULT_HELD_OUT)]
     layer = {"l0": 31.85, "fvu": 0.336, "dead": 0.36, "dense": 0.0025, "ce_spliced": 2.9325, "ce_zero_ablated": 3.0808,
              "ce_score": 1.037, "kl": 0.0398, "freq_histogram": {"log10_edges": list(range(-8, 1)),
                                                                   "counts": [0, 0, 0, 0, 2365, 2833, 678, 23]}}

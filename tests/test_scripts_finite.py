@@ -32,7 +32,8 @@ def overflowing(source, target):
 def test_optimize_sv_refuses_a_model_with_nan_logits(chat_model_dir, tmp_path, capsys):
     model = overflowing(chat_model_dir, tmp_path / "model")
     fails("optimize_sv", ["--model", str(model), "--prompt", "Hi.", "--promote", "No.", "--layer", "1",
-                          "--max-iters", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "out" / "v.safetensors")],
+                          "--max-iters", "1", "--max-new-tokens", "2",
+                          "--out", str(tmp_path / "out" / "v.safetensors")],
           capsys, "non-finite logits (nan) on a first forward")
     assert not (tmp_path / "out").exists()
 

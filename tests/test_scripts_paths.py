@@ -209,7 +209,8 @@ def test_train_transcoder_out_must_be_a_directory(tiny_llama, token_file, tmp_pa
         os.mkfifo(out)
     name = str(tmp_path / ("r" * 300)) if kind == "long name" else str(out)
     fails("train_transcoder", script_args(path, token_file, name), capsys,
-          {"file": "is a file; give a directory", "fifo": "is a FIFO; give a directory", "long name": "255 bytes"}[kind])
+          {"file": "is a file; give a directory", "fifo": "is a FIFO; give a directory",
+           "long name": "255 bytes"}[kind])
     if kind == "file":
         assert out.read_text() == "my notes"
 
