@@ -378,8 +378,8 @@ def run(args):
     if args.ctx is not None and args.ctx < 2:
         raise MinisvError(f"--ctx {args.ctx} is too short: a slope needs rows of at least 2 tokens (the first "
                           f"token of each row is skipped)")
-    available = cli.available_memory()              # before the model takes its share
     device = cli.device(args.device)
+    available = cli.available_memory(device)        # before the model takes its share
     say(f"loading {args.model}")
     model = cli.check_logits(minisv.load(args.model, device=device), args.model)
     if args.top > model.cfg.n_layers * model.cfg.n_heads:

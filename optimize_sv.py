@@ -178,7 +178,8 @@ def run(args):
     start = time.time()
     args.layer = list(dict.fromkeys(args.layer))      # each layer once, in the order given
     vector_paths, report_path, control_paths = outputs(args)
-    available = cli.available_memory()                # before the model takes its share
+    device = cli.device(args.device)
+    available = cli.available_memory(device)          # before the model takes its share
     cfg, clamp_eval = settings(args)
     data, default_run = training_data(args)
     first_promote = next((pro[0] for _, pro, _ in data if pro), None)
@@ -187,7 +188,7 @@ def run(args):
         success_rate([], success)              # rejects a bad regex before the slow part
     eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else HELD_OUT
     print(f"loading {args.model} ...", flush=True)
-    model = cli.check_logits(minisv.load(args.model, device=cli.device(args.device)), args.model)
+    model = cli.check_logits(minisv.load(args.model, device=device), args.model)
     for layer in args.layer:
         model.check_layer(layer, "--layer")
     datapoints = [Datapoint(p, promote=pro, suppress=sup) for p, pro, sup in data]

@@ -162,8 +162,8 @@ def run(args):
     check(_outputs(args, [] if analysis else args.layer, coders=not analysis))
     for fmt in args.export_format:                                     # refuse now, not after training
         check_export(fmt, args.arch, args.skip)
-    available = cli.available_memory()              # before the model takes its share
     rank, device = _setup_distributed(args.device)
+    available = cli.available_memory(device)        # before the model takes its share
     if args.compile and device.type != "cuda":
         raise MinisvError("--compile needs a CUDA device; on CPU it only adds compile time")
     say = print if rank == 0 else _quiet

@@ -247,8 +247,12 @@ def model_bytes(model):
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def available_memory():
-    """Bytes the kernel says a new process can use without swapping (MemAvailable), None where unknown (not Linux)."""
+def available_memory(device=None):
+    """Bytes the kernel says a new process can use without swapping (MemAvailable), for a run on the CPU. None
+    where unknown (not Linux), and for a run on a GPU: the estimate counts host memory, and there the work's
+    memory is the GPU's, whose allocator reports itself when it runs out."""
+    if device is not None and device.type != "cpu":
+        return None
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)

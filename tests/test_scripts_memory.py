@@ -40,7 +40,7 @@ def test_absurd_affine_rank_is_refused_before_allocating(chat_model_dir, tmp_pat
 
 def too_little_memory(name, args, capsys, monkeypatch, lower):
     """With 1 MB available, the script stops right after loading the model, naming what to lower."""
-    monkeypatch.setattr(cli, "available_memory", lambda: 1_000_000)
+    monkeypatch.setattr(cli, "available_memory", lambda device: 1_000_000)
     error = fails(name, args, capsys, lower)
     assert "but 1 MB is available" in error
 
@@ -93,3 +93,11 @@ def test_check_memory_adds_the_largest_phase_to_what_is_held():
         cli.check_memory({"model": 500e6, "runtime": 300e6}, {"a": 2e9, "b": 1e9}, 2e9, {"a": "--x"}, said.append)
     sizes = [cli.size(n) for n in (5e5, 812e6, 6.9e9, 2.1e12, 17e12)]
     assert sizes == ["0.5 MB", "812 MB", "6.9 GB", "2.1 TB", "17 TB"]
+
+
+def test_available_memory_is_the_kernels_for_cpu_runs_only():
+    import torch
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert 0 < cli.available_memory(torch.device("cpu")) <= total
+    assert cli.available_memory(torch.device("cuda")) is None         # the GPU's allocator speaks for itself
