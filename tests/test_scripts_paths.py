@@ -22,7 +22,7 @@ from test_training import script_args, tiny_llama, token_file  # noqa: F401  (fi
 LONG = "x" * 256 + ".html"          # one name component of 261 bytes: no file system holds it
 
 
-# ------------------------------------------------------------------------- helpers shared by tests/test_scripts_*.py
+# ------------------------------------------------------------------------- helpers the other test_scripts_ files share
 def run_script(name, argv):
     """main(argv) of optimize_sv.py, train_transcoder.py or obprop.py."""
     module = __import__(name)
