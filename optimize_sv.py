@@ -200,8 +200,8 @@ def run(args):
     print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; {len(datapoints)} training "
           f"prompt(s), {sum(len(d.promote) + len(d.suppress) for d in datapoints)} completion(s)", flush=True)
     cli.check_memory(*memory(model, args, cfg, datapoints, (len(prompts), longest)), available, {
-        "optimization": "--batch or --affine-rank", "generation": "--max-new-tokens or the --eval-prompts",
-        "log-probabilities": "--max-new-tokens or the --eval-prompts"})
+        "optimization": "--batch or --affine-rank", "generation": "--max-new-tokens (or give fewer --eval-prompts)",
+        "log-probabilities": "--max-new-tokens (or give fewer --eval-prompts)"})
     print(f"generating on {len(prompts)} prompts unsteered ...", flush=True)
     unsteered = shown(model, compare_generations(model, prompts, None, None, multipliers=(0.0,), chat=cfg.chat,
                                                  max_new_tokens=args.max_new_tokens)[0.0])
@@ -227,9 +227,9 @@ def memory(model, args, cfg, datapoints, generation):
     first forward with full logits, and the KV cache) and the log-probabilities (logits of prompt + completion).
     Calibrated with /usr/bin/time -v on the default run."""
     c, (n_prompts, longest), width = model.cfg, generation, model.embed.weight.element_size()
-    groups = [datapoints[i:i + (cfg.batch_size or len(datapoints))] for i in range(0, len(datapoints),
-                                                                                   cfg.batch_size or len(datapoints))]
-    rows = max(sum(len(d.promote) + len(d.suppress) for d in g) for g in groups)      # one row per completion
+    size = cfg.batch_size or len(datapoints)                     # datapoints per step, one row per completion
+    rows = max(sum(len(d.promote) + len(d.suppress) for d in datapoints[i:i + size])
+               for i in range(0, len(datapoints), size))
     completion = max(len(prompt_ids(model, t)) for d in datapoints for t in d.promote + d.suppress)
     length = max(len(prompt_ids(model, render(model, d.prompt, cfg.chat))) for d in datapoints) + completion
     per_token = c.n_layers * (14 * c.d_model + 5 * c.d_mlp + 2 * c.n_heads * length) + 4 * c.vocab_size

@@ -354,14 +354,15 @@ def _run_directory(out, args, rank):
         lock = open(os.path.join(out, LOCK), "a")
     except OSError as e:
         raise MinisvError(f"cannot write to --out {out}: {e.strerror}") from None
+    before = set(os.listdir(out))
     try:
         with lock:
             _claim(out, lock, args)
             yield
     except BaseException:
-        if new_lock and os.listdir(out) == [LOCK]:      # nothing written: leave no trace of this run
+        if new_lock and set(os.listdir(out)) == before:  # failed before writing anything: leave no trace
             os.remove(os.path.join(out, LOCK))
-            for folder in created:
+            for folder in created:                       # deepest first; each is empty once the lock is gone
                 os.rmdir(folder)
         raise
 

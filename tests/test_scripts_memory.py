@@ -47,7 +47,7 @@ def too_little_memory(name, args, capsys, monkeypatch, lower):
 
 def test_optimize_sv_refuses_more_memory_than_is_available(chat_model_dir, tmp_path, capsys, monkeypatch):
     too_little_memory("optimize_sv", sv_args(chat_model_dir, tmp_path), capsys, monkeypatch,
-                      "--max-new-tokens or the --eval-prompts")
+                      "--max-new-tokens (or give fewer --eval-prompts)")
     assert os.listdir(tmp_path) == []
 
 

@@ -239,6 +239,9 @@ def test_a_failed_start_leaves_nothing_behind(tiny_llama, token_file, tmp_path, 
     (tmp_path / "mine").mkdir()
     fails("train_transcoder", script_args(path, token_file, tmp_path / "mine"), capsys, "unreadable")
     assert os.listdir(tmp_path / "mine") == []
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")      # refused (it holds files): no lock left there
+    fails("train_transcoder", script_args(path, token_file, tmp_path / "mine"), capsys, "already holds notes.txt")
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_overwrite_of_a_multi_layer_run_leaves_no_stale_layer(tiny_llama, token_file, tmp_path, capsys):
