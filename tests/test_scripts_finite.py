@@ -113,3 +113,13 @@ def test_check_finite_names_the_first_bad_number():
                                                                        "[0].t holds nan")]:
         with pytest.raises(minisv.MinisvError, match="^x: " + re.escape(where)):
             cli.check_finite(value, "x")
+
+
+def test_the_multi_layer_table_prints_no_nan(tiny_llama, token_file, tmp_path, capsys):
+    """The "all" row (every coder spliced in at once) has no L0, FVU or dead fraction of its own: "–", not nan."""
+    args = script_args(tiny_llama[0], token_file, tmp_path / "run", "--dash-features", "0")
+    args[args.index("--layer") + 1:args.index("--layer") + 2] = ["0", "2"]
+    run_script("train_transcoder", args)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("layer ", "all "))]
+    assert len(table) == 3 and not any("nan" in line for line in table), table
+    assert table[-1].split()[:3] == ["all", "–", "–"] and table[-1].split()[-1] == "–"
