@@ -7,6 +7,11 @@ refusals. The vector is saved as .safetensors, with an HTML report of the genera
 
 Several --layer values (--layer 2 4 6 8) optimize one vector per layer and report held-out success against the
 layer. --clamp-at-inference is the paper's refusal recipe: train additively, generate with clamp steering.
+
+Memory: the run estimates its peak memory from its settings (the model; the optimization's activations; the
+generation's logits and KV cache), prints the estimate at start and refuses to start when it exceeds the memory
+available. The default run needs about 1.3 GB (1.2 GB measured); --batch, --affine-rank, --max-new-tokens and
+fewer --eval-prompts lower it.
 """
 import argparse
 import json
@@ -101,7 +106,8 @@ def main(argv=None):
 
 
 def outputs(args):
-    """The vector file of each layer and the report, checked writable now (before the slow part)."""
+    """The vector file of each layer, the report and the llama.cpp control vectors, checked (with every input)
+    before any work: cli.check_paths."""
     stem, ext = os.path.splitext(args.out)
     if ext.lower() == ".html":
         raise MinisvError(f"--out {args.out}: the vector would overwrite its own HTML report; use .safetensors")
@@ -114,8 +120,11 @@ def outputs(args):
         exportable_layers(args.layer)
         gstem, gext = os.path.splitext(args.gguf)
         controls = {l: args.gguf if len(args.layer) == 1 else f"{gstem}_layer{l}{gext}" for l in args.layer}
-    for path in [*vectors.values(), report, *controls.values()]:
-        cli.check_writable(path)
+    inputs = [("--model", cli.model_path(args.model), "any"), ("--train-file", args.train_file, "file"),
+              ("--eval-prompts", args.eval_prompts, "file")]
+    cli.check_paths(inputs=[i for i in inputs if i[1] is not None],
+                    outputs=[*(("--out", p) for p in vectors.values()), ("report", report),
+                             *(("--gguf", p) for p in controls.values())])
     return vectors, report, controls
 
 
@@ -174,29 +183,34 @@ def run(args):
         return run_study(args)
     start = time.time()
     args.layer = list(dict.fromkeys(args.layer))      # each layer once, in the order given
+    vector_paths, report_path, control_paths = outputs(args)
+    device = cli.device(args.device)
+    available = cli.available_memory(device)          # before the model takes its share
     cfg, clamp_eval = settings(args)
     data, default_run = training_data(args)
     first_promote = next((pro[0] for _, pro, _ in data if pro), None)
     success = args.success or (REFUSAL if default_run else None if first_promote is None else re.escape(first_promote))
     if success:
         success_rate([], success)              # rejects a bad regex before the slow part
-    vector_paths, report_path, control_paths = outputs(args)
     eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else HELD_OUT
     print(f"loading {args.model} ...", flush=True)
-    model = minisv.load(args.model, device=cli.device(args.device))
+    model = cli.check_logits(minisv.load(args.model, device=device), args.model)
+    for layer in args.layer:
+        model.check_layer(layer, "--layer")
     datapoints = [Datapoint(p, promote=pro, suppress=sup) for p, pro, sup in data]
     prompts = eval_prompts + [data[0][0]]
     longest = max(len(prompt_ids(model, render(model, p, cfg.chat))) for p in prompts)
     if longest + args.max_new_tokens > model.cfg.n_ctx:
         raise MinisvError(f"--max-new-tokens {args.max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
                           f"the model's context of {model.cfg.n_ctx} tokens; lower --max-new-tokens")
-    for layer in args.layer:
-        model.check_layer(layer, "--layer")
     print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; {len(datapoints)} training "
           f"prompt(s), {sum(len(d.promote) + len(d.suppress) for d in datapoints)} completion(s)", flush=True)
+    cli.check_memory(*memory(model, args, cfg, datapoints, (len(prompts), longest)), available, {
+        "optimization": "--batch or --affine-rank", "generation": "--max-new-tokens (or give fewer --eval-prompts)",
+        "log-probabilities": "--max-new-tokens (or give fewer --eval-prompts)"})
     print(f"generating on {len(prompts)} prompts unsteered ...", flush=True)
-    unsteered = compare_generations(model, prompts, None, None, multipliers=(0.0,), chat=cfg.chat,
-                                    max_new_tokens=args.max_new_tokens)[0.0]
+    unsteered = shown(model, compare_generations(model, prompts, None, None, multipliers=(0.0,), chat=cfg.chat,
+                                                 max_new_tokens=args.max_new_tokens)[0.0])
     columns, results = [("unsteered", unsteered)], []
     for layer in args.layer:
         result, gens = train_and_generate(model, args, (cfg, clamp_eval), layer, datapoints, prompts,
@@ -210,6 +224,38 @@ def run(args):
                ("report", [report_path])]
     print("; ".join(f"{name}{'s' if len(paths) > 1 else ''} -> {', '.join(paths)}" for name, paths in written if paths)
           + f"; {time.time() - start:.0f}s in all")
+
+
+def memory(model, args, cfg, datapoints, generation):
+    """Estimated peak bytes of the run: held all along, Python with torch and the model (with what loading it
+    keeps: the tokenizer, the file's pages); then, one after another, the optimization (every layer's activations
+    of a batch of training sequences, kept for the backward pass, and their logits), the generation (the prompts'
+    first forward with full logits, and the KV cache) and the log-probabilities (logits of prompt + completion).
+    Calibrated with /usr/bin/time -v on the default run."""
+    c, (n_prompts, longest), width = model.cfg, generation, model.embed.weight.element_size()
+    size = cfg.batch_size or len(datapoints)                     # datapoints per step, one row per completion
+    rows = max(sum(len(d.promote) + len(d.suppress) for d in datapoints[i:i + size])
+               for i in range(0, len(datapoints), size))
+    completion = max(len(prompt_ids(model, t)) for d in datapoints for t in d.promote + d.suppress)
+    length = max(len(prompt_ids(model, render(model, d.prompt, cfg.chat))) for d in datapoints) + completion
+    per_token = c.n_layers * (14 * c.d_model + 5 * c.d_mlp + 2 * c.n_heads * length) + 4 * c.vocab_size
+    # the affine map's factors L, R [r, D] with their gradients and Adam's two moments, and M = LᵀR [D, D]
+    affine = (8 * args.affine_rank * c.d_model + 3 * c.d_model ** 2) * 4 if args.affine_rank else 0
+    kv_cache = 2 * c.n_layers * n_prompts * (longest + args.max_new_tokens) * c.n_kv_heads * c.d_head * width
+    return ({"runtime": cli.RUNTIME_BYTES, "model": cli.model_bytes(model) * 5 // 4},
+            {"optimization": rows * length * per_token * 4 + affine,
+             "generation": 3 * n_prompts * longest * c.vocab_size * 4 + kv_cache,
+             "log-probabilities": 2 * n_prompts * (longest + completion) * c.vocab_size * 4})
+
+
+def shown(model, texts):
+    """Generations as people read them: without the tokenizer's special tokens (BOS, EOS such as <|im_end|>, PAD),
+    which are markup the model emits, not text."""
+    tok = model.tokenizer
+    specials = {tok.token_str(i) for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None} if tok else set()
+    for special in specials:
+        texts = [t.replace(special, "") for t in texts]
+    return texts
 
 
 def report(model, args, settings, data, outcome, path):
@@ -231,6 +277,8 @@ def report(model, args, settings, data, outcome, path):
                  f"{f', affine rank {cfg.affine_rank}' if cfg.affine_rank else ''}; lr {cfg.lr}, coldness "
                  f"{cfg.coldness}, at most {cfg.max_iters} steps, seed {cfg.seed}; generation: ±{args.scale:g}·v, "
                  f"{args.max_new_tokens} new tokens")
+    cli.check_finite([dict(resid_norm=r["resid_norm"], rates=r["rates"]) for r in results] + [logps or []],
+                     "the results", "the vectors are written, the report is not")
     page = steering_html(dict(
         about=[f"model {args.model}", described] +
               [f"training prompt: {p!r}; promote {pro!r}; suppress {sup!r}" for p, pro, sup in data[:20]],
@@ -256,6 +304,8 @@ def train_and_generate(model, args, settings, layer, datapoints, prompts, paths)
     print(f"stopped ({info['stop']}) after {info['iters']} steps, {seconds / max(info['iters'], 1):.2f} s/step; "
           f"loss {info['loss']:.4f} nats, ‖v‖ {info['norm']:.2f}")
     matrix = info.get("matrix")
+    cli.check_finite(dict(loss=info["loss"], norm=info["norm"], vector=vector, matrix=matrix), f"layer {layer}",
+                     "its vector was not written")
     save_vector(path, vector, layer, clamp=clamp_eval, matrix=matrix, model=args.model, scale=args.scale,
                 train_clamp=cfg.clamp, prompt=datapoints[0].prompt, chat_template=cfg.chat,
                 promote=datapoints[0].promote, suppress=datapoints[0].suppress, n_datapoints=len(datapoints),
@@ -267,7 +317,8 @@ def train_and_generate(model, args, settings, layer, datapoints, prompts, paths)
     gens = compare_generations(model, prompts, vector, layer, multipliers=(args.scale, -args.scale),
                                chat=cfg.chat, clamp=clamp_eval, matrix=matrix, max_new_tokens=args.max_new_tokens)
     return dict(layer=layer, loss=info["loss"], iters=info["iters"], stop=info["stop"], norm=info["norm"],
-                resid_norm=resid_norm, vector=vector, matrix=matrix, clamp=clamp_eval), gens
+                resid_norm=resid_norm, vector=vector, matrix=matrix, clamp=clamp_eval, history=info["history"]), \
+        {m: shown(model, texts) for m, texts in gens.items()}
 
 
 def log_probs(model, args, cfg, prompts, datapoint, results):

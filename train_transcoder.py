@@ -9,6 +9,12 @@ Writes cfg.json + transcoder.safetensors (loadable with minisv.load_transcoder) 
 transcoder per layer from the same forward passes (written to --out/layer_L/). Multi-GPU:
 torchrun --nproc_per_node N train_transcoder.py ... (the global batch is split across processes).
 The run ends by writing dashboards.html, what the features respond to; --prompt adds a circuit analysis.
+
+Memory: the run estimates its peak memory from its settings (the model; the activation chunk, the coders with
+their Adam state and a batch's latents while training; 16 rows of logits while evaluating), prints the estimate
+at start and refuses to start when it exceeds the memory available. The default run needs about 4.3 GB (4.0 GB
+measured), most of it the evaluation's logits, which --ctx lowers; --batch-tokens, --d-sae and fewer --layer
+values lower the training's share.
 """
 import argparse
 import contextlib
@@ -26,14 +32,16 @@ import torch.distributed as dist
 import minisv
 from minisv.circuits import Circuit, format_tree
 from minisv.data import eval_sample, load_dataset
+from minisv import cli
 from minisv.cli import (device as parse_device, fraction, main as cli_main, nonneg_float, nonneg_int, positive_float,
                         positive_int)
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
-from minisv.atomic import write_text
+from minisv.atomic import TMP_SUFFIX, write_text
+from minisv.activations import fast_bf16
 from minisv.dashboards import DashboardConfig, collect_dashboards
 from minisv.report import circuit_html, dashboards_html, graph_html, training_html
-from minisv.training import TrainConfig, train
+from minisv.training import CHECKPOINT, TrainConfig, train
 from minisv import formats
 from minisv import circuit_tracer
 from minisv.clt import CrossLayerTranscoder
@@ -76,7 +84,7 @@ def parse_args(argv):
                    "paper's GPT-2 value)")
     p.add_argument("--skip", action="store_true", help="add a dense skip connection x @ W_skip (skip transcoder)")
     p.add_argument("--lr", type=positive_float, help="peak Adam learning rate (default: 4e-3·sqrt(9216/d_sae) for "
-                   "topk, 4e-4 for relu)")
+                   "topk, 4e-4 for relu; with --clt 3e-3, as the per-layer rule's 0.017 collapses its features)")
     p.add_argument("--tokens", type=positive_int, help="training tokens (default: 327,680; with --clt 163,840)")
     p.add_argument("--batch-tokens", type=positive_int, default=1024, help="tokens per optimizer step (default: 1024; "
                    "on short runs more, smaller steps win, see the README)")
@@ -168,79 +176,297 @@ def main(argv=None):
 
 def run(args):
     started = time.time()
-    rank, device = _setup_distributed(args.device)
-    if args.compile and device.type != "cuda":
-        raise MinisvError("--compile needs a CUDA device; on CPU it only adds compile time")
     name = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
-    if args.load or args.import_released:       # no training: dashboards and circuits of existing transcoders
-        model, _, held_out = _model_and_data(args, device)
-        coders, out = _load_transcoders(args, model), args.out or os.path.join("runs", f"circuits-{name}")
-        if args.graph:
-            return trace(args, model, coders, held_out, out, print if rank == 0 else _quiet)
-        return analyze(args, model, coders, held_out, out, say=print if rank == 0 else _quiet)
+    analysis = bool(args.load or args.import_released)  # no training: dashboards and circuits of existing coders
     if args.clt:
-        args.layer, args.d_sae = None, args.d_sae or 512
+        args.layer, args.d_sae = [], args.d_sae or 512
     args.k, args.tokens = args.k or (16 if args.clt else 32), args.tokens or (163_840 if args.clt else 327_680)
     kind = "clt" if args.clt else "transcoder" if args.kind == "transcoder" else f"sae-{args.sae_site}"
-    out = args.out or os.path.join("runs", f"{kind}-{name}" + (f"-L{'-'.join(map(str, args.layer))}" if args.layer else ""))
-    with _run_directory(out, args.resume, args.overwrite, rank):
-        train_and_report(args, out, rank, device, started)
+    out = args.out or os.path.join("runs", f"circuits-{name}" if analysis else
+                                   f"{kind}-{name}" + (f"-L{'-'.join(map(str, args.layer))}" if args.layer else ""))
+    loads = _load_dirs(args.load or [])
+
+    def check(writes):          # every input and every file this run writes into --out, before any work
+        cli.check_paths(inputs=_inputs(args, loads), outputs=[("--out", os.path.join(out, f)) for f in writes],
+                        out_dirs=[("--out", out)])
+    check(_outputs(args, [] if analysis else args.layer, coders=not analysis))
+    for fmt in args.export_format:                                     # refuse now, not after training
+        _check_export(args, fmt)
+    rank, device = _setup_distributed(args.device)
+    available = cli.available_memory(device)        # before the model takes its share
+    if args.compile and device.type != "cuda":
+        raise MinisvError("--compile needs a CUDA device; on CPU it only adds compile time")
+    say = print if rank == 0 else _quiet
+    if analysis:
+        model = _model(args, device)
+        coders = _load_transcoders(args, loads, model)
+        # the dashboards' names follow the coders' layers
+        check(_outputs(args, sorted(coders) if isinstance(coders, dict) else [], coders=False))
+        cli.check_memory(*_analysis_memory(args, model, coders), available, LOWER)
+        return (trace if args.graph else analyze)(args, model, coders, _data(args, model)[1], out, say)
+    with _run_directory(out, args, rank):
+        train_and_report(args, out, rank, device, (started, available))
 
 
 def _quiet(*args, **kwargs):
     pass
 
 
-def _model_and_data(args, device):
-    """(model, training rows, held-out rows) for the flags."""
-    model = minisv.load(args.model, device=device, dtype=args.dtype)
+def _load_dirs(paths):
+    """The coder directories behind --load: each path itself or, when it holds layer_L/ subdirectories (a
+    multi-layer run) or hookpoint subdirectories (sparsify's multi-layer layout, e.g. model.layers.6.mlp/), those.
+    Each must hold a coder (a cfg.json, or circuit-tracer's config.yaml). A path holding both a coder and such
+    subdirectories is refused: which one is meant?"""
+    def holds_coder(d):
+        return os.path.isfile(os.path.join(d, formats.CONFIG)) or circuit_tracer.is_layout(d)
+    dirs = []
+    for path in paths:
+        subdirs = []
+        for pattern in ("layer_*", "*layers.*"):
+            subdirs = subdirs or sorted((d for d in glob.glob(os.path.join(glob.escape(path), pattern))
+                                         if os.path.isdir(d)), key=lambda d: [int(n) for n in re.findall(r"\d+", d)])
+        if subdirs and holds_coder(path):
+            raise MinisvError(f"--load {path} holds a coder ({formats.CONFIG}) and per-layer subdirectories "
+                              f"({os.path.basename(subdirs[0])}, ...): load one of them, e.g. --load {subdirs[0]}")
+        for d in subdirs or [path]:
+            if not os.path.isdir(d) or not holds_coder(d):
+                raise MinisvError(f"--load {d} holds no transcoder: no {formats.CONFIG} there (nor layer_L/ "
+                                  f"subdirectories with one); give a directory train_transcoder.py wrote")
+        dirs += subdirs or [path]
+    return dirs
+
+
+def _inputs(args, loads):
+    """Every file and directory the run reads, for cli.check_paths: the model, --data, the --load transcoders'
+    files and --import-released files."""
+    found = [("--model", cli.model_path(args.model), "any"), ("--data", args.data, "data")]
+    found += [("--load", os.path.join(d, f), "file") for d in loads
+              for f in (formats.CONFIG, formats.CLT_WEIGHTS, *formats.WEIGHTS.values())
+              if os.path.exists(os.path.join(d, f))]
+    found += [("--import-released", f, "file") for f in args.import_released or []]
+    return [i for i in found if i[1] is not None]
+
+
+def _outputs(args, layers, coders):
+    """The files a run writes into --out, relative to it, for the coders of `layers` (trained by this run if
+    `coders`): to check them against the inputs before any work, and (with --overwrite) to tell an earlier run's
+    leftovers from what this run replaces."""
+    several = len(layers) > 1
+    files = [CHECKPOINT, "metrics.json", "report.html"] if coders else []
+    if coders and args.clt:
+        files += [formats.CONFIG, formats.CLT_WEIGHTS]
+        files += [os.path.join("circuit-tracer", "config.yaml")] if "circuit-tracer" in args.export_format else []
+    for folder in [] if args.clt or not coders else [f"layer_{l}" for l in layers] if several else [""]:
+        files += [os.path.join(folder, formats.CONFIG), os.path.join(folder, formats.WEIGHTS["minisv"])]
+        files += [os.path.join(folder, fmt, name) for fmt in args.export_format
+                  for name in (formats.CONFIG, formats.WEIGHTS[fmt])]
+    if args.graph:              # a graph instead of dashboards and a circuit
+        return files + ["graph.json", "graph.html"]
+    if args.kind == "transcoder" and (args.dash_features or args.features) and layers:
+        files += [f"dashboards-L{l}.html" for l in layers] if several else ["dashboards.html"]
+    if args.kind == "transcoder" and args.prompt:
+        files += ["circuit.json", "circuit.html"]
+    return files
+
+
+def _model(args, device):
+    """The model, checked (finite logits; --ctx within its context, every --layer one of its blocks) before any
+    data is read."""
+    model = cli.check_logits(minisv.load(args.model, device=device, dtype=args.dtype), args.model)
     if args.ctx > model.cfg.n_ctx or args.ctx < 2:
         raise MinisvError(f"--ctx {args.ctx} must be between 2 and the model's context of {model.cfg.n_ctx}")
+    if not (args.load or args.import_released):
+        for layer in args.layer:
+            model.check_layer(layer)
+    return model
+
+
+# ------------------------------------------------------------------------- memory
+LOWER = {"training": "--batch-tokens, --d-sae/--expansion or the number of --layer values", "evaluation": "--ctx",
+         "dashboards": "--dash-tokens, or skip the dashboards with --dash-features 0"}
+
+
+def _held_memory(args, model):
+    """Bytes held all run long: Python with torch, the model (with what loading keeps: tokenizer, file pages),
+    a bf16 copy for harvesting where bf16 is fast, and the token rows (tokenizing holds ~12 bytes a text byte)."""
+    copy = _bf16_copy(model, not args.no_autocast)
+    source = [args.data] if args.data else []
+    if args.data and os.path.isdir(args.data):
+        source = [os.path.join(r, f) for r, _, fs in os.walk(args.data) for f in fs]
+    text = sum(os.path.getsize(f) for f in source) if source else 2_100_000        # the built-in corpus: 2.1 MB
+    weights = cli.model_bytes(model)
+    bf16 = weights // model.embed.weight.element_size() * 2 if copy else 0
+    return {"runtime": cli.RUNTIME_BYTES, "model": weights * 5 // 4 + bf16, "data": 12 * text}
+
+
+def _bf16_copy(model, amp):
+    """Whether training activations come from a bf16 copy of the model (minisv.activations.harvester's rule)."""
+    return amp and fast_bf16(model.embed.weight.device) and model.embed.weight.dtype == torch.float32
+
+
+def _coder_bytes(model, d_sae, skip, copies):
+    """One coder's weights, `copies` times (4 while training: weights, gradients, Adam's two moments)."""
+    d = model.cfg.d_model
+    return copies * 4 * (d_sae * (2 * d + 1) + d + (d * d if skip else 0))
+
+
+def _evaluation_memory(args, model, coders):
+    """evaluate: 16 rows of logits at a time, with the clean log-probabilities kept and the KL's exp, difference
+    and product beside them: 8 logit-sized float32 tensors (the default run measured 7.4)."""
+    return coders + 8 * 16 * args.ctx * model.cfg.vocab_size * 4
+
+
+def _dashboard_memory(args, model, d_sae, coders):
+    """collect_dashboards: a batch of latent activations (rows of ~2^24 numbers in all, at least one row, at most
+    --dash-tokens) in ~6 forms, and W_E·W_enc in chunks of 256 latents."""
+    floats = min(max(2 ** 24, args.ctx * d_sae), args.dash_tokens * d_sae)
+    return coders + 6 * floats * 4 + model.cfg.vocab_size * 256 * 4
+
+
+def _training_memory(args, model, d_sae):
+    """(held, phases) of a training run, for cli.check_memory: training holds the activation chunk (the one served
+    and the next being harvested, cut and shuffled: 4 copies of buffer_tokens × (d_in + d_out) per layer), the
+    coders with gradients and Adam moments, and a step's [batch, d_sae] pre-activations (~4 forms); evaluation
+    and dashboards follow, with the coders kept once. Calibrated with /usr/bin/time -v on the default run."""
+    c, n = model.cfg, model.cfg.n_layers if args.clt else len(args.layer)
+    act = 2 if _bf16_copy(model, not args.no_autocast) else model.embed.weight.element_size()
+    # batches in one chunk: what the buffer holds, at least one, at most the whole run
+    chunk = min(max(1, _buffer_tokens(args) // args.batch_tokens), max(1, args.tokens // args.batch_tokens)) * \
+        args.batch_tokens
+    harvest = 32 * args.ctx * (6 * c.d_model + 3 * c.d_mlp) * act                    # a forward of 32 rows
+
+    def weights(copies):
+        return _clt_bytes(model, d_sae, args.window, copies) if args.clt else \
+            n * _coder_bytes(model, d_sae, args.skip, copies)
+    training = 4 * chunk * 2 * c.d_model * n * act + harvest + weights(4) + 4 * n * args.batch_tokens * d_sae * 4
+    coders = weights(1)
+    phases = {"training": training, "evaluation": _evaluation_memory(args, model, coders)}
+    if args.kind == "transcoder" and (args.dash_features or args.features):
+        phases["dashboards"] = _dashboard_memory(args, model, d_sae, coders)
+    return _held_memory(args, model), phases
+
+
+def _clt_bytes(model, d_sae, window, copies):
+    """A CLT's weights, `copies` times: per layer an encoder [d_sae, d] with its biases, and a decoder [d_sae, d]
+    per (source, target) pair the window allows."""
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    pairs = sum(min(window or L, L - l) for l in range(L))
+    return copies * 4 * (L * (d_sae * (d + 1) + d) + pairs * d_sae * d)
+
+
+def _buffer_tokens(args):
+    """Tokens per shuffled activation chunk: a CLT's holds every layer's activations, so 8 batches (≈ 1.1 GB for
+    SmolLM2's 30 layers)."""
+    return 8 * args.batch_tokens if args.clt else TrainConfig.buffer_tokens
+
+
+def _analysis_memory(args, model, transcoders):
+    if isinstance(transcoders, CrossLayerTranscoder):
+        # --graph: the coder, and as much again for the graph and its nodes' contexts (measured: 2.1 GB peak for
+        # the default SmolLM2 CLT, 1.5 GB of it the model, the runtime and the coder)
+        return _held_memory(args, model), {"graph": _clt_bytes(model, transcoders.cfg.d_sae,
+                                                               transcoders.cfg.window, 2)}
+    coders = sum(_coder_bytes(model, tc.cfg.d_sae, tc.cfg.skip, 1) for tc in transcoders.values())
+    widest = max(tc.cfg.d_sae for tc in transcoders.values())
+    return _held_memory(args, model), {"dashboards": _dashboard_memory(args, model, widest, coders)}
+
+
+def _data(args, model):
+    """(training rows, held-out rows) for the flags."""
     bos = model.tokenizer is not None and model.tokenizer.bos_id is not None
-    return (model, *load_dataset(args.data, model.tokenizer, args.ctx, seed=args.seed, bos=bos))
+    return load_dataset(args.data, model.tokenizer, args.ctx, seed=args.seed, bos=bos)
+
+
+# the files (and folders) this script writes into --out, by name: what --overwrite may remove when this run will not
+# write them again. Nothing else in --out is ever touched.
+OWN_FILES = {formats.CONFIG, formats.CLT_WEIGHTS, *formats.WEIGHTS.values(), CHECKPOINT, "metrics.json",
+             "report.html", "circuit.json", "circuit.html", "graph.json", "graph.html"}
+OWN_DIRS = re.compile(r"layer_\d+|circuit-tracer|" + "|".join(f for f in formats.FORMATS if f != "minisv"))
+
+
+def _own(name):
+    return name in OWN_FILES or re.fullmatch(r"dashboards(-L\d+)?\.html", name)
+
+
+def _remove_stale(folder, keep):
+    """Delete what an earlier run of this script wrote under `folder` and this run will not write again (`keep`:
+    paths relative to folder), so that no old layer_L/ or dashboard is taken for this run's; then drop folders
+    of ours left empty. Only our own names are touched."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path) and OWN_DIRS.fullmatch(name):
+            _remove_stale(path, [k.split(os.sep, 1)[1] for k in keep if k.startswith(name + os.sep)])
+            if not os.listdir(path):
+                os.rmdir(path)
+        elif os.path.isfile(path) and _own(name) and name not in keep:
+            os.remove(path)
 
 
 @contextlib.contextmanager
-def _run_directory(out, resume, overwrite, rank):
+def _run_directory(out, args, rank):
     """Claim --out for this run (rank 0 does it for all): refuse a directory that already holds files unless
-    --resume or --overwrite, hold an exclusive fcntl lock on out/.lock while training (two runs sharing --out
-    would overwrite each other's checkpoints; the kernel drops the lock when the process ends, even killed),
-    and delete the temporary files a killed run left half-written."""
+    --resume or --overwrite (which clears what an earlier run wrote and this one will not replace), hold an
+    exclusive fcntl lock on out/.lock while training (two runs sharing --out would overwrite each other's
+    checkpoints; the kernel drops the lock when the process ends, even killed), and delete the temporary files a
+    killed run left half-written. A run that fails before writing anything removes what it created."""
     if rank != 0:
         yield
         return
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise MinisvError(f"--out {out} is a file; give a directory")
+    created = _missing_ancestors(out)
+    new_lock = not os.path.exists(os.path.join(out, LOCK))
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, LOCK), "a")
     except OSError as e:
         raise MinisvError(f"cannot write to --out {out}: {e.strerror}") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MinisvError(f"another run is writing to {out} (it holds {os.path.join(out, LOCK)}); wait for it "
-                              f"to end or choose another --out") from None
-        orphans = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if re.search(r"\.tmp\d+$", f)]
-        held = sorted(set(os.listdir(out)) - {LOCK} - {os.path.basename(f) for f in orphans})
-        if held and not (resume or overwrite):
-            raise MinisvError(f"{out} already holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}: pass "
-                              f"--resume to continue that run, --overwrite to replace it, or choose another --out")
-        for f in orphans:       # nobody else writes here while we hold the lock: these belong to a killed run
-            os.remove(f)
-        yield
+    before = set(os.listdir(out))
+    try:
+        with lock:
+            _claim(out, lock, args)
+            yield
+    except BaseException:
+        if new_lock and set(os.listdir(out)) == before:  # failed before writing anything: leave no trace
+            os.remove(os.path.join(out, LOCK))
+            for folder in created:                       # deepest first; each is empty once the lock is gone
+                os.rmdir(folder)
+        raise
 
 
-def train_and_report(args, out, rank, device, started):
-    say = print if rank == 0 else _quiet
-    for fmt in args.export_format:                                     # refuse now, not after training
-        _check_export(args, fmt)
-    model, train_rows, held_out = _model_and_data(args, device)
+def _missing_ancestors(path):
+    """The folders that creating `path` (makedirs) would create, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _claim(out, lock, args):
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise MinisvError(f"another run is writing to {out} (it holds {os.path.join(out, LOCK)}); wait for it "
+                          f"to end or choose another --out") from None
+    orphans = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.endswith(TMP_SUFFIX)]
+    held = sorted(set(os.listdir(out)) - {LOCK} - {os.path.basename(f) for f in orphans})
+    if held and not (args.resume or args.overwrite):
+        raise MinisvError(f"{out} already holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}: pass "
+                          f"--resume to continue that run, --overwrite to replace it, or choose another --out")
+    for f in orphans:       # nobody else writes here while we hold the lock: these belong to a killed run
+        os.remove(f)
+    if args.overwrite:
+        _remove_stale(out, _outputs(args, args.layer, coders=True))
+
+
+def train_and_report(args, out, rank, device, clock):
+    (started, available), say = clock, print if rank == 0 else _quiet
+    model = _model(args, device)
     d_sae = args.d_sae or (args.expansion or 16) * model.cfg.d_model
     layers = list(range(model.cfg.n_layers)) if args.clt else args.layer
-    lr = args.lr or (4e-3 * (9216 / d_sae) ** 0.5 if args.arch == "topk" else 4e-4)
+    lr = args.lr or (3e-3 if args.clt else 4e-3 * (9216 / d_sae) ** 0.5 if args.arch == "topk" else 4e-4)
     bos = model.tokenizer.bos_id if model.tokenizer is not None else None
+    cli.check_memory(*_training_memory(args, model, d_sae), available, LOWER)
+    train_rows, held_out = _data(args, model)
     # whole rows drawn at random from every held-out document, not the first few documents' rows
     eval_rows, eval_data = eval_sample(held_out, args.eval_tokens, bos_id=bos, seed=args.seed)
     what = "cross-layer transcoder" if args.clt else "transcoder(s)" if args.kind == "transcoder" else \
@@ -258,8 +484,7 @@ def train_and_report(args, out, rank, device, started):
                       warmup_steps=max(1, min(1000, steps // 20)),
                       dead_tokens=min(10_000_000, max(steps // 10, 1) * args.batch_tokens),
                       checkpoint_every=args.checkpoint_every, eval_every=args.eval_every or max(1, steps // 10),
-                      # a CLT's chunk holds every layer's activations: 8 batches of 30 layers ≈ 1.1 GB on SmolLM2
-                      buffer_tokens=8 * args.batch_tokens if args.clt else TrainConfig.buffer_tokens,
+                      buffer_tokens=_buffer_tokens(args),
                       amp=not args.no_autocast, compile=args.compile, model=args.model, sparsity=args.sparsity,
                       clt_window=args.window if args.clt else None,
                       dataset=args.data or "builtin", hook_in=sites[0], hook_out=sites[1])
@@ -271,13 +496,15 @@ def train_and_report(args, out, rank, device, started):
     _save(args, model, coders, out)
     say(f"evaluating on {eval_rows.numel():,} held-out tokens ...")
     metrics = evaluate(model, eval_rows, coders, bos_id=bos)
+    cli.check_finite(metrics, "the evaluation", f"the coders are saved in {out}, metrics.json is not written")
     _print_table(metrics, summary, layers)
     report = {"model": args.model, "layers": layers, "train_config": dataclasses.asdict(cfg), "train": summary,
               "eval": metrics, "eval_data": eval_data, "seconds_total": round(time.time() - started, 1)}
     write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     write_text(os.path.join(out, "report.html"), training_html(report, f"{what} of {args.model}"))
     say(f"trained {summary['tokens']:,} tokens in {summary['seconds']:.0f} s ({summary['tok_per_s']:,} tok/s end to "
-        f"end, harvesting included); wrote {out}/ (cfg.json, transcoder.safetensors, metrics.json, report.html)")
+        f"end, harvesting included); wrote {out}/ (cfg.json, "
+        f"{formats.CLT_WEIGHTS if args.clt else formats.WEIGHTS['minisv']}, metrics.json, report.html)")
     if args.graph:
         trace(args, model, coders, held_out, out, say)
     elif args.clt:
@@ -349,7 +576,7 @@ def analyze(args, model, transcoders, held_out, out, say):
         for layer, tc in sorted(transcoders.items()):
             say(f"dashboards: layer {layer} transcoder on {rows.numel():,} held-out tokens ...")
             cfg = DashboardConfig(features=args.features, max_features=args.dash_features, bos_id=bos, seed=args.seed)
-            data = collect_dashboards(model, tc, rows, cfg)
+            data = cli.check_finite(collect_dashboards(model, tc, rows, cfg), f"the layer {layer} dashboard")
             path = os.path.join(out, "dashboards.html" if len(transcoders) == 1 else f"dashboards-L{layer}.html")
             write_text(path, dashboards_html(data, token_str, f"Layer {layer} transcoder features of {args.model}"))
             say(f"wrote {path}: {len(data['features']):,} features ({data['live']:,} of {tc.cfg.d_sae:,} fired)")
@@ -363,7 +590,7 @@ def analyze(args, model, transcoders, held_out, out, say):
     say(f"circuit of {root.label} = {root.value:+.4f} on {len(circuit.tokens)} tokens" +
         (f"; MLPs {missing} have no transcoder and stay whole, as error terms" if missing else ""))
     paths = circuit.top_paths(root, rounds=args.rounds, branches=args.branches)
-    data, tree = circuit.to_json(root, paths), format_tree(paths)
+    data, tree = cli.check_finite(circuit.to_json(root, paths), "the circuit"), format_tree(paths)
     say("direct terms by kind: " + ", ".join(f"{k} {v:+.3f}" for k, v in data["direct"].items()))
     say(tree)
     write_text(os.path.join(out, "circuit.json"), json.dumps(data, indent=1) + "\n")
@@ -371,11 +598,11 @@ def analyze(args, model, transcoders, held_out, out, say):
     say(f"wrote {out}/circuit.json and circuit.html")
 
 
-def _load_transcoders(args, model):
-    """{layer: Transcoder} from --load directories (or their layer_L/ subdirectories) and --import-released files,
-    or the CrossLayerTranscoder of one --load directory."""
+def _load_transcoders(args, loads, model):
+    """{layer: Transcoder} from the --load coder directories (`_load_dirs`) and --import-released files, or the
+    CrossLayerTranscoder of one --load directory."""
     device = model.embed.weight.device
-    found = [formats.load(d, device, model) for path in args.load or [] for d in _coder_dirs(path)]
+    found = [formats.load(d, device, model) for d in loads]
     if any(isinstance(c, CrossLayerTranscoder) for c in found):
         if len(found) > 1 or args.import_released:
             raise MinisvError("a cross-layer transcoder replaces every MLP: --load it alone")
@@ -385,16 +612,6 @@ def _load_transcoders(args, model):
     if len(set(layers)) < len(layers):
         raise MinisvError(f"several transcoders for one layer (layers {layers}); give one per layer")
     return dict(zip(layers, found))
-
-
-def _coder_dirs(path):
-    """The coder directories of a --load path: its layer_L/ subdirectories (a multi-layer run), its hookpoint
-    subdirectories (sparsify's multi-layer layout, e.g. model.layers.6.mlp/), or the path itself."""
-    for pattern in ("layer_*", "*layers.*"):
-        found = sorted(glob.glob(os.path.join(path, pattern)), key=lambda d: [int(n) for n in re.findall(r"\d+", d)])
-        if found:
-            return found
-    return [path]
 
 
 def _setup_distributed(device):

@@ -14,7 +14,7 @@ import re
 import secrets
 from pathlib import Path
 
-_SUFFIX = ".minisv-tmp"
+TMP_SUFFIX = ".minisv-tmp"
 
 
 def atomic_write(path, write):
@@ -37,7 +37,7 @@ def atomic_write(path, write):
 def _create(folder, name):
     """A new, empty temporary file for `name` in `folder`: (its path, an open descriptor)."""
     while True:
-        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.{os.getpid()}{_SUFFIX}")
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.{os.getpid()}{TMP_SUFFIX}")
         try:   # 0o666: the kernel takes the umask off, as for open(); tempfile.mkstemp would give 0600
             return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:
@@ -46,7 +46,7 @@ def _create(folder, name):
 
 def _remove_stale(folder, name):
     """Delete the temporary files for `name` that a process now gone left in `folder`."""
-    stale = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.(\d+){re.escape(_SUFFIX)}")
+    stale = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.(\d+){re.escape(TMP_SUFFIX)}")
     for other in os.listdir(folder):
         m = stale.fullmatch(other)
         if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):

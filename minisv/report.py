@@ -136,7 +136,7 @@ LEVEL_GAP, NODE_W, NODE_H = 84, 104, 30
 
 def circuit_html(data, tree="", title="Transcoder circuit") -> str:
     """The HTML page for `Circuit.to_json` data: prompt, target, direct attribution by kind, the path graph as
-    SVG (blue edges push the target up, red down; width ∝ |value|) and the path tree as text."""
+    SVG (blue edges push the target up, red down; width ∝ |value|, as its legend says) and the path tree as text."""
     prompt = "".join(f'<span class="t">{html.escape(s)}</span><sub>{i}</sub> ' for i, s in enumerate(data["tokens"]))
     direct = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{v:+.4f}</td></tr>"
                      for k, v in data["direct"].items())
@@ -200,8 +200,19 @@ def _graph_svg(graph, tokens):
         short = token if len(token) <= 16 else token[:15] + "…"
         parts.append(f'<text x="{x0[c] + width[c] / 2}" y="{top + NODE_H + 50}" font-size="11" text-anchor="middle">'
                      f'{c}: {html.escape(short)}<title>{c}: {html.escape(token)}</title></text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{acc + 20}" height="{top + NODE_H + 64}" '
-            f'font-family="system-ui,sans-serif">{"".join(parts)}</svg>')
+    return (_edge_legend(vmax) + f'<svg xmlns="http://www.w3.org/2000/svg" width="{acc + 20}" '
+            f'height="{top + NODE_H + 64}" font-family="system-ui,sans-serif">{"".join(parts)}</svg>')
+
+
+def _edge_legend(vmax):
+    """What an edge's colour and width mean, drawn with the edges' own strokes (as paths, so that the graph's
+    <line>s stay its edges): a line of HTML above the graph."""
+    items = [("#2a6fdb", 3.6, "pushes the target up"), ("#d62728", 3.6, "pushes it down"),
+             ("#888", 0.6, "|value| ≈ 0"), ("#888", 6.6, f"|value| = {vmax:.3g} (width ∝ |value|)")]
+    return '<p class="legend">' + "".join(
+        f'<span style="margin-right:1.5em"><svg width="26" height="10"><path d="M1,5H25" stroke="{color}" '
+        f'stroke-width="{width}" opacity="0.7"/></svg> {html.escape(text)}</span>' for color, width, text in items) + \
+        "</p>"
 
 
 def _level(n):
@@ -389,7 +400,8 @@ def svg_scatter(points, xlabel, ylabel, title="", *, groups=("",), diagonal=Fals
 
 class _Axes:
     """The frame of a chart: data ranges, the maps X, Y from data to pixels, ticks and labels, the legend."""
-    RIGHT, TOP, BOTTOM = 12, 24, 40
+    TOP, BOTTOM = 24, 40
+    FLAT = 0.1     # data varying by less than this fraction of its size is drawn as the flat line it is
 
     def __init__(self, series, logs, y_range, size, integer_x):
         self.logs, (self.width, self.height) = logs, size
@@ -397,16 +409,22 @@ class _Axes:
         self.points = {name: [(t[0](x), t[1](y)) for x, y in p if _plottable(x, logs[0]) and _plottable(y, logs[1])]
                        for name, p in series.items()}
         every = [q for p in self.points.values() for q in p] or [(0.0, 0.0)]
-        (self.x0, self.x1), (self.y0, self.y1) = [(min(v), max(v)) if max(v) > min(v) else (min(v) - 1, max(v) + 1)
-                                                  for v in zip(*every)]
+        (self.x0, self.x1), (self.y0, self.y1) = [_range(v, self.FLAT) for v in zip(*every)]
         if y_range is not None:
             self.y0, self.y1 = t[1](y_range[0]), t[1](y_range[1])
         xs = sorted({x for p in self.points.values() for x, _ in p})
-        self.x_ticks = xs if integer_x and not logs[0] and 0 < len(xs) <= MAX_INT_TICKS else \
+        self.x_ticks = xs if integer_x and not logs[0] and 0 < len(xs) <= MAX_INT_TICKS and self._fit(xs) else \
             [self.x0 + (self.x1 - self.x0) * i / 4 for i in range(5)]
         self.y_ticks = [self.y0 + (self.y1 - self.y0) * i / 4 for i in range(5)]
-        # room for the widest y tick label (≈ 6 px a character) and the rotated y title left of it
-        self.LEFT = max(58, 6 * max(len(self.label(v, 1)) for v in self.y_ticks) + 26)
+        self.x_labels, self.y_labels = _labels(self.x_ticks, logs[0]), _labels(self.y_ticks, logs[1])
+        # room for the widest y tick label (≈ 6 px a character) and the rotated y title left of it, and for half
+        # of the last x tick label, centered on the axis' right end
+        self.LEFT = max(58, 6 * max(map(len, self.y_labels)) + 26)
+        self.RIGHT = max(12, 3 * len(self.x_labels[-1]) + 2)
+
+    def _fit(self, xs):
+        """Whether one label per x value fits side by side (≈ 6 px a character, 8 px apart) along the axis."""
+        return len(xs) * (6 * max(len(_tick(x, False)) for x in xs) + 8) <= self.width - 70
 
     def X(self, v):
         return self.LEFT + (v - self.x0) / (self.x1 - self.x0) * (self.width - self.LEFT - self.RIGHT)
@@ -419,26 +437,46 @@ class _Axes:
         return _tick(v, self.logs[axis])
 
     def frame(self, xlabel, ylabel, title):
+        """Title, axes, tick labels (each group and axis title in a <g class=...> a test or a stylesheet can find)."""
         w, h, mid_y = self.width, self.height, (self.TOP + self.height - self.BOTTOM) / 2
         parts = [f'<text x="{w / 2}" y="15" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
                  f'<path d="M{self.LEFT},{self.TOP}V{h - self.BOTTOM}H{w - self.RIGHT}" stroke="#888" fill="none"/>']
-        parts += [f'<text x="{self.X(v):.1f}" y="{h - self.BOTTOM + 14}" text-anchor="middle" font-size="10">'
-                  f'{self.label(v, 0)}</text>' for v in self.x_ticks]
-        parts += [f'<text x="{self.LEFT - 4}" y="{self.Y(v) + 3:.1f}" text-anchor="end" font-size="10">'
-                  f'{self.label(v, 1)}</text>' for v in self.y_ticks]
-        parts.append(f'<text x="{(self.LEFT + w - self.RIGHT) / 2}" y="{h - 6}" text-anchor="middle" font-size="11">'
-                     f'{html.escape(xlabel)}</text><text x="11" y="{mid_y}" font-size="11" text-anchor="middle" '
-                     f'transform="rotate(-90 11 {mid_y})">{html.escape(ylabel)}</text>')
+        parts += ['<g class="ticks-x">'] + [
+            f'<text x="{self.X(v):.1f}" y="{h - self.BOTTOM + 14}" text-anchor="middle" font-size="10">{label}</text>'
+            for v, label in zip(self.x_ticks, self.x_labels)] + ['</g><g class="ticks-y">'] + [
+            f'<text x="{self.LEFT - 4}" y="{self.Y(v) + 3:.1f}" text-anchor="end" font-size="10">{label}</text>'
+            for v, label in zip(self.y_ticks, self.y_labels)] + ['</g>']
+        parts.append(f'<g class="title-x"><text x="{(self.LEFT + w - self.RIGHT) / 2}" y="{h - 6}" '
+                     f'text-anchor="middle" font-size="11">{html.escape(xlabel)}</text></g><g class="title-y"><text '
+                     f'x="11" y="{mid_y}" font-size="11" text-anchor="middle" transform="rotate(-90 11 {mid_y})">'
+                     f'{html.escape(ylabel)}</text></g>')
         return parts
 
     def legend(self, i, name, color):
         x, y = self.width - self.RIGHT - 4, self.TOP + 12 + 13 * i
-        return (f'{_marker(i, x - len(name) * 5.6 - 8, y - 3.5, color)}<text x="{x}" y="{y}" '
-                f'text-anchor="end" font-size="10" fill="{color}">{html.escape(name)}</text>')
+        return (f'<g class="legend">{_marker(i, x - len(name) * 5.6 - 8, y - 3.5, color)}<text x="{x}" y="{y}" '
+                f'text-anchor="end" font-size="10" fill="{color}">{html.escape(name)}</text></g>')
 
     def svg(self, parts):
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" '
                 f'font-family="system-ui,sans-serif">{"".join(parts)}</svg>')
+
+
+def _range(values, flat):
+    """(low, high) of an axis over `values`. Values that vary by less than `flat` of their size (an L0 that stays
+    at 32, give or take 0.1) get that much room, so the line shows flat and 5 ticks get 5 different labels."""
+    lo, hi = min(values), max(values)
+    half = max((hi - lo) / 2, flat / 2 * max(abs(lo), abs(hi))) or 1.0
+    return (lo + hi) / 2 - half, (lo + hi) / 2 + half
+
+
+def _labels(ticks, log):
+    """Tick labels with 3 significant digits, more where that would print two ticks alike."""
+    for digits in range(3, 9):
+        labels = [_tick(v, log, digits) for v in ticks]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
 
 
 def _marker(i, x, y, color, text=None):
@@ -458,19 +496,19 @@ def _plottable(v, log):
     return v is not None and math.isfinite(v) and (v > 0 or not log)
 
 
-def _tick(v, log):
-    """3 significant digits, large numbers with k / M suffixes (16k, 327k, 1.2M), never in e-notation."""
+def _tick(v, log, digits=3):
+    """`digits` significant digits, large numbers with k / M suffixes (16k, 327k, 1.2M), never in e-notation."""
     v = 10 ** v if log else v
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= scale:
-            return f"{v / scale:.3g}{suffix}"
-    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+            return f"{v / scale:.{digits}g}{suffix}"
+    return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.{digits - 2}e}"
 
 
 def _freq_histogram_svg(hist, title, width=460, height=200):
     """Bars: live latents per decade of firing frequency ([1e-8, 1e-7), ..., [0.1, 1]), a log10 x axis."""
     edges, counts = hist["log10_edges"], hist["counts"]
-    left, bottom, top = 40, 36, 24
+    left, bottom, top = 40, 36, 36          # the tallest bar's count sits below the title
     bar = (width - left - 12) / len(counts)
     peak = max(max(counts), 1)
     parts = [f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="12">{html.escape(title)}</text>']
@@ -496,10 +534,12 @@ def steering_html(run, title="One-shot steering vector") -> str:
         about      [str] lines describing the run (model, settings, training data), plain text
         success    the regex a generation must match to count as a success, or None (for the page's text)
         n_eval     how many held-out prompts the rates count
-        layers     [dict(layer, loss, iters, stop, norm, resid_norm, rates={column: fraction})], one per vector
+        layers     [dict(layer, loss, iters, stop, norm, resid_norm, rates={column: fraction}, history=[loss per
+                   evaluation, optional])], one per vector
         columns    [str] generation column names
         rows       [dict(prompt, texts=[(generation, success: bool) per column], note=str)]
-    With more than one layer the page also plots held-out success against the layer (inline SVG)."""
+    With more than one layer the page also plots held-out success against the layer, and with histories the
+    optimization's loss curves (inline SVG)."""
     e = html.escape
     about = "".join(f"<p class='meta'>{e(line)}</p>" for line in run["about"])
     names = list(run["layers"][0]["rates"]) if run["layers"] and run["layers"][0]["rates"] else []
@@ -515,6 +555,9 @@ def steering_html(run, title="One-shot steering vector") -> str:
         plot = "<h2>held-out success vs layer</h2>" + svg_chart(
             {n: [(r["layer"], r["rates"][n]) for r in run["layers"]] for n in names}, "layer", "held-out success",
             y_range=(0, 1))
+    curves = {f"layer {r['layer']}": list(enumerate(r["history"])) for r in run["layers"] if r.get("history")}
+    if curves:                                    # the optimization: summed training loss at each Adam step
+        plot += "<h2>optimization</h2>" + svg_chart(curves, "Adam step", "loss (nats)", "training loss per step")
     rows = "".join(f"<tr><td class='gen'>{e(r['prompt'])}</td>" +
                    "".join(f"<td class='gen{' hit' if hit else ''}'>{e(t)}</td>" for t, hit in r["texts"]) +
                    f"<td class='num'>{e(r['note'])}</td></tr>" for r in run["rows"])

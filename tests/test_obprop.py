@@ -405,7 +405,7 @@ def test_script_bad_input_exits_2_with_one_line(planted, monkeypatch, capsys, tm
             (["--train-examples", "1.5"], "--train-examples"), (["--ctx", "1"], "--ctx 1 is too short"),
             (["--device", "tpu"], "device 'tpu'"), (["--json", str(tmp_path)], "is a directory"),
             (["--observable", "' she' - ' he'", "--pos-prompt", "Mary is", "--neg-prompt", "John is", "--observable",
-              "' her' - ' him'", "--corpus", str(tmp_path / "missing.npy")], "no such token file"),
+              "' her' - ' him'", "--corpus", str(tmp_path / "missing.npy")], "missing.npy: no such file"),
             (["--top", "13"], "more than the model's 12 heads")]:
         with pytest.raises(SystemExit) as e:
             script.main(argv + ["--html", "/nonexistent/never.html"])

@@ -473,7 +473,7 @@ def artifacts(tmp_path):
     (["--out", "{tmp}/v.html"], "HTML report"),
     (["--out", "{tmp}"], "directory"),
     (["--out", "{tmp}/v.safetensors/w.safetensors"], "is a file"),
-    (["--train-file", "{tmp}/v.html"], "line 1"),
+    (["--train-file", "{tmp}/v.html"], "is the --train-file input"),   # the report would overwrite it
     (["--gguf", "{tmp}/v.gguf"], "cannot be exported"),
     (["--gguf", "{tmp}/v.gguf", "--layer", "2", "--clamp", "1"], "no clamp"),
 ])

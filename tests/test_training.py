@@ -490,10 +490,14 @@ def test_script_refuses_a_used_run_directory_and_locks_it(tiny_llama, token_file
     run = tmp_path / "run"
     script(script_args(path, token_file, run, "--dash-features", "0"))
     before = snapshot(run)
-    (run / "checkpoint.pt.tmp4242").write_bytes(b"half a checkpoint of a killed run")
+    killed = run / ".checkpoint.pt.x7Gq.4242.minisv-tmp"          # atomic_write's temporary name, in a killed run
+    killed.write_bytes(b"half a checkpoint of a killed run")
+    (run / "notes.tmp2024").write_text("the user's own file")
     fails(script_args(path, token_file, run), capsys, "already holds")          # no --resume, no --overwrite
     fails(script_args(path, token_file, run, "--lr", "0.02", "--resume"), capsys, "different settings")
-    assert not (run / "checkpoint.pt.tmp4242").exists()                # the killed run's leftover is cleaned
+    assert not killed.exists()                                          # the killed run's leftover is cleaned
+    assert (run / "notes.tmp2024").read_text() == "the user's own file"
+    (run / "notes.tmp2024").unlink()
     import fcntl
     with open(run / ".lock", "a") as other:                                      # another run holds the lock
         fcntl.flock(other, fcntl.LOCK_EX)

@@ -53,7 +53,7 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=0, help="the CLT's window (default: 0, every later layer)")
     p.add_argument("--tokens", type=positive_int, default=65_536)
     p.add_argument("--batch-tokens", type=positive_int, default=1024)
-    p.add_argument("--lr", type=float, default=4e-3 * (9216 / 512) ** 0.5)
+    p.add_argument("--lr", type=float, default=3e-3, help="both (default: 3e-3, train_transcoder.py --clt's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--eval-tokens", type=positive_int, default=4096)
     p.add_argument("--out", default="runs/clt_vs_per_layer.md")
