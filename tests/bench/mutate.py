@@ -162,11 +162,11 @@ def test_files(root, module):
     return [f"tests/{f}" for f in files]
 
 
-def run_tests(root, files, timeout):
-    """(status, seconds, first failing test) of `pytest -x` on files in the copy at root."""
+def run_tests(root, files, timeout, deselect=(), stop=True):
+    """(status, seconds, failing tests) of `pytest -x` on files in the copy at root."""
     env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-x", "-p", "no:cacheprovider",
-           f"--basetemp={root}/.pytest_tmp", "-W", "ignore"]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", f"--basetemp={root}/.pytest_tmp",
+           "-W", "ignore", *(["-x"] if stop else []), *(f"--deselect={t}" for t in deselect)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -176,12 +176,11 @@ def run_tests(root, files, timeout):
         os.killpg(proc.pid, signal.SIGKILL)      # the pytest we started, and anything it started
         proc.communicate()
         return "timeout", time.perf_counter() - t0, None
-    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
-    status = "survived" if proc.returncode == 0 else "killed"
-    if proc.returncode not in (0, 1):            # 2: interrupted / collection error, also a detection
-        status = "killed"
-    return status, time.perf_counter() - t0, failed[1] if failed else (None if status == "survived"
-                                                                         else out.strip().splitlines()[-1][:200])
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    status = "survived" if proc.returncode == 0 else "killed"     # 2 (a collection error) is a detection too
+    if status == "killed" and not failed:
+        failed = [out.strip().splitlines()[-1][:200]]
+    return status, time.perf_counter() - t0, failed
 
 
 def apply(root, m):
@@ -226,6 +225,7 @@ def main(argv=None):
     p.add_argument("--rerun", help="a previous --out file: run its survived and timed-out mutants again")
     p.add_argument("--ids", nargs="+", help="only these mutant ids")
     p.add_argument("--list", action="store_true", help="print the sampled mutants and stop")
+    p.add_argument("--resume", action="store_true", help="skip the mutants --out already holds")
     p.add_argument("--out", default="mutants.jsonl")
     args = p.parse_args(argv)
 
@@ -251,30 +251,33 @@ def main(argv=None):
                                env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True).stdout
         if not where.startswith(str(root)):
             raise SystemExit(f"the copy imports minisv from {where.strip()}, not from {root}")
-        baseline = {}
-        results = []
+        done = [json.loads(line) for line in open(args.out)] if args.resume and os.path.exists(args.out) else []
+        results = [r for r in done if r["id"] in {m["id"] for m in mutants}]
+        mutants = [m for m in mutants if m["id"] not in {r["id"] for r in done}]
+        baseline, broken = {}, {}
         for m in mutants:
             module = m["module"]
             files = test_files(root, module)
-            if module not in baseline:
-                status, seconds, failed = run_tests(root, files, timeout=3600)
-                baseline[module] = seconds
-                print(f"[{module}] unmutated: {status} in {seconds:.0f} s ({' '.join(files)})", flush=True)
-                if status != "survived":
-                    raise SystemExit(f"the unmutated tests of {module} do not pass in the copy: {failed}")
+            if module not in baseline:      # tests failing unmutated are deselected: they cannot tell anything
+                status, seconds, failed = run_tests(root, files, timeout=3600, stop=False)
+                baseline[module], broken[module] = seconds, failed if status != "survived" else []
+                print(f"[{module}] unmutated: {status} in {seconds:.0f} s ({' '.join(files)})"
+                      + (f"; deselected, failing unmutated: {' '.join(failed)}" if failed else ""), flush=True)
             path, original = apply(root, m)
             try:
                 status, seconds, failed = run_tests(root, files, max(args.min_timeout,
-                                                                     args.timeout_factor * baseline[module]))
+                                                                     args.timeout_factor * baseline[module]),
+                                                    deselect=broken[module])
             finally:
                 path.write_text(original)
             r = {k: m[k] for k in ("id", "module", "line", "kind", "original", "mutated")}
-            r |= {"status": status, "seconds": round(seconds, 1), "failed": failed, "tests": files, "rev": args.rev}
+            r |= {"status": status, "seconds": round(seconds, 1), "failed": failed[0] if failed else None,
+                  "tests": files, "deselected": broken[module], "rev": args.rev}
             results.append(r)
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(f"{status:8s} {seconds:6.0f} s  {m['id']:40s} {m['original'].strip()!r:.60} -> "
-                  f"{m['mutated'].strip()!r:.60}  {failed or ''}", flush=True)
+                  f"{m['mutated'].strip()!r:.60}  {r['failed'] or ''}", flush=True)
         print(summarize(results))
     finally:
         shutil.rmtree(root, ignore_errors=True)
