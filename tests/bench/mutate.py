@@ -1,8 +1,8 @@
 """A small mutation run: does the test suite notice one-line bugs in minisv's modules?
 
-    nice -n 10 python tests/bench/mutate.py --out /work/notes/mutants_before.jsonl          # the default sample
+    nice -n 10 python tests/bench/mutate.py --out runs/mutants.jsonl          # the default sample
     python tests/bench/mutate.py --list                                                      # the mutants only
-    python tests/bench/mutate.py --rerun /work/notes/mutants_before.jsonl --out after.jsonl  # its survivors again
+    python tests/bench/mutate.py --rerun runs/mutants.jsonl --out after.jsonl  # its survivors again
 
 For each module it samples one-line mutants (fixed seed, a few per operator class so the sample mixes them):
 
@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE_TESTS = {
     "transcoder": ["test_transcoder.py", "test_losses.py", "test_export.py"],
     "clt": ["test_clt.py"],
-    "training": ["test_losses.py", "test_training.py", "test_training_streams.py"],
-    "evals": ["test_evals.py", "test_losses.py"],
+    "training": ["test_losses.py", "test_training.py", "test_training_streams.py", "test_clt.py"],
+    "evals": ["test_evals.py", "test_losses.py", "test_clt.py"],
     "pullbacks": ["test_circuits.py", "test_obprop.py", "test_clt.py", "test_graph.py"],
     "circuits": ["test_circuits.py", "test_graph.py"],
     "graph": ["test_graph.py", "test_circuit_tracer.py", "test_browser_graph.py"],
