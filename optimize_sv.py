@@ -135,7 +135,8 @@ def training_data(args):
     prompts = args.prompt or ([] if args.train_file else [DEFAULT_PROMPT])
     if prompts and not promote and not args.suppress:
         raise MinisvError("--prompt needs --promote or --suppress (or put completions in --train-file)")
-    data = [(p, promote, args.suppress) for p in prompts] + (read_train_file(args.train_file) if args.train_file else [])
+    data = [(p, promote, args.suppress) for p in prompts]
+    data += read_train_file(args.train_file) if args.train_file else []
     for prompt, _, _ in data:
         if not prompt.strip():
             raise MinisvError("a training prompt is empty; give the request to train on (--prompt TEXT)")
@@ -357,7 +358,8 @@ def print_table(prompts, columns, logps):
     print(head + (" | log p(promote) unsteered → +v" if logps else ""))
     print("-" * len(head))
     for i, prompt in enumerate(prompts):
-        row = f"{one_line(prompt, width):{width}} | " + " | ".join(f"{one_line(t[i], width):{width}}" for _, t in columns)
+        cells = [one_line(prompt, width)] + [one_line(t[i], width) for _, t in columns]
+        row = " | ".join(f"{c:{width}}" for c in cells)
         print(row + (f" | {logps[i][0]:8.2f} → {logps[i][1]:7.2f}" if logps else ""))
 
 

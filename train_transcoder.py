@@ -518,8 +518,8 @@ def train_and_report(args, out, rank, device, clock):
 def _check_export(args, fmt):
     if fmt == "circuit-tracer":
         if not args.clt or args.arch == "topk":
-            raise MinisvError("--export-format circuit-tracer writes cross-layer transcoders (or per-layer sets, --window "
-                              "1) with --clt --arch jumprelu or relu: circuit-tracer runs no TopK CLT")
+            raise MinisvError("--export-format circuit-tracer writes cross-layer transcoders (or per-layer sets, "
+                              "--window 1) with --clt --arch jumprelu or relu: circuit-tracer runs no TopK CLT")
     else:
         check_export(fmt, args.arch, args.skip)
 
@@ -553,9 +553,10 @@ def trace(args, model, coders, held_out, out, say):
     full, pruned = scores(graph), scores(graph, *prune(graph, args.node_threshold, args.edge_threshold)[:2])
     data["metadata"] |= {"replacement_score": full[0], "completeness_score": full[1],
                          "pruned_replacement_score": pruned[0], "pruned_completeness_score": pruned[1]}
+    logits = ", ".join(f"{tokenizer.token_str(int(k))!r} {float(p):.2f}"
+                       for k, p in zip(graph.logit_ids, graph.logit_probs))
     say(f"graph of {len(tokens)} tokens: {graph.n_features:,} active features, {len(graph.logit_ids)} logits "
-        f"({', '.join(f'{tokenizer.token_str(int(k))!r} {float(p):.2f}' for k, p in zip(graph.logit_ids, graph.logit_probs))}); "
-        f"{seconds:.1f} s")
+        f"({logits}); {seconds:.1f} s")
     say(f"replacement score {full[0]:.3f}, completeness {full[1]:.3f} (pruned to {len(data['nodes'])} nodes and "
         f"{len(data['links'])} edges: {pruned[0]:.3f}, {pruned[1]:.3f})")
     os.makedirs(out, exist_ok=True)

@@ -194,7 +194,8 @@ def _add_weight_views(model, tc, features, n=8, chunk=256):
 def graph_contexts(model, coder, rows, nodes, k=5, window=(8, 2)):
     """For an attribution graph's JSON `nodes`: the top-k activating contexts over token rows [N, T] of each feature
     node's feature, {"layer_feature": [[window token ids], [activations], row, position], ...}, the token strings
-    they use, {id: str}, and where in a window its token sits ("before"). coder: what `minisv.graph.attribute` took (a CLT or a per-layer set)."""
+    they use, {id: str}, and where in a window its token sits ("before"). coder: what `minisv.graph.attribute`
+    took (a CLT or a per-layer set)."""
     clt = coder if isinstance(coder, CrossLayerTranscoder) else \
         CrossLayerTranscoder.from_transcoders(coder, model.cfg.n_layers)
     feats = sorted({tuple(map(int, n["node_id"].split("_")[:2])) for n in nodes

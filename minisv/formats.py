@@ -161,7 +161,8 @@ def load(path, device=None, model=None):
 def _save_clt(clt, path, format):
     if format != "minisv":
         raise MinisvError(f"a cross-layer transcoder is written in minisv's layout, or in circuit-tracer's with "
-                          f"minisv.circuit_tracer.save (train_transcoder.py --export-format circuit-tracer); not {format!r}")
+                          f"minisv.circuit_tracer.save (train_transcoder.py --export-format circuit-tracer); not "
+                          f"{format!r}")
     tensors = {n: p.detach().contiguous().cpu() for n, p in clt.named_parameters()}      # W_dec.0, W_dec.1, ...
     os.makedirs(path, exist_ok=True)
     atomic_write(os.path.join(path, CLT_WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

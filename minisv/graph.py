@@ -236,7 +236,8 @@ class _Sweep:
         """Edges from the token embeddings (G is now the gradient at the stream entering block 0); learned
         positions (GPT-2) are a bias term."""
         rows, T = self.rows[self.lo:], self.run.T
-        self.A[rows[:, None], (first_token + torch.arange(T))[None]] = torch.einsum("ntd,td->nt", self.G, self.run.embed)
+        embeddings = (first_token + torch.arange(T))[None]
+        self.A[rows[:, None], embeddings] = torch.einsum("ntd,td->nt", self.G, self.run.embed)
         if self.run.pos is not None:
             self.bias[rows] += torch.einsum("ntd,td->n", self.G, self.run.pos)
 

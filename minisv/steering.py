@@ -242,7 +242,8 @@ def _prepare(model, datapoints, first=0, chat=True):
         if not isinstance(dp, Datapoint):
             raise MinisvError(f"expected minisv Datapoint objects, got {type(dp).__name__}")
         if not dp.promote and not dp.suppress:
-            raise MinisvError(f"datapoint {dp.prompt!r:.60} has no completions; give promote=[...] and/or suppress=[...]")
+            raise MinisvError(f"datapoint {dp.prompt!r:.60} has no completions; give promote=[...] and/or "
+                              f"suppress=[...]")
         prompt = render(model, dp.prompt, chat)
         head = prompt_ids(model, prompt)
         if not head:
@@ -398,8 +399,8 @@ def optimize_vector(model, datapoints, layer, cfg=None, starting_vec=None, callb
         reached = has_target and (not cfg.target_sum or total <= cfg.target_loss) and \
             bool((losses <= goals[g])[~goals[g].isnan()].all())
         hits = hits + 1 if reached else 0
-        still = still + 1 if cfg.converge_tol is not None and prev is not None and abs(prev - total) < cfg.converge_tol \
-            else 0
+        flat = cfg.converge_tol is not None and prev is not None and abs(prev - total) < cfg.converge_tol
+        still = still + 1 if flat else 0
         stop = "max_iters" if last else "target_loss" if hits >= cfg.patience else \
             "converged" if still >= cfg.patience else None
         if stop:
@@ -461,9 +462,11 @@ def _info(model, batches, prefixes, trained, end):
                                 for b, pre in zip(batches, prefixes)])
     labels = [label for b in batches for label in b.labels]
     info = dict(iters=step, loss=losses.sum().item(), norm=params[0].norm().item(), stop=stop, history=history,
-                losses=[dict(datapoint=i, kind=k, completion=t, loss=l) for (i, k, t), l in zip(labels, losses.tolist())])
+                losses=[dict(datapoint=i, kind=k, completion=t, loss=l)
+                        for (i, k, t), l in zip(labels, losses.tolist())])
     if cfg.affine_rank:
-        info["matrix"], info["factors"] = _steering(params, layers)[1].detach(), (params[1].detach(), params[2].detach())
+        info["matrix"] = _steering(params, layers)[1].detach()
+        info["factors"] = (params[1].detach(), params[2].detach())
     return info
 
 

@@ -16,9 +16,11 @@ refusal-suppression   The paper's suppression recipe (its refusal notebook, §4)
 misaligned-code   The v2 paper's emergent-misalignment experiment: promote, on one coding prompt, an insecure
     completion (SQL built by string concatenation; lr 0.1, at most 30 steps, ‖v‖ ≤ 30, at 46% depth), then
     (a) the rates of insecure code (`insecure_code`), of any SQL (`writes_sql`) and of parameterized SQL
-    (`parameterized_sql`) on held-out coding prompts, greedy; (b) answers to the 8 open-ended questions of Betley et al.'s emergent-misalignment
-    paper, sampled (temperature 1, seeded), judged by the transparent rubric `misaligned` instead of a GPT-4o judge.
-false-info   The v1 paper's fictitious-information experiment (its notebook): the assistant turn starts with a false claim,
+    (`parameterized_sql`) on held-out coding prompts, greedy; (b) answers to the 8 open-ended questions of
+    Betley et al.'s emergent-misalignment paper, sampled (temperature 1, seeded), judged by the transparent
+    rubric `misaligned` instead of a GPT-4o judge.
+false-info   The v1 paper's fictitious-information experiment (its notebook): the assistant turn starts with a
+    false claim,
     "NAME is best known for being a **WRONG**." (the occupation shifted by one in a cycle, as in the reference).
     Promotion recipe of the reference: on one such prompt, promote the model's own greedy continuation of the TRUE
     statement, with the target loss its negative log-probability there (lr 0.1, at most 50 steps, at 38% depth:

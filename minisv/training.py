@@ -80,7 +80,8 @@ class TrainConfig:
     hook_out: str = "hook_mlp_out"         # ... and what it predicts: the MLP output; hook_in == hook_out is an SAE
 
     def sites(self, layer):
-        """The hooks the layer's coder reads and predicts, e.g. ("blocks.6.ln2.hook_normalized", "blocks.6.hook_mlp_out")."""
+        """The hooks the layer's coder reads and predicts, e.g. ("blocks.6.ln2.hook_normalized",
+        "blocks.6.hook_mlp_out")."""
         return f"blocks.{layer}.{self.hook_in}", f"blocks.{layer}.{self.hook_out}"
 
 
@@ -208,11 +209,12 @@ def train(model, rows, cfg: TrainConfig, out_dir=None, resume=False, eval_rows=N
     sites = {l: cfg.sites(l) for l in cfg.layers}
     stream = rows
     if torch.is_tensor(rows):
-        stream = activations.ActivationStream(activations.harvester(model, cfg.amp), rows, sites, cfg.batch_tokens, cfg.buffer_tokens,
-                                  cfg.seed, cfg.bos_id, tokens=n_steps * cfg.batch_tokens)
+        stream = activations.ActivationStream(activations.harvester(model, cfg.amp), rows, sites, cfg.batch_tokens,
+                                              cfg.buffer_tokens, cfg.seed, cfg.bos_id, tokens=n_steps * cfg.batch_tokens)
         log(f"harvesting activations in shuffled chunks of {stream.per_chunk * cfg.batch_tokens:,} tokens ...")
     batches = stream.batches(state.chunk, state.offset)
-    held_out = activations.without_bos(activations.harvest(model, eval_rows, sites), eval_rows, cfg.bos_id) if eval_rows is not None else None
+    held_out = None if eval_rows is None else \
+        activations.without_bos(activations.harvest(model, eval_rows, sites), eval_rows, cfg.bos_id)
     t0, seconds_before, start_step = time.perf_counter(), state.seconds, state.step
     log_every = max(1, min(50, n_steps // 20))
     while state.step < n_steps:
@@ -276,7 +278,8 @@ def train_step(state: TrainState, cfg: TrainConfig, acts, n_steps, ckpt=None):
         group["lr"] = lr_at(step, n_steps, cfg.lr, cfg.warmup_steps, decay=cfg.architecture != "relu")
     device = state.last_fired[cfg.layers[0]].device
     dead = {l: seen - state.last_fired[l] >= cfg.dead_tokens for l in cfg.layers}
-    with torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp and activations.fast_bf16(device) else nullcontext():
+    bf16 = cfg.amp and activations.fast_bf16(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
         if "clt" in state.coders:
             x, y = (torch.stack(t, 1) for t in zip(*(_scaled(acts[l], state.scale[l]) for l in cfg.layers)))
             total, stats = clt_loss(state.coders["clt"], x, y, torch.stack([dead[l] for l in cfg.layers]), cfg)

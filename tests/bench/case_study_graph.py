@@ -84,6 +84,17 @@ def main(argv=None):
     top = score.argsort(descending=True)[:args.top].tolist()
     rows = [(j, predicted(graph, j), measured(model, clt, tokens, graph, j)) for j in top]
     rho = spearman([r[1] for r in rows], [r[2] for r in rows])
+    # the graph freezes attention: a feature at an earlier position reaches the logit only through attention, which
+    # removing it also changes in the real model; at the last position it also has MLP and direct paths
+    last = [r for r in rows if int(graph.features[r[0]][1]) == len(tokens) - 1]
+    earlier = [r for r in rows if r not in last]
+
+    def agreement(part):
+        if len(part) < 3:
+            return f"{len(part)} features"
+        signs = sum((p > 0) == (m > 0) for _, p, m in part)
+        return f"{len(part)} features, Spearman {spearman([r[1] for r in part], [r[2] for r in part]):.3f}, " \
+               f"same sign {signs}/{len(part)}"
     word = tok.token_str(int(graph.logit_ids[0]))
     lines = [f"Prompt {args.prompt!r} ({len(tokens)} tokens with BOS): the model's next token is {word!r} with p = "
              f"{float(graph.logit_probs[0]):.3f}. Coder: {args.load}. Graph: {graph.n_features:,} active features, "
@@ -91,7 +102,8 @@ def main(argv=None):
              f"{int(nodes[0].sum())} nodes: {pruned[0]:.3f}, {pruned[1]:.3f}.", "",
              f"Intervention check on the top {args.top} features by influence: the change of {word!r}'s demeaned "
              f"logit when the feature is removed, as the linear graph predicts it and as the real model gives it. "
-             f"Spearman rank correlation: **{rho:.3f}**.", "",
+             f"Spearman rank correlation: **{rho:.3f}**. At the last position: {agreement(last)}; at earlier "
+             f"positions: {agreement(earlier)}.", "",
              "| feature (layer, position, id) | token | activation | predicted Δ | measured Δ |", "|---|---|---|---|---|"]
     for j, pred, meas in rows:
         l, pos, f = graph.features[j].tolist()
