@@ -1,9 +1,10 @@
 """Train sparse MLP transcoders on a language model, evaluate them on held-out text, and save them.
 
 A transcoder reads an MLP's input (blocks.L.ln2.hook_normalized) and predicts its output (blocks.L.hook_mlp_out)
-through many sparse latents (TopK, or ReLU + L1 as in the paper). The default run needs no network and takes a
-few minutes on 2 CPU cores: a TopK transcoder (d_sae 9,216, k 32) for layer 6 of SmolLM2-135M-Instruct, trained
-on the built-in corpus (Python's own documentation text), evaluated on documents held out from training.
+through many sparse latents (TopK, or ReLU + L1 as in the paper). The default run needs no network and takes 3
+(bf16 on a CPU with AMX) to 9 minutes on 2 CPU cores: a TopK transcoder (d_sae 9,216, k 32) for layer 6 of
+SmolLM2-135M-Instruct, trained on the built-in corpus (Python's own documentation text), evaluated on documents
+held out from training.
 Writes cfg.json + transcoder.safetensors (loadable with minisv.load_transcoder) and metrics.json to
 --out; a checkpoint.pt there lets --resume continue an interrupted run. Several --layer values train one
 transcoder per layer from the same forward passes (written to --out/layer_L/). Multi-GPU:
@@ -148,8 +149,8 @@ def parse_args(argv):
     c = p.add_argument_group("cross-layer transcoders and attribution graphs")
     c.add_argument("--clt", action="store_true", help="train ONE cross-layer transcoder replacing every MLP: layer "
                    "l's features read MLP l's input and write to the outputs of MLP l and the --window next ones; "
-                   "--d-sae and --k are per layer (defaults with --clt: d_sae 512, k 16, 163,840 tokens; about 15 "
-                   "minutes on 2 CPU cores for SmolLM2)")
+                   "--d-sae and --k are per layer (defaults with --clt: d_sae 512, k 16, 163,840 tokens, lr 3e-3; 15 "
+                   "minutes and 8.5 GB on 2 CPU cores for SmolLM2)")
     c.add_argument("--window", type=nonneg_int, default=0, help="with --clt: how many layers a feature's decoders "
                    "reach, its own included (default: 0 = every later layer; 1 = a set of per-layer transcoders)")
     c.add_argument("--sparsity", type=nonneg_float, default=TrainConfig.sparsity, help="with --arch jumprelu: "
@@ -341,7 +342,9 @@ def _training_memory(args, model, d_sae):
     training = 4 * chunk * 2 * c.d_model * n * act + harvest + weights(4) + 4 * n * args.batch_tokens * d_sae * 4
     coders = weights(1)
     phases = {"training": training, "evaluation": _evaluation_memory(args, model, coders)}
-    if args.kind == "transcoder" and (args.dash_features or args.features):
+    if args.graph:
+        phases["graph"] = _graph_memory(args, model, coders, args.k)
+    elif args.kind == "transcoder" and (args.dash_features or args.features):
         phases["dashboards"] = _dashboard_memory(args, model, d_sae, coders)
     return _held_memory(args, model), phases
 
@@ -360,14 +363,26 @@ def _buffer_tokens(args):
     return 8 * args.batch_tokens if args.clt else TrainConfig.buffer_tokens
 
 
+def _graph_memory(args, model, coders, k):
+    """--graph: the coders; the adjacency [n, n] (twice) for n ≈ L·k·T feature nodes, plus error, embedding and
+    logit nodes; and the backward sweep's reads, ~8 tensors of [n, T, d]. For the default SmolLM2 CLT this
+    estimates 1.9 GB for a 6-token prompt and 4.2 GB for 15 tokens, where the peaks measured 2.1 and 3.8 GB."""
+    T = len(model.tokenizer.encode(args.graph)) + 1 if model.tokenizer is not None else 16
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    n = L * (k or 32) * T + L * T + T + 10
+    return coders + 4 * (2 * n * n + 8 * n * T * d)
+
+
 def _analysis_memory(args, model, transcoders):
     if isinstance(transcoders, CrossLayerTranscoder):
-        # --graph: the coder, and as much again for the graph and its nodes' contexts (measured: 2.1 GB peak for
-        # the default SmolLM2 CLT, 1.5 GB of it the model, the runtime and the coder)
-        return _held_memory(args, model), {"graph": _clt_bytes(model, transcoders.cfg.d_sae,
-                                                               transcoders.cfg.window, 2)}
+        cfg = transcoders.cfg
+        return _held_memory(args, model), {"graph": _graph_memory(
+            args, model, _clt_bytes(model, cfg.d_sae, cfg.window, 1), cfg.k if cfg.architecture == "topk" else None)}
     coders = sum(_coder_bytes(model, tc.cfg.d_sae, tc.cfg.skip, 1) for tc in transcoders.values())
     widest = max(tc.cfg.d_sae for tc in transcoders.values())
+    if args.graph:
+        k = max(tc.cfg.k if tc.cfg.architecture == "topk" else 32 for tc in transcoders.values())
+        return _held_memory(args, model), {"graph": _graph_memory(args, model, coders, k)}
     return _held_memory(args, model), {"dashboards": _dashboard_memory(args, model, widest, coders)}
 
 
