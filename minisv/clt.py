@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MinisvError
-from .transcoder import selected_preacts
+from .transcoder import dense_code, selected_preacts
 
 
 @dataclass
@@ -180,10 +180,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def dense(self, values, indices):
         """A code as dense activations [N, L, F]."""
-        if indices is None:
-            return values
-        return torch.zeros(*values.shape[:-1], self.cfg.d_sae, dtype=values.dtype,
-                           device=values.device).scatter(-1, indices, values)
+        return dense_code(values, indices, self.cfg.d_sae)
 
     def fired(self, values, indices):
         """How many tokens each feature is active on: [L, F] (float)."""

@@ -36,6 +36,14 @@ def convention_of(hook_in):
     return "normalized" if hook_in.endswith("hook_normalized") else "raw"
 
 
+def dense_code(values, indices, d_sae):
+    """A sparse code, values and indices [..., k], as dense activations [..., d_sae]; with indices None the values
+    are dense already (ReLU and JumpReLU codes)."""
+    if indices is None:
+        return values
+    return torch.zeros(*values.shape[:-1], d_sae, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
+
+
 @dataclass
 class TranscoderConfig:
     d_in: int
@@ -159,10 +167,7 @@ class Transcoder(nn.Module):
 
     def dense(self, values, indices):
         """A code as dense activations f [..., d_sae]."""
-        if indices is None:
-            return values
-        return torch.zeros(*values.shape[:-1], self.cfg.d_sae, dtype=values.dtype,
-                           device=values.device).scatter(-1, indices, values)
+        return dense_code(values, indices, self.cfg.d_sae)
 
     def fired(self, values, indices):
         """How many tokens of a code [N, ...] each latent is active on: [d_sae] (float)."""
