@@ -34,6 +34,7 @@ import torch
 
 from .clt import CrossLayerTranscoder
 from .errors import MinisvError
+from .progress import progress
 from .pullbacks import centered, norm_scale, through_gain
 
 
@@ -86,7 +87,7 @@ def attribute(model, coder, tokens, max_logits=10, logit_prob=0.95, dtype=torch.
     A = torch.zeros(n, n, dtype=dtype)
     bias = torch.zeros(n, dtype=dtype)
     sweep = _Sweep(run, clt, feats, logit_ids, A, bias)
-    for l in reversed(range(run.L)):
+    for l in progress(reversed(range(run.L)), "attribution", total=run.L, unit=" layers"):
         sweep.layer(l, slots)
     sweep.embeddings(n_f + n_e)
     values = torch.zeros(n, dtype=dtype)
