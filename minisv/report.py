@@ -251,7 +251,8 @@ for (let r = 1; r < rows - 1; r++)
   svg += `<text x="8" y="${rowY(r) + 4}" font-size="10" fill="#888">L${r - 1}</text>`;
 G.metadata.prompt_tokens.forEach((t, p) => svg += `<text x="${colX[p] + colW[p] / 2}" y="${H - 12}" font-size="11" ` +
   `text-anchor="middle">${esc(t)}</text>`);
-for (const l of G.links) {
+// the strongest edges only: twenty thousand lines are a hairball, and slow to draw
+for (const l of [...G.links].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES)) {
   const [x1, y1] = pos[l.source], [x2, y2] = pos[l.target];
   svg += `<line class="edge" x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke="${l.weight >= 0 ? "#2a6fdb" : "#d62728"}" ` +
     `stroke-width="${(0.5 + 5 * Math.abs(l.weight) / peak).toFixed(2)}" opacity="0.45"><title>${esc(l.source)} → ` +
@@ -290,6 +291,9 @@ if (first) show(first.node_id);          // the most influential feature (lowest
 """
 
 
+MAX_EDGES = 1500          # graph.html draws at most this many edges, the strongest
+
+
 def graph_html(data, contexts, title="Attribution graph") -> str:
     """A self-contained viewer of an attribution graph in circuit-tracer's JSON (`minisv.circuit_tracer.graph_json`):
     layers bottom to top, token positions left to right, edges blue (raises the target) or red (lowers it) with
@@ -297,8 +301,9 @@ def graph_html(data, contexts, title="Attribution graph") -> str:
     (`minisv.dashboards.graph_contexts`); the scores in the header."""
     meta = data["metadata"]
     logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
-    header = (f'<p class="meta">{len(data["nodes"])} nodes and {len(data["links"])} edges kept (node threshold '
-              f'{meta["node_threshold"]}). Replacement score {meta.get("replacement_score", float("nan")):.3f}, '
+    header = (f'<p class="meta">{len(data["nodes"]):,} nodes and {len(data["links"]):,} edges kept (node threshold '
+              f'{meta["node_threshold"]}; the {min(MAX_EDGES, len(data["links"])):,} strongest edges are drawn). '
+              f'Replacement score {meta.get("replacement_score", float("nan")):.3f}, '
               f'completeness {meta.get("completeness_score", float("nan")):.3f}; pruned: '
               f'{meta.get("pruned_replacement_score", float("nan")):.3f}, '
               f'{meta.get("pruned_completeness_score", float("nan")):.3f}.</p><p>Next token: ' +
@@ -313,7 +318,7 @@ def graph_html(data, contexts, title="Attribution graph") -> str:
     payload = {"graph": data, **contexts}
     body = (header + legend + '<div style="display:flex;gap:16px"><div id="graph" style="overflow:auto;'
             'max-width:70%"></div><div id="panel" style="flex:1;min-width:18em"><p>click a node</p></div></div>' +
-            _json_script(payload, "data") + f"<script>{GRAPH_JS}</script>")
+            _json_script(payload, "data") + f"<script>const MAX_EDGES = {MAX_EDGES};\n{GRAPH_JS}</script>")
     return _page(title, body)
 
 

@@ -10,7 +10,7 @@ from minisv import circuit_tracer as ct
 from minisv.clt import CLTConfig, CrossLayerTranscoder
 from minisv.dashboards import graph_contexts
 from minisv.graph import attribute, prune, scores
-from minisv.report import graph_html
+from minisv.report import MAX_EDGES, graph_html
 from test_browser import PAYLOAD, chromium, render, screenshots   # noqa: F401  (fixtures)
 from test_steering import chat_model_dir                           # noqa: F401  (fixture)
 
@@ -36,7 +36,7 @@ def test_graph_viewer_renders_the_graph_and_a_features_contexts(chat_model_dir, 
     dom, errors = render(chromium, page, screenshots / "graph.png")
     assert errors == []
     svg = re.search(r'<div id="graph"[^>]*>(.*?)</svg>', dom, re.S)[1]
-    assert svg.count('<g class="node') == len(data["nodes"]) and svg.count('<line class="edge"') == len(data["links"])
+    assert svg.count('<g class="node') == len(data["nodes"]) and svg.count('<line class="edge"') == min(len(data["links"]), MAX_EDGES)
     assert "replacement score" in dom.lower() and "blue raises the target" in dom
     assert re.search(r'<div id="panel"[^>]*><h2>\d+_\d+_\d+</h2>.*top activating contexts.*<div class="ctx">', dom, re.S)
     assert ">&lt;</text>" in svg and "<img src=x" not in dom     # the prompt's "<" byte token, escaped

@@ -14,9 +14,9 @@ For each module it samples one-line mutants (fixed seed, a few per operator clas
 
 Operators are found with `tokenize`, so nothing inside strings, f-strings or comments is touched. Every mutant
 must still parse. Each one is applied to a private copy of the repository at `--rev` (`git archive`, so the run
-sees committed files only), that module's test files run there (`MODULE_TESTS`, plus every
-tests/test_guards_<module>*.py the copy holds) with `-x` and a timeout of `--timeout-factor` times the unmutated
-run, and the file is restored. A mutant is killed (a test failed), survived (every test passed) or timeout.
+sees committed files only), that module's test files run there (`MODULE_TESTS`, plus every guard test file named
+after the module, test_guards_MODULE*.py, the copy holds) with `-x` and a timeout of `--timeout-factor` times the
+unmutated run, and the file is restored. A mutant is killed (a test failed), survived (every test passed) or timeout.
 Results are appended to --out as JSON lines as they come (a run can be watched, and stopped), then summarized
 per module.
 """
