@@ -803,8 +803,8 @@ def run_study(args, study=None):
     default ones (tests use small ones)."""
     start, folder = time.time(), os.path.dirname(args.out) or "."
     page, vector_file = (os.path.join(folder, f"study_{args.study}{ext}") for ext in (".html", ".safetensors"))
-    for path in (page, vector_file):
-        cli.check_writable(path)
+    cli.check_paths(inputs=[("--model", cli.model_path(args.model), "any")],
+                    outputs=[("--out", page), ("--out", vector_file)])
     runner, settings = STUDIES[args.study]
     print(f"loading {args.model} ...", flush=True)
     model = load(args.model, device=cli.device(args.device))
