@@ -366,16 +366,15 @@ def test_text_gets_bos_when_the_tokenizer_adds_it(bos_model):
 
 
 # ------------------------------------------------------------------------------------------- the script
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory):
-    """A tiny random Llama with a byte-level chat tokenizer (256 byte tokens, no merges, ChatML specials)."""
+def write_chat_model(path, n_ctx):
+    """A tiny random Llama with a byte-level chat tokenizer (256 byte tokens, no merges, ChatML specials) in `path`,
+    with a context of n_ctx tokens."""
     import transformers as tf
     from minisv.tokenizer import _BYTE_OF_CHAR
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=260, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=n_ctx,
                             bos_token_id=256, eos_token_id=258)
-    path = tmp_path_factory.mktemp("chat")
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     (path / "vocab.json").write_text(json.dumps({c: b for c, b in _BYTE_OF_CHAR.items()}))
     (path / "merges.txt").write_text("#version: 0.2\n")
@@ -385,6 +384,11 @@ def chat_model_dir(tmp_path_factory):
         "eos_token": "<|im_end|>", "bos_token": "<|endoftext|>",
         "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"}))
     return path
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    return write_chat_model(tmp_path_factory.mktemp("chat"), 128)
 
 
 def test_script_end_to_end(chat_model_dir, tmp_path, capsys):

@@ -2,7 +2,6 @@
 scores against independent computations, and each study end to end on a tiny random chat model."""
 import argparse
 import dataclasses
-import json
 import math
 
 import pytest
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 import minisv
 from minisv import steering_studies as st
 from minisv.steering import compare_generations, completion_logprob, load_vector, prompt_ids, render
+from test_steering import write_chat_model
 
 
 # ------------------------------------------------------------------------------------------- judges
@@ -142,23 +142,8 @@ def test_verdicts_table_and_charts_from_rows():
 # ------------------------------------------------------------------------------------------- tiny chat model
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
-    """A tiny random Llama with a byte-level ChatML tokenizer and a context long enough for the studies' prompts."""
-    import transformers as tf
-    from minisv.tokenizer import _BYTE_OF_CHAR
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=260, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1024,
-                            bos_token_id=256, eos_token_id=258)
-    path = tmp_path_factory.mktemp("studies_chat")
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    (path / "vocab.json").write_text(json.dumps({c: b for c, b in _BYTE_OF_CHAR.items()}))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    specials = {256: "<|endoftext|>", 257: "<|im_start|>", 258: "<|im_end|>"}
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "added_tokens_decoder": {str(i): {"content": t} for i, t in specials.items()},
-        "eos_token": "<|im_end|>", "bos_token": "<|endoftext|>",
-        "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"}))
-    return path
+    """test_steering's tiny chat Llama, with a context long enough for the studies' prompts."""
+    return write_chat_model(tmp_path_factory.mktemp("studies_chat"), 1024)
 
 
 @pytest.fixture(scope="module")
