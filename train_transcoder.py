@@ -39,7 +39,7 @@ from minisv.cli import (device as parse_device, fraction, main as cli_main, nonn
 from minisv.errors import MinisvError
 from minisv.evals import evaluate
 from minisv.atomic import TMP_SUFFIX, write_text
-from minisv.activations import fast_bf16
+from minisv.activations import harvests_bf16
 from minisv.dashboards import DashboardConfig, collect_dashboards
 from minisv.report import circuit_html, dashboards_html, graph_html, training_html
 from minisv.training import CHECKPOINT, TrainConfig, train
@@ -284,13 +284,14 @@ def _model(args, device):
 
 # ------------------------------------------------------------------------- memory
 LOWER = {"training": "--batch-tokens, --d-sae/--expansion or the number of --layer values", "evaluation": "--ctx",
-         "dashboards": "--dash-tokens, or skip the dashboards with --dash-features 0"}
+         "dashboards": "--dash-tokens, or skip the dashboards with --dash-features 0",
+         "graph": "a shorter --graph prompt"}
 
 
 def _held_memory(args, model):
     """Bytes held all run long: Python with torch, the model (with what loading keeps: tokenizer, file pages),
     a bf16 copy for harvesting where bf16 is fast, and the token rows (tokenizing holds ~12 bytes a text byte)."""
-    copy = _bf16_copy(model, not args.no_autocast)
+    copy = harvests_bf16(model, not args.no_autocast)
     source = [args.data] if args.data else []
     if args.data and os.path.isdir(args.data):
         source = [os.path.join(r, f) for r, _, fs in os.walk(args.data) for f in fs]
@@ -298,11 +299,6 @@ def _held_memory(args, model):
     weights = cli.model_bytes(model)
     bf16 = weights // model.embed.weight.element_size() * 2 if copy else 0
     return {"runtime": cli.RUNTIME_BYTES, "model": weights * 5 // 4 + bf16, "data": 12 * text}
-
-
-def _bf16_copy(model, amp):
-    """Whether training activations come from a bf16 copy of the model (minisv.activations.harvester's rule)."""
-    return amp and fast_bf16(model.embed.weight.device) and model.embed.weight.dtype == torch.float32
 
 
 def _coder_bytes(model, d_sae, skip, copies):
@@ -330,7 +326,7 @@ def _training_memory(args, model, d_sae):
     coders with gradients and Adam moments, and a step's [batch, d_sae] pre-activations (~4 forms); evaluation
     and dashboards follow, with the coders kept once. Calibrated with /usr/bin/time -v on the default run."""
     c, n = model.cfg, model.cfg.n_layers if args.clt else len(args.layer)
-    act = 2 if _bf16_copy(model, not args.no_autocast) else model.embed.weight.element_size()
+    act = 2 if harvests_bf16(model, not args.no_autocast) else model.embed.weight.element_size()
     # batches in one chunk: what the buffer holds, at least one, at most the whole run
     chunk = min(max(1, _buffer_tokens(args) // args.batch_tokens), max(1, args.tokens // args.batch_tokens)) * \
         args.batch_tokens

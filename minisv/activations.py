@@ -67,13 +67,17 @@ def as_bf16(model):
     return twin.to(torch.bfloat16)                           # ... then bf16 copies of them
 
 
-def harvester(model, amp=True):
-    """The model training activations are harvested from: where bf16 is fast (and amp), a bf16 copy of a float32
-    model; else, and while hooks are active (a steering vector, an ablation: they belong to the model, they read
-    model.positions), the model itself."""
+def harvests_bf16(model, amp=True):
+    """Whether training activations come from a bf16 copy of the model: where bf16 is fast (and amp), for a
+    float32 model, and not while hooks are active (a steering vector, an ablation: they belong to the model, they
+    read model.positions)."""
     float32 = model.embed.weight.dtype == torch.float32
-    copy_ = amp and fast_bf16(model.embed.weight.device) and float32 and not model._hooks
-    return as_bf16(model) if copy_ else model
+    return amp and fast_bf16(model.embed.weight.device) and float32 and not model._hooks
+
+
+def harvester(model, amp=True):
+    """The model training activations are harvested from: its bf16 copy where `harvests_bf16`, else itself."""
+    return as_bf16(model) if harvests_bf16(model, amp) else model
 
 
 class ActivationStream:
