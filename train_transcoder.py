@@ -61,7 +61,8 @@ def parse_args(argv):
         epilog="examples:\n  python train_transcoder.py --layer 6 8 --arch topk --expansion 16 --k 32 "
                "--tokens 2000000 --data my_texts/ --out runs/my-transcoders\n"
                "  python train_transcoder.py --load runs/transcoder-smollm2-L6 --prompt 'The function returns' "
-               "--target '6:123@-1'")
+               "--target '6:123@-1'\n"
+               "  python train_transcoder.py --clt --graph 'The capital of France is'   # a CLT, then a graph")
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged, offline), a hub id such as 'gpt2', a "
                    "local Hugging Face directory or a .gguf file (default: smollm2)")
     p.add_argument("--layer", type=nonneg_int, nargs="+", default=[DEFAULT_LAYER], help="layer(s) whose MLP to "
